@@ -1,0 +1,33 @@
+"""autoconv: generated, autotuned im2col + GEMM convolution kernels for OpenCL and CUDA."""
+
+from autoconv.api import conv2d
+from autoconv.backends import get_backend
+from autoconv.errors import (
+    AutoconvError,
+    BackendUnavailableError,
+    InvalidParamsError,
+    InvalidSpecError,
+    KernelCompileError,
+    KernelLaunchError,
+)
+from autoconv.params import GemmParams, default_gemm_params, validate_gemm_params
+from autoconv.plan import Plan
+from autoconv.spec import ConvSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoconvError",
+    "BackendUnavailableError",
+    "ConvSpec",
+    "GemmParams",
+    "InvalidParamsError",
+    "InvalidSpecError",
+    "KernelCompileError",
+    "KernelLaunchError",
+    "Plan",
+    "conv2d",
+    "default_gemm_params",
+    "get_backend",
+    "validate_gemm_params",
+]

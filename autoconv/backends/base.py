@@ -1,0 +1,116 @@
+"""The Backend contract that the numpy reference, OpenCL and CUDA backends all implement."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from autoconv.params import DeviceLimits
+from autoconv.plan import Plan
+from autoconv.spec import ConvSpec
+
+# One table turns the many spellings drivers report into one vendor name.
+VENDOR_NAMES = {
+    "nvidia": "nvidia",
+    "advanced micro devices": "amd",
+    "authenticamd": "amd",
+    "amd": "amd",
+    "intel": "intel",
+    "genuineintel": "intel",
+    "apple": "apple",
+    "arm": "arm",
+    "qualcomm": "qualcomm",
+    "portable computing language": "pocl",
+}
+
+
+def normalise_vendor(raw: str) -> str:
+    lowered = raw.strip().lower()
+    for needle, vendor in VENDOR_NAMES.items():
+        if needle in lowered:
+            return vendor
+    return lowered or "unknown"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What identifies a device for caching and tuning, and what limits its kernels."""
+
+    backend: str
+    platform: str
+    vendor: str
+    name: str
+    driver: str
+    device_type: str  # "cpu", "gpu", "accelerator" or "host"
+    compute_units: int
+    local_mem_bytes: int
+    max_work_group_size: int
+    max_work_item_sizes: tuple[int, ...]
+
+    def fingerprint(self) -> str:
+        """Everything that can change a kernel's speed or correctness: results are keyed on it."""
+        return f"{self.backend}|{self.platform}|{self.vendor}|{self.name}|{self.driver}"
+
+    def limits(self) -> DeviceLimits:
+        return DeviceLimits(self.max_work_group_size, self.max_work_item_sizes, self.local_mem_bytes)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Repeated measurements of one run, in milliseconds."""
+
+    samples_ms: tuple[float, ...]
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.samples_ms)
+
+    def gflops(self, spec: ConvSpec) -> float:
+        return spec.flops / (self.median_ms * 1e6)
+
+
+@runtime_checkable
+class PreparedConv(Protocol):
+    """One ConvSpec made ready on a device under one Plan: kernels compiled, scratch allocated."""
+
+    spec: ConvSpec
+    plan: Plan
+
+    def run(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+            *, poison: bool = False) -> np.ndarray:
+        """Convolve host arrays and return a new float array of spec.output_shape.
+
+        poison=True first fills the output with NaN, so an element the kernels never write shows.
+        """
+        ...
+
+    def time(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+             *, warmup: int = 2, repeats: int = 10) -> Timing:
+        """Time the computation alone (inputs already on the device): warm-up runs, then repeats."""
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A place convolutions run.
+
+    Contract: `prepare(spec, plan)` accepts any valid ConvSpec and any plan whose algorithm is in
+    `algorithms`; it raises InvalidParamsError for params that break the device's constraints
+    (before compiling), KernelCompileError / KernelLaunchError for kernels that fail, and
+    BackendUnavailableError when the device is gone. The prepared conv's results match the float64
+    reference to 1e-4 relative error for float32 and write every output element.
+    """
+
+    name: str
+    device: DeviceInfo
+    algorithms: tuple[str, ...]
+
+    def prepare(self, spec: ConvSpec, plan: Plan) -> PreparedConv:
+        ...

@@ -1,0 +1,221 @@
+"""ConvSpec: the one frozen description of a convolution layer used everywhere in autoconv."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence, Union
+
+from autoconv.errors import InvalidSpecError
+
+IntOrPair = Union[int, Sequence[int]]
+
+SUPPORTED_DTYPES = ("float32",)
+SUPPORTED_LAYOUTS = ("NCHW",)
+BYTES_PER_ELEMENT = {"float32": 4}
+
+
+def _as_index(value: Any, name: str, original: Any) -> int:
+    if isinstance(value, bool):
+        raise InvalidSpecError(f"{name}: expected an int or a pair of ints, got {original!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InvalidSpecError(f"{name}: expected an int or a pair of ints, got {original!r}") from None
+
+
+def as_pair(value: IntOrPair, name: str) -> tuple[int, int]:
+    """Accept an int or a pair of ints (numpy integers included), as torch's conv2d does."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        single = _as_index(value, name, value)
+        return (single, single)
+    items = tuple(value)
+    if len(items) != 2:
+        raise InvalidSpecError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    return (_as_index(items[0], name, value), _as_index(items[1], name, value))
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A 2-D convolution layer: input n×c×h×w, weight k×(c/groups)×r×s.
+
+    Validated on construction; derives the output size, the per-group GEMM view
+    (M = k/groups, N = n·p·q, K = (c/groups)·r·s), FLOPs, im2col bytes and a canonical key.
+    """
+
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    r: int
+    s: int
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = False
+    dtype: str = "float32"
+    layout: str = "NCHW"
+
+    def __post_init__(self) -> None:
+        for name in ("n", "c", "h", "w", "k", "r", "s", "groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidSpecError(f"{name}: expected a positive int, got {value!r}")
+            if value <= 0:
+                raise InvalidSpecError(f"{name}: must be positive, got {value}")
+        # Normalise ints to pairs so that equal layers compare (and hash) equal.
+        object.__setattr__(self, "stride", as_pair(self.stride, "stride"))
+        object.__setattr__(self, "padding", as_pair(self.padding, "padding"))
+        object.__setattr__(self, "dilation", as_pair(self.dilation, "dilation"))
+        if min(self.stride) <= 0:
+            raise InvalidSpecError(f"stride: must be positive, got {self.stride}")
+        if min(self.padding) < 0:
+            raise InvalidSpecError(f"padding: must be non-negative, got {self.padding}")
+        if min(self.dilation) <= 0:
+            raise InvalidSpecError(f"dilation: must be positive, got {self.dilation}")
+        if self.c % self.groups:
+            raise InvalidSpecError(f"groups: c={self.c} input channels are not divisible by groups={self.groups}")
+        if self.k % self.groups:
+            raise InvalidSpecError(f"groups: k={self.k} filters are not divisible by groups={self.groups}")
+        if not isinstance(self.bias, bool):
+            raise InvalidSpecError(f"bias: expected True or False, got {self.bias!r}")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise InvalidSpecError(f"dtype: {self.dtype!r} is not supported; expected one of {SUPPORTED_DTYPES}")
+        if self.layout not in SUPPORTED_LAYOUTS:
+            raise InvalidSpecError(f"layout: {self.layout!r} is not supported; expected one of {SUPPORTED_LAYOUTS}")
+        if self.p <= 0 or self.q <= 0:
+            raise InvalidSpecError(
+                f"output size would be {self.p}x{self.q}: the {self.r}x{self.s} kernel with dilation "
+                f"{self.dilation} does not fit the {self.h}x{self.w} input padded by {self.padding}"
+            )
+
+    @classmethod
+    def from_shapes(
+        cls,
+        input_shape: Sequence[int],
+        weight_shape: Sequence[int],
+        *,
+        stride: IntOrPair = 1,
+        padding: IntOrPair = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        bias: bool = False,
+        dtype: str = "float32",
+    ) -> "ConvSpec":
+        """Build a spec from NCHW input and KCRS weight shapes (torch's conv2d convention)."""
+        if len(input_shape) != 4:
+            raise InvalidSpecError(f"input: expected a 4-D NCHW array, got shape {tuple(input_shape)}")
+        if len(weight_shape) != 4:
+            raise InvalidSpecError(f"weight: expected a 4-D (k, c/groups, r, s) array, got shape {tuple(weight_shape)}")
+        n, c, h, w = (int(v) for v in input_shape)
+        k, c_per_group, r, s = (int(v) for v in weight_shape)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+            raise InvalidSpecError(f"groups: expected a positive int, got {groups!r}")
+        if c_per_group * groups != c:
+            raise InvalidSpecError(
+                f"weight: shape {tuple(weight_shape)} expects {c_per_group * groups} input channels "
+                f"(c/groups={c_per_group}, groups={groups}) but input has c={c}"
+            )
+        return cls(n=n, c=c, h=h, w=w, k=k, r=r, s=s, stride=as_pair(stride, "stride"),
+                   padding=as_pair(padding, "padding"), dilation=as_pair(dilation, "dilation"),
+                   groups=groups, bias=bias, dtype=dtype)
+
+    @property
+    def p(self) -> int:
+        """Output height."""
+        return (self.h + 2 * self.padding[0] - self.dilation[0] * (self.r - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def q(self) -> int:
+        """Output width."""
+        return (self.w + 2 * self.padding[1] - self.dilation[1] * (self.s - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def c_per_group(self) -> int:
+        return self.c // self.groups
+
+    @property
+    def k_per_group(self) -> int:
+        return self.k // self.groups
+
+    @property
+    def gemm_m(self) -> int:
+        """GEMM rows per group: filters."""
+        return self.k_per_group
+
+    @property
+    def gemm_n(self) -> int:
+        """GEMM columns: output pixels over the batch."""
+        return self.n * self.p * self.q
+
+    @property
+    def gemm_k(self) -> int:
+        """GEMM reduction depth per group: one receptive field."""
+        return self.c_per_group * self.r * self.s
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.n, self.c, self.h, self.w)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.k, self.c_per_group, self.r, self.s)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.n, self.k, self.p, self.q)
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds counted as two FLOPs; bias adds are not counted."""
+        return 2 * self.groups * self.gemm_m * self.gemm_n * self.gemm_k
+
+    @property
+    def itemsize(self) -> int:
+        return BYTES_PER_ELEMENT[self.dtype]
+
+    @property
+    def im2col_bytes(self) -> int:
+        """Size of the im2col scratch matrix: every group's K×N patch matrix."""
+        return self.groups * self.gemm_k * self.gemm_n * self.itemsize
+
+    @property
+    def input_bytes(self) -> int:
+        return self.n * self.c * self.h * self.w * self.itemsize
+
+    @property
+    def im2col_overhead(self) -> float:
+        """How many times larger the im2col matrix is than the input it is built from."""
+        return self.im2col_bytes / self.input_bytes
+
+    def key(self) -> str:
+        """Canonical, stable text key: equal specs give equal keys, different specs different keys."""
+        return (
+            f"n{self.n}_c{self.c}_h{self.h}_w{self.w}_k{self.k}_r{self.r}_s{self.s}"
+            f"_st{self.stride[0]}x{self.stride[1]}_pd{self.padding[0]}x{self.padding[1]}"
+            f"_dl{self.dilation[0]}x{self.dilation[1]}_g{self.groups}_b{int(self.bias)}"
+            f"_{self.dtype}_{self.layout}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> "ConvSpec":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return ConvSpec(**values)
+
+    def __str__(self) -> str:
+        extras = []
+        if self.stride != (1, 1):
+            extras.append(f"stride={self.stride[0]}" if self.stride[0] == self.stride[1] else f"stride={self.stride}")
+        if self.padding != (0, 0):
+            extras.append(f"pad={self.padding[0]}" if self.padding[0] == self.padding[1] else f"pad={self.padding}")
+        if self.dilation != (1, 1):
+            extras.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            extras.append(f"groups={self.groups}")
+        tail = (" " + " ".join(extras)) if extras else ""
+        return f"{self.n}x{self.c}x{self.h}x{self.w} * {self.k}x{self.c_per_group}x{self.r}x{self.s}{tail}"

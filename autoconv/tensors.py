@@ -1,0 +1,35 @@
+"""Checks on the arrays handed to a convolution, so a bad operand fails with a precise message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from autoconv.errors import InvalidSpecError
+from autoconv.spec import ConvSpec
+
+
+def as_float_array(value: Any, name: str) -> np.ndarray:
+    """A host array from numpy input (or anything with __array__); refuses non-numeric data."""
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # noqa: BLE001 - any conversion failure is the caller's bad input
+        raise InvalidSpecError(f"{name}: cannot be read as an array ({exc})") from None
+    if array.dtype.kind not in "fiu":
+        raise InvalidSpecError(f"{name}: expected a numeric array, got dtype {array.dtype}")
+    return array
+
+
+def check_operands(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> None:
+    """The arrays must have exactly the shapes the spec describes."""
+    if tuple(x.shape) != spec.input_shape:
+        raise InvalidSpecError(f"input: expected shape {spec.input_shape}, got {tuple(x.shape)}")
+    if tuple(weight.shape) != spec.weight_shape:
+        raise InvalidSpecError(f"weight: expected shape {spec.weight_shape}, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (spec.k,):
+        raise InvalidSpecError(f"bias: expected shape ({spec.k},), got {tuple(bias.shape)}")
+    if bias is None and spec.bias:
+        raise InvalidSpecError("bias: the spec has bias=True but no bias array was given")
+    if bias is not None and not spec.bias:
+        raise InvalidSpecError("bias: a bias array was given for a spec with bias=False")
