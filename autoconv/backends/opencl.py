@@ -53,18 +53,16 @@ class OpenCLDevice:
     problem: str
 
 
-_DEVICE_TYPES = {"CPU": "cpu", "GPU": "gpu", "ACCELERATOR": "accelerator"}
-
-
 def _describe(cl: Any, platform: Any, device: Any) -> DeviceInfo:
-    type_name = cl.device_type.to_string(device.type).split(" | ")[0]
+    kinds = [name for name, bit in (("gpu", cl.device_type.GPU), ("cpu", cl.device_type.CPU),
+                                     ("accelerator", cl.device_type.ACCELERATOR)) if device.type & bit]
     return DeviceInfo(
         backend="opencl",
         platform=platform.name.strip(),
         vendor=normalise_vendor(device.vendor),
         name=device.name.strip(),
         driver=device.driver_version.strip(),
-        device_type=_DEVICE_TYPES.get(type_name, type_name.lower()),
+        device_type=kinds[0] if kinds else "other",
         compute_units=int(device.max_compute_units),
         local_mem_bytes=int(device.local_mem_size),
         max_work_group_size=int(device.max_work_group_size),

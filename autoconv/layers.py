@@ -1,0 +1,84 @@
+"""Built-in model layer lists and the text forms a user names a layer by."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from autoconv.errors import InvalidSpecError
+from autoconv.spec import ConvSpec
+
+_LAYER_FIELDS = ("n", "c", "h", "w", "k", "r", "s", "stride", "pad", "dilation", "groups", "bias")
+
+
+@dataclass(frozen=True)
+class NamedLayer:
+    model: str
+    name: str
+    spec: ConvSpec
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}/{self.name}"
+
+
+@lru_cache(maxsize=1)
+def _models_json() -> dict[str, list[dict[str, object]]]:
+    text = resources.files("autoconv").joinpath("data/models.json").read_text()
+    return {name: rows for name, rows in json.loads(text).items() if not name.startswith("_")}
+
+
+def model_names() -> tuple[str, ...]:
+    return tuple(_models_json())
+
+
+def model_layers(model: str, batch: int = 1) -> list[NamedLayer]:
+    """The conv layers of a built-in model (shapes only) at a batch size."""
+    models = _models_json()
+    if model not in models:
+        raise InvalidSpecError(f"model: {model!r} is not built in; choose one of {', '.join(models)}")
+    layers = []
+    for row in models[model]:
+        spec = ConvSpec(n=batch, c=int(row["c"]), h=int(row["h"]), w=int(row["w"]), k=int(row["k"]),
+                        r=int(row["r"]), s=int(row["s"]), stride=int(row["stride"]), padding=int(row["pad"]),
+                        groups=int(row.get("groups", 1)))
+        layers.append(NamedLayer(model, str(row["name"]), spec))
+    return layers
+
+
+def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
+    """A layer from "model/name" (e.g. resnet50/res2_3x3) or "n=1,c=64,h=56,w=56,k=64,r=3,s=3,pad=1"."""
+    text = text.strip()
+    if "=" not in text:
+        model, _, name = text.partition("/")
+        if not name:
+            raise InvalidSpecError(
+                f"layer: {text!r} is neither MODEL/NAME (e.g. resnet50/res2_3x3) nor key=value pairs "
+                f"(e.g. n=1,c=64,h=56,w=56,k=64,r=3,s=3,stride=1,pad=1)"
+            )
+        for layer in model_layers(model, batch or 1):
+            if layer.name == name:
+                return layer
+        names = ", ".join(layer.name for layer in model_layers(model))
+        raise InvalidSpecError(f"layer: {model} has no layer {name!r}; it has {names}")
+    values: dict[str, int] = {}
+    for part in text.split(","):
+        key, sep, raw = part.partition("=")
+        key = key.strip()
+        if not sep or key not in _LAYER_FIELDS:
+            raise InvalidSpecError(f"layer: cannot read {part.strip()!r}; keys are {', '.join(_LAYER_FIELDS)}")
+        try:
+            values[key] = int(raw)
+        except ValueError:
+            raise InvalidSpecError(f"layer: {key} must be an int, got {raw.strip()!r}") from None
+    missing = [key for key in ("c", "h", "w", "k", "r", "s") if key not in values]
+    if missing:
+        raise InvalidSpecError(f"layer: missing {', '.join(missing)} in {text!r}")
+    n = batch if batch is not None else values.get("n", 1)
+    spec = ConvSpec(n=n, c=values["c"], h=values["h"], w=values["w"], k=values["k"], r=values["r"],
+                    s=values["s"], stride=values.get("stride", 1), padding=values.get("pad", 0),
+                    dilation=values.get("dilation", 1), groups=values.get("groups", 1),
+                    bias=bool(values.get("bias", 0)))
+    return NamedLayer("custom", str(spec), spec)

@@ -1,0 +1,53 @@
+"""Shared fixtures: every backend through one parametrised fixture that skips absent ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from autoconv import ConvSpec, Plan
+from autoconv.api import choose_plan
+from autoconv.backends import get_backend
+from autoconv.backends.base import Backend
+from autoconv.compare import random_operands, relative_error
+from autoconv.errors import BackendUnavailableError
+from autoconv.render import ALGORITHM_IM2COL_GEMM, ALGORITHM_REFERENCE
+
+TOLERANCE = 1e-4
+
+
+def backend_or_skip(name: str) -> Backend:
+    try:
+        return get_backend(name)
+    except BackendUnavailableError as exc:
+        pytest.skip(f"{name} backend unavailable here: {exc}")
+
+
+@pytest.fixture(params=["numpy", "opencl", "cuda"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return backend_or_skip(request.param)
+
+
+@pytest.fixture(scope="session")
+def opencl() -> Backend:
+    return backend_or_skip("opencl")
+
+
+def plan_for(backend: Backend, algorithm: str, spec: ConvSpec) -> Plan:
+    if algorithm == ALGORITHM_IM2COL_GEMM:
+        return choose_plan(spec, backend)
+    return Plan(algorithm)
+
+
+def reference(spec: ConvSpec, operands: tuple) -> np.ndarray:
+    return get_backend("numpy").prepare(spec, Plan(ALGORITHM_REFERENCE)).run(*operands)
+
+
+def assert_matches_reference(backend: Backend, spec: ConvSpec, plan: Plan, seed: int = 0) -> None:
+    """Run on random never-zero data into a NaN-poisoned output; compare to the float64 reference."""
+    operands = random_operands(spec, seed)
+    result = backend.prepare(spec, plan).run(*operands, poison=True)
+    assert result.shape == spec.output_shape
+    assert np.all(np.isfinite(result)), f"{plan.describe()} left output elements unwritten for {spec}"
+    error = relative_error(result, reference(spec, operands))
+    assert error < TOLERANCE, f"{plan.describe()} on {spec}: relative error {error:.2e}"

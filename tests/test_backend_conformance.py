@@ -1,0 +1,52 @@
+"""One contract, every backend: absent backends (cuda here) skip."""
+
+import numpy as np
+import pytest
+
+from autoconv import ConvSpec, InvalidParamsError, Plan
+from autoconv.backends.base import DeviceInfo, Timing
+
+from conftest import assert_matches_reference, plan_for
+
+SHAPES = [
+    ConvSpec(2, 6, 9, 11, 4, 3, 3, padding=1, groups=2, bias=True),
+    ConvSpec(1, 3, 17, 13, 8, 5, 5, stride=2, padding=2, dilation=2),
+    ConvSpec(1, 8, 10, 10, 8, 3, 3, padding=1, groups=8),
+    ConvSpec(3, 16, 7, 7, 37, 1, 1, bias=True),
+]
+
+
+class TestBackendConformance:
+    def test_describes_its_device(self, backend):
+        assert isinstance(backend.device, DeviceInfo)
+        assert backend.device.backend == backend.name
+        assert backend.name in backend.device.fingerprint()
+
+    @pytest.mark.parametrize("spec", SHAPES, ids=str)
+    def test_every_algorithm_matches_the_reference(self, backend, spec):
+        for algorithm in backend.algorithms:
+            assert_matches_reference(backend, spec, plan_for(backend, algorithm, spec))
+
+    def test_refuses_an_algorithm_it_does_not_run(self, backend):
+        with pytest.raises(InvalidParamsError, match="algorithm"):
+            backend.prepare(SHAPES[0], Plan("winograd"))
+
+    def test_times_with_positive_samples(self, backend):
+        spec = SHAPES[0]
+        conv = backend.prepare(spec, plan_for(backend, backend.algorithms[-1], spec))
+        x = np.ones(spec.input_shape, np.float32)
+        w = np.ones(spec.weight_shape, np.float32)
+        timing = conv.time(x, w, np.ones(spec.k, np.float32), warmup=1, repeats=3)
+        assert isinstance(timing, Timing) and len(timing.samples_ms) == 3
+        assert timing.min_ms > 0 and timing.gflops(spec) > 0
+
+    def test_prepared_conv_is_reusable_with_new_data(self, backend):
+        spec = SHAPES[3]
+        conv = backend.prepare(spec, plan_for(backend, backend.algorithms[-1], spec))
+        rng = np.random.default_rng(1)
+        bias = rng.standard_normal(spec.k).astype(np.float32)
+        first = conv.run(rng.standard_normal(spec.input_shape).astype(np.float32),
+                         rng.standard_normal(spec.weight_shape).astype(np.float32), bias)
+        second = conv.run(rng.standard_normal(spec.input_shape).astype(np.float32),
+                          rng.standard_normal(spec.weight_shape).astype(np.float32), bias)
+        assert not np.allclose(first, second)

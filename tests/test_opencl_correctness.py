@@ -1,0 +1,110 @@
+"""Generated OpenCL kernels against the float64 reference: property-based shapes, the public
+layers, and configs sampled from the GEMM template's whole space."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from autoconv import ConvSpec, InvalidParamsError, Plan, default_gemm_params
+from autoconv.errors import InvalidSpecError
+from autoconv.layers import model_layers, model_names
+from autoconv.params import gemm_space
+from autoconv.plan import heuristic_plan
+from autoconv.render import ALGORITHM_DIRECT, ALGORITHM_IM2COL_GEMM
+
+from conftest import assert_matches_reference
+
+
+@st.composite
+def conv_specs(draw):
+    r = draw(st.sampled_from([1, 2, 3, 5, 7, 11]))
+    s = draw(st.sampled_from([r, 1, 3]))
+    groups = draw(st.sampled_from([1, 1, 2, 3, "depthwise"]))
+    c_per_group = draw(st.integers(1, 6))
+    if groups == "depthwise":
+        c = draw(st.integers(1, 12))
+        groups, k = c, c * draw(st.sampled_from([1, 2]))
+    else:
+        c = c_per_group * groups
+        k = groups * draw(st.integers(1, 9))
+    try:
+        spec = ConvSpec(
+            n=draw(st.integers(1, 4)), c=c, h=draw(st.integers(1, 23)), w=draw(st.integers(1, 23)), k=k,
+            r=r, s=s, stride=(draw(st.integers(1, 4)), draw(st.integers(1, 4))),
+            padding=(draw(st.integers(0, 3)), draw(st.integers(0, 3))),
+            dilation=(draw(st.integers(1, 3)), draw(st.integers(1, 2))), groups=groups,
+            bias=draw(st.booleans()),
+        )
+    except InvalidSpecError:
+        assume(False)
+    return spec
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=conv_specs(), seed=st.integers(0, 2**16))
+def test_generated_gemm_matches_reference_on_random_shapes(opencl, spec, seed):
+    assert_matches_reference(opencl, spec, heuristic_plan(spec, opencl.device.device_type), seed)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=conv_specs(), seed=st.integers(0, 2**16))
+def test_direct_kernel_matches_reference_on_random_shapes(opencl, spec, seed):
+    assert_matches_reference(opencl, spec, Plan(ALGORITHM_DIRECT), seed)
+
+
+def _scaled(spec: ConvSpec) -> ConvSpec:
+    """Public layers shrunk to CI size, keeping kernel, stride, padding and groups."""
+    if spec.flops <= 5e8:
+        return spec
+    c, k = min(spec.c, 64), min(spec.k, 64)
+    if spec.groups == spec.c:
+        c = k = min(spec.c, 64)
+    h = w = max(min(spec.h, 24), spec.r)
+    return spec.replace(c=c, k=k, h=h, w=w, groups=c if spec.groups == spec.c else spec.groups)
+
+
+PUBLIC = [layer for model in model_names() for layer in model_layers(model)]
+
+
+@pytest.mark.parametrize("layer", PUBLIC, ids=lambda layer: layer.label)
+def test_public_layers(opencl, layer):
+    spec = _scaled(layer.spec)
+    assert_matches_reference(opencl, spec, heuristic_plan(spec, opencl.device.device_type))
+    assert_matches_reference(opencl, spec, Plan(ALGORITHM_DIRECT))
+
+
+def test_public_layers_are_the_shared_list():
+    shared = Path(__file__).resolve().parents[2] / "shared" / "layers" / "public.json"
+    if not shared.exists():
+        pytest.skip("../shared/layers/public.json not beside this checkout")
+    rows = {(m, row["name"]) for m, layers in json.loads(shared.read_text()).items() if not m.startswith("_")
+            for row in layers}
+    assert rows == {(layer.model, layer.name) for layer in PUBLIC}
+
+
+SPACE_SAMPLE = 40
+
+
+def test_sampled_configs_of_the_whole_space_compile_and_are_correct(opencl):
+    configs = list(gemm_space(opencl.device.limits()))
+    assert len(configs) > 1000
+    sample = random.Random(20261124).sample(configs, SPACE_SAMPLE)
+    # Also the extremes of each tile size, where edge handling is most stressed.
+    sample += [default_gemm_params(MWG=8, WPTM=8, NWG=16, WPTN=16, VWN=16, KWG=4, VW=4, UNROLL=4, SA=0, SB=0),
+               default_gemm_params(MWG=128, WPTM=8, NWG=128, WPTN=8, KWG=32, VW=8, SA=1, SB=1, B_TRANSPOSED=1)]
+    # Odd sizes everywhere: M, N and K are multiples of no tile.
+    spec = ConvSpec(2, 6, 9, 7, 10, 3, 2, padding=(1, 0), groups=2, bias=True)
+    for params in sample:
+        assert_matches_reference(opencl, spec, Plan(ALGORITHM_IM2COL_GEMM, params, "space sample"))
+
+
+def test_a_config_that_breaks_the_device_limits_is_never_compiled(opencl, monkeypatch):
+    too_big = default_gemm_params(MWG=128, NWG=128, KWG=32, WPTM=1, WPTN=1, VWN=1, SA=1, SB=1)
+    assert too_big.violations(opencl.device.limits())
+    monkeypatch.setattr(opencl, "kernel", lambda source: pytest.fail("compiled a config that breaks constraints"))
+    with pytest.raises(InvalidParamsError, match="work_group_size"):
+        opencl.prepare(ConvSpec(1, 4, 8, 8, 4, 3, 3), Plan(ALGORITHM_IM2COL_GEMM, too_big))
