@@ -55,13 +55,13 @@ DEVICE_HELP = "OpenCL device: an index from `autoconv devices` or part of its na
 @reports_errors
 def devices() -> None:
     """List the OpenCL devices found, whether each can build kernels, and which is the default."""
-    from autoconv.backends.opencl import list_devices, _select
+    from autoconv.backends.opencl import list_devices, select_device
 
     found = list_devices()
     if not found:
         errors.print("no OpenCL device found: run `bash scripts/install_pocl.sh` for the CPU (PoCL)")
         raise typer.Exit(1)
-    default_index = _select(None)[0].index if any(d.usable for d in found) else -1
+    default_index = select_device(None)[0].index if any(d.usable for d in found) else -1
     table = Table(title="OpenCL devices")
     for column in ("#", "platform", "device", "type", "driver", "CUs", "local mem", "max WG", "status"):
         table.add_column(column)

@@ -113,7 +113,8 @@ def list_devices() -> list[OpenCLDevice]:
     return [entry for entry, _ in _discover()]
 
 
-def _select(device: int | str | None) -> tuple[OpenCLDevice, Any]:
+def select_device(device: int | str | None) -> tuple[OpenCLDevice, Any]:
+    """The device for an index, a name fragment, or None (a GPU if any, else the first usable one)."""
     found = _discover()
     if not found:
         raise BackendUnavailableError(f"no OpenCL device found: {INSTALL_HINT}")
@@ -147,7 +148,7 @@ class OpenCLBackend:
 
     def __init__(self, device: int | str | None = None) -> None:
         cl = _cl()
-        entry, cl_device = _select(device)
+        entry, cl_device = select_device(device)
         self.device: DeviceInfo = entry.info
         self.index = entry.index
         self._cl = cl
