@@ -135,15 +135,14 @@ def run(
     """Run one layer with autoconv's plan for it, check it against the float64 reference, time it."""
     from autoconv.api import choose_plan
     from autoconv.backends import get_backend
-    from autoconv.compare import TOLERANCE, measure, random_operands
-    from autoconv.plan import Plan
+    from autoconv.compare import TOLERANCE, measure, random_operands, reference_output
 
     (named,) = _layers([layer], None, batch)
     spec = named.spec
     backend = get_backend("opencl", _device_option(device))
     operands = random_operands(spec)
-    reference = get_backend("numpy").prepare(spec, Plan("reference")).run(*operands)
-    result = measure("autoconv", backend, spec, choose_plan(spec, backend), operands, reference, repeats=repeats)
+    result = measure("autoconv", backend, spec, choose_plan(spec, backend), operands,
+                     reference_output(spec, operands), repeats=repeats)
     console.print(f"{named.label}: {spec}")
     console.print(f"  device  {result.device}\n  plan    {result.plan}", highlight=False)
     console.print(f"  time    {result.median_ms:.3f} ms (median of {repeats})  {result.gflops:.1f} GFLOP/s")

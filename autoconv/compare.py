@@ -54,6 +54,11 @@ def relative_error(result: np.ndarray, reference: np.ndarray) -> float:
     return float(np.max(np.abs(result.astype(np.float64) - reference))) / scale
 
 
+def reference_output(spec: ConvSpec, operands: tuple) -> np.ndarray:
+    """The float64 reference result every generated kernel is checked against."""
+    return get_backend("numpy").prepare(spec, Plan(ALGORITHM_REFERENCE, None, "reference")).run(*operands)
+
+
 def measure(method: str, backend: Backend, spec: ConvSpec, plan: Plan, operands: tuple, reference: np.ndarray,
             *, scratch_bytes: int = 0, repeats: int = 5) -> Measurement:
     conv = backend.prepare(spec, plan)
@@ -71,7 +76,7 @@ def compare_layer(spec: ConvSpec, backend: Backend | None = None, *, repeats: in
     device_backend = backend or get_backend("opencl")
     host = get_backend("numpy")
     operands = random_operands(spec)
-    reference = host.prepare(spec, Plan(ALGORITHM_REFERENCE, None, "reference")).run(*operands)
+    reference = reference_output(spec, operands)
     plan = gemm_plan or choose_plan(spec, device_backend)
     return [
         measure("direct loops", device_backend, spec, Plan(ALGORITHM_DIRECT, None, "naive kernel"),
