@@ -4,6 +4,7 @@ named constraints it must satisfy. A config is data: only validated ints ever re
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Iterator, Mapping
 
@@ -44,6 +45,7 @@ GEMM_PARAMS: tuple[ParamDecl, ...] = (
     ParamDecl("SA", 1, "stage A (weights) tiles in local memory (0 = read global, cached)", (0, 1)),
     ParamDecl("SB", 1, "stage B (im2col) tiles in local memory (0 = read global, cached)", (0, 1)),
     ParamDecl("B_TRANSPOSED", 0, "im2col layout: 0 = KxN (pixels contiguous), 1 = NxK (patch contiguous)", (0, 1)),
+    ParamDecl("IM2COL_ROWS", 0, "im2col work per item: 0 = one element (GPUs), 1 = a contiguous run (CPUs)", (0, 1)),
 )
 
 PARAM_BOUNDS = (0, 1024)  # every value is an int in this range whatever a DB row says
@@ -93,6 +95,7 @@ class GemmParams:
     SA: int
     SB: int
     B_TRANSPOSED: int
+    IM2COL_ROWS: int
 
     @property
     def local_size(self) -> tuple[int, int]:
@@ -161,6 +164,16 @@ def gemm_space(limits: DeviceLimits) -> Iterator[GemmParams]:
     names = [decl.name for decl in GEMM_PARAMS]
     for combo in itertools.product(*(decl.choices for decl in GEMM_PARAMS)):
         params = GemmParams(**dict(zip(names, combo)))
+        if not params.violations(limits):
+            yield params
+
+
+def random_valid_configs(limits: DeviceLimits, rng: random.Random) -> Iterator[GemmParams]:
+    """An endless stream of configs drawn uniformly from the declared choices, keeping only those
+    valid on the device (the space is too large to list: millions of configs)."""
+    names = [decl.name for decl in GEMM_PARAMS]
+    while True:
+        params = GemmParams(**{name: rng.choice(decl.choices) for name, decl in zip(names, GEMM_PARAMS)})
         if not params.violations(limits):
             yield params
 

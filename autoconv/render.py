@@ -91,9 +91,23 @@ CUDA = Dialect(
 DIALECTS = {d.name: d for d in (OPENCL, CUDA)}
 
 
+BUFFER_ARGS = ("input", "weight", "bias", "output", "scratch")
+
+
+@dataclass(frozen=True)
+class KernelArg:
+    """One kernel argument: a buffer (input, weight, bias, output or the im2col scratch) or an
+    int whose value is fixed by the ConvSpec and params."""
+
+    name: str
+    kind: str  # one of BUFFER_ARGS, or "int"
+    value: int = 0
+
+
 @dataclass(frozen=True)
 class KernelSource:
-    """A rendered kernel: its text, entry point and the launch geometry for one ConvSpec.
+    """A rendered kernel: its text, entry point, arguments in order and the launch geometry for
+    one ConvSpec. Backends bind `args` and export writes them: one description for both.
 
     global_size counts work-items (OpenCL convention); local_size None lets the runtime choose.
     """
@@ -103,6 +117,7 @@ class KernelSource:
     dialect: str
     global_size: tuple[int, int, int]
     local_size: tuple[int, int, int] | None
+    args: tuple[KernelArg, ...] = ()
 
     @property
     def source_hash(self) -> str:
@@ -136,6 +151,15 @@ def template_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def _ints(**values: int) -> tuple[KernelArg, ...]:
+    return tuple(KernelArg(name, "int", int(value)) for name, value in values.items())
+
+
+def _geometry(spec: ConvSpec) -> tuple[KernelArg, ...]:
+    return _ints(SH=spec.stride[0], SW=spec.stride[1], PH=spec.padding[0], PW=spec.padding[1],
+                 DH=spec.dilation[0], DW=spec.dilation[1])
+
+
 def _ceil_to(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -153,11 +177,19 @@ def im2col_scratch_bytes(spec: ConvSpec, params: GemmParams) -> int:
 def render_im2col(spec: ConvSpec, params: GemmParams, dialect: Dialect = OPENCL) -> KernelSource:
     """The im2col kernel writing the (padded) layout the GEMM with these params reads."""
     text = _environment().get_template("shared/im2col.j2").render(
-        dialect=dialect, entry="im2col", b_transposed=params.B_TRANSPOSED
+        dialect=dialect, entry="im2col", b_transposed=params.B_TRANSPOSED, whole_rows=params.IM2COL_ROWS
     )
     ldn, crs = padded_gemm_n(spec, params), spec.gemm_k
-    dims = (crs, ldn) if params.B_TRANSPOSED else (ldn, crs)
-    return KernelSource(text, "im2col", dialect.name, (dims[0], dims[1], spec.groups), None)
+    if params.IM2COL_ROWS and not params.B_TRANSPOSED:
+        dims = (spec.n * spec.p + 1, crs)  # one more row index: the zero padding past N*P*Q
+    elif params.IM2COL_ROWS:
+        dims = (ldn, 1)
+    else:
+        dims = (crs, ldn) if params.B_TRANSPOSED else (ldn, crs)
+    args = (KernelArg("x", "input"), KernelArg("cols", "scratch"),
+            *_ints(C=spec.c, H=spec.h, W=spec.w, Cg=spec.c_per_group, R=spec.r, S=spec.s, P=spec.p, Q=spec.q),
+            *_geometry(spec), *_ints(NPQ=spec.gemm_n, CRS=spec.gemm_k, LDN=ldn))
+    return KernelSource(text, "im2col", dialect.name, (dims[0], dims[1], spec.groups), None, args)
 
 
 def render_gemm(spec: ConvSpec, params: GemmParams, dialect: Dialect = OPENCL) -> KernelSource:
@@ -171,10 +203,16 @@ def render_gemm(spec: ConvSpec, params: GemmParams, dialect: Dialect = OPENCL) -
         _ceil_to(spec.gemm_m, params.MWG) // params.WPTM,
         spec.groups,
     )
-    return KernelSource(text, "gemm_conv", dialect.name, global_size, (local_n, local_m, 1))
+    args = (KernelArg("A", "weight"), KernelArg("B", "scratch"), KernelArg("bias", "bias"), KernelArg("out", "output"),
+            *_ints(has_bias=int(spec.bias), M=spec.gemm_m, N=spec.gemm_n, K=spec.gemm_k, PQ=spec.p * spec.q,
+                   G=spec.groups, LDN=padded_gemm_n(spec, params)))
+    return KernelSource(text, "gemm_conv", dialect.name, global_size, (local_n, local_m, 1), args)
 
 
 def render_direct(spec: ConvSpec, dialect: Dialect = OPENCL) -> KernelSource:
     """The naive direct kernel: one work-item per output element."""
     text = _environment().get_template("shared/direct.j2").render(dialect=dialect, entry="direct_conv")
-    return KernelSource(text, "direct_conv", dialect.name, (spec.q, spec.p, spec.n * spec.k), None)
+    args = (KernelArg("x", "input"), KernelArg("wt", "weight"), KernelArg("bias", "bias"), KernelArg("out", "output"),
+            *_ints(has_bias=int(spec.bias), C=spec.c, H=spec.h, W=spec.w, K=spec.k, Cg=spec.c_per_group,
+                   Kg=spec.k_per_group, R=spec.r, S=spec.s, P=spec.p, Q=spec.q), *_geometry(spec))
+    return KernelSource(text, "direct_conv", dialect.name, (spec.q, spec.p, spec.n * spec.k), None, args)

@@ -82,3 +82,14 @@ def test_rendered_source_carries_exactly_the_params():
     text = render_gemm(ConvSpec(1, 4, 8, 8, 4, 3, 3), params).text
     for name, value in params.as_dict().items():
         assert f"#define {name} {value} " in text
+
+
+@pytest.mark.parametrize("max_wg, local_mem", [(1024, 49152), (256, 32768), (64, 16384), (16, 4096)])
+@pytest.mark.parametrize("device_type", ["gpu", "cpu"])
+def test_the_heuristic_default_fits_small_devices(max_wg, local_mem, device_type):
+    from autoconv.plan import heuristic_gemm_params
+    from autoconv.spec import ConvSpec
+
+    limits = DeviceLimits(max_wg, (max_wg, max_wg, 64), local_mem, max_vector_width=1 if max_wg == 16 else 16)
+    params = heuristic_gemm_params(ConvSpec(1, 64, 28, 28, 64, 3, 3, padding=1), device_type, limits)
+    assert params.violations(limits) == []

@@ -92,8 +92,12 @@ class PreparedConv(Protocol):
         ...
 
     def time(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-             *, warmup: int = 2, repeats: int = 10) -> Timing:
-        """Time the computation alone (inputs already on the device): warm-up runs, then repeats."""
+             *, warmup: int = 2, repeats: int = 10, rotate: int = 3) -> Timing:
+        """Time the computation alone (inputs already on the device): warm-up runs, then repeats.
+
+        The runs take `rotate` copies of the inputs in turn, so caches warmed by one run do not
+        flatter the next. Each sample is one whole run (im2col and GEMM), event-timed on devices.
+        """
         ...
 
 

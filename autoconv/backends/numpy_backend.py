@@ -92,14 +92,17 @@ class NumpyConv:
         return result
 
     def time(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-             *, warmup: int = 2, repeats: int = 10) -> Timing:
+             *, warmup: int = 2, repeats: int = 10, rotate: int = 3) -> Timing:
         check_operands(self.spec, x, weight, bias)
-        for _ in range(warmup):
-            self._compute(x, weight, bias)
+        # Distinct copies taken in turn, so no run finds its operands in cache from the one before.
+        copies = [(x.copy(), weight.copy()) for _ in range(max(1, rotate))]
+        for i in range(warmup):
+            self._compute(*copies[i % len(copies)], bias)
         samples = []
-        for _ in range(repeats):
+        for i in range(repeats):
+            operands = copies[i % len(copies)]
             start = _time.perf_counter()
-            self._compute(x, weight, bias)
+            self._compute(*operands, bias)
             samples.append((_time.perf_counter() - start) * 1e3)
         return Timing(tuple(samples))
 

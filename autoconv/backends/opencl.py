@@ -19,7 +19,6 @@ from autoconv.render import (
     OPENCL,
     KernelSource,
     im2col_scratch_bytes,
-    padded_gemm_n,
     render_direct,
     render_gemm,
     render_im2col,
@@ -207,23 +206,17 @@ class OpenCLConv:
         self.out_buf = cl.Buffer(ctx, flags.READ_WRITE, int(np.prod(spec.output_shape)) * itemsize)
         kernels = [backend.kernel(source) for source in sources]
         self._launches = list(zip(kernels, sources))
-        i32 = np.int32
-        geometry = [i32(v) for v in (*spec.stride, *spec.padding, *spec.dilation)]
-        has_bias = i32(spec.bias)
+        self.cols_buf = None
         if plan.algorithm == ALGORITHM_IM2COL_GEMM:
-            ldn = padded_gemm_n(spec, plan.gemm)
             self.cols_buf = cl.Buffer(ctx, flags.READ_WRITE, im2col_scratch_bytes(spec, plan.gemm))
-            im2col, gemm = kernels
-            im2col.set_args(self.x_buf, self.cols_buf, *(i32(v) for v in (
-                spec.c, spec.h, spec.w, spec.c_per_group, spec.r, spec.s, spec.p, spec.q)),
-                *geometry, i32(spec.gemm_n), i32(spec.gemm_k), i32(ldn))
-            gemm.set_args(self.w_buf, self.cols_buf, self.bias_buf, self.out_buf, has_bias, *(i32(v) for v in (
-                spec.gemm_m, spec.gemm_n, spec.gemm_k, spec.p * spec.q, spec.groups, ldn)))
-        else:
-            (direct,) = kernels
-            direct.set_args(self.x_buf, self.w_buf, self.bias_buf, self.out_buf, has_bias, *(i32(v) for v in (
-                spec.c, spec.h, spec.w, spec.k, spec.c_per_group, spec.k_per_group,
-                spec.r, spec.s, spec.p, spec.q)), *geometry)
+        self._bind(self.x_buf, self.w_buf)
+
+    def _bind(self, x_buf: Any, w_buf: Any) -> None:
+        """Set every kernel's arguments from its KernelSource.args, with these input buffers."""
+        buffers = {"input": x_buf, "weight": w_buf, "bias": self.bias_buf, "output": self.out_buf,
+                   "scratch": self.cols_buf}
+        for kernel, source in self._launches:
+            kernel.set_args(*(np.int32(arg.value) if arg.kind == "int" else buffers[arg.kind] for arg in source.args))
 
     def _upload(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> None:
         check_operands(self.spec, x, weight, bias)
@@ -259,15 +252,30 @@ class OpenCLConv:
         return out
 
     def time(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-             *, warmup: int = 2, repeats: int = 10) -> Timing:
+             *, warmup: int = 2, repeats: int = 10, rotate: int = 3) -> Timing:
         samples = []
+        cl, queue, flags = self._cl, self.backend.queue, self._cl.mem_flags
         with self.backend.lock:
             self._upload(x, weight, bias)
-            for _ in range(warmup):
-                self._enqueue()[-1].wait()
-            for _ in range(repeats):
-                events = self._enqueue()
-                events[-1].wait()
-                # In-order queue: the run spans from the first kernel's start to the last one's end.
-                samples.append((events[-1].profile.end - events[0].profile.start) * 1e-6)
+            copies = [(self.x_buf, self.w_buf)]
+            for _ in range(max(1, rotate) - 1):
+                x_copy = cl.Buffer(self.backend.context, flags.READ_ONLY, self.x_buf.size)
+                w_copy = cl.Buffer(self.backend.context, flags.READ_ONLY, self.w_buf.size)
+                cl.enqueue_copy(queue, x_copy, self.x_buf)
+                cl.enqueue_copy(queue, w_copy, self.w_buf)
+                copies.append((x_copy, w_copy))
+            try:
+                for i in range(warmup):
+                    self._bind(*copies[i % len(copies)])
+                    self._enqueue()[-1].wait()
+                for i in range(repeats):
+                    self._bind(*copies[i % len(copies)])
+                    events = self._enqueue()
+                    events[-1].wait()
+                    # In-order queue: the run spans from the first kernel's start to the last one's end.
+                    samples.append((events[-1].profile.end - events[0].profile.start) * 1e-6)
+            except cl.Error as exc:
+                raise KernelLaunchError(f"{self.plan.describe()} failed while timing: {exc}") from None
+            finally:
+                self._bind(self.x_buf, self.w_buf)
         return Timing(tuple(samples))
