@@ -2,6 +2,7 @@
 
 from autoconv.api import conv2d
 from autoconv.backends import get_backend
+from autoconv.lookup import lookup
 from autoconv.errors import (
     AutoconvError,
     BackendUnavailableError,
@@ -9,6 +10,7 @@ from autoconv.errors import (
     InvalidSpecError,
     KernelCompileError,
     KernelLaunchError,
+    TuningDBError,
 )
 from autoconv.params import GemmParams, default_gemm_params, validate_gemm_params
 from autoconv.plan import Plan
@@ -26,8 +28,10 @@ __all__ = [
     "KernelCompileError",
     "KernelLaunchError",
     "Plan",
+    "TuningDBError",
     "conv2d",
     "default_gemm_params",
     "get_backend",
+    "lookup",
     "validate_gemm_params",
 ]

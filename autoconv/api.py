@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,9 @@ import numpy as np
 from autoconv.backends import get_backend
 from autoconv.backends.base import Backend, PreparedConv
 from autoconv.errors import InvalidSpecError
-from autoconv.plan import Plan, heuristic_plan
+from autoconv.lookup import baseline_plan, lookup
+from autoconv.plan import Plan
+from autoconv.render import ALGORITHM_IM2COL_BLAS
 from autoconv.spec import ConvSpec, IntOrPair
 from autoconv.tensors import as_float_array
 
@@ -19,11 +22,22 @@ _prepared_lock = threading.Lock()
 _MAX_PREPARED = 64  # each holds device buffers; keep the most recent few
 
 
-def choose_plan(spec: ConvSpec, backend: Backend) -> Plan:
-    """The plan a backend runs a spec with when the caller does not pass one."""
+def choose_plan(spec: ConvSpec, backend: Backend, db: str | Path | None = None) -> Plan:
+    """The plan a backend runs a spec with when the caller does not pass one: the tuning DBs'
+    answer (autoconv.lookup), or the library baseline on the host backend."""
     if backend.name == "numpy":
-        return Plan("im2col_blas", None, "baseline")
-    return heuristic_plan(spec, backend.device.device_type)
+        return baseline_plan("baseline")
+    return lookup(spec, backend, db)
+
+
+def backend_for(plan: Plan, backend: Backend) -> Backend:
+    """Where a plan runs: the device backend, or the host when the plan is a baseline the device
+    backend has no kernel for (numpy's BLAS beat every generated OpenCL kernel on that layer)."""
+    if plan.algorithm in backend.algorithms:
+        return backend
+    if plan.algorithm == ALGORITHM_IM2COL_BLAS:
+        return get_backend("numpy")
+    raise InvalidSpecError(f"plan: the {backend.name} backend cannot run {plan.algorithm!r} (runs {backend.algorithms})")
 
 
 def prepared(spec: ConvSpec, backend: Backend, plan: Plan) -> PreparedConv:
@@ -51,11 +65,15 @@ def conv2d(
     backend: str = "opencl",
     device: int | str | None = None,
     plan: Plan | None = None,
+    db: str | Path | None = None,
 ) -> np.ndarray:
     """2-D convolution of an NCHW input with a (k, c/groups, r, s) weight, as torch's conv2d.
 
     stride, padding and dilation take an int or a pair; padding also takes "valid" or "same"
     (stride 1 only, as torch). Returns a new float32 NCHW numpy array.
+
+    The plan comes from autoconv.lookup (tuning DB: `db`, else $AUTOCONV_DB or the user's cache,
+    then the shipped DBs; an untuned shape falls back to the nearest tuned one, then defaults).
     """
     x = as_float_array(input, "input")
     w = as_float_array(weight, "weight")
@@ -70,7 +88,8 @@ def conv2d(
     spec = ConvSpec.from_shapes(x.shape, w.shape, stride=stride, padding=padding, dilation=dilation,
                                 groups=groups, bias=b is not None)
     chosen_backend = get_backend(backend, device)
-    conv = prepared(spec, chosen_backend, plan or choose_plan(spec, chosen_backend))
+    chosen_plan = plan or choose_plan(spec, chosen_backend, db)
+    conv = prepared(spec, backend_for(chosen_plan, chosen_backend), chosen_plan)
     return conv.run(x, w, b)
 
 

@@ -5,52 +5,21 @@ Library errors (AutoconvError) become one red line on stderr and exit code 2.
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, List, Optional, TypeVar
+from pathlib import Path
+from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from autoconv.errors import AutoconvError
+from autoconv.cli_db import db_app
+from autoconv.cli_common import DB_HELP, DEVICE_HELP, console, db_path_option, device_option, errors, reports_errors
 
 app = typer.Typer(
     help="Generate, run and compare im2col + GEMM convolution kernels on your own device.",
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
-errors = Console(stderr=True)
-
-F = TypeVar("F", bound=Callable[..., None])
-
-
-def reports_errors(command: F) -> F:
-    """Turn an AutoconvError into one clear line and exit code 2, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: object, **kwargs: object) -> None:
-        try:
-            command(*args, **kwargs)
-        except AutoconvError as exc:
-            errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            errors.print("interrupted")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _device_option(value: Optional[str]) -> int | str | None:
-    if value is None:
-        return None
-    return int(value) if value.isdigit() else value
-
-
-DEVICE_HELP = "OpenCL device: an index from `autoconv devices` or part of its name (default: first GPU, else first working device)"
-
-
+app.add_typer(db_app, name="db")
 @app.command()
 @reports_errors
 def devices() -> None:
@@ -75,7 +44,7 @@ def devices() -> None:
     console.print(table)
 
 
-def _layers(layer: List[str], model: Optional[str], batch: Optional[int]) -> list:
+def _layers(layer: List[str], model: Optional[str], batch: Optional[int], onnx: Optional[Path] = None) -> list:
     from autoconv.layers import model_layers, parse_layer
 
     if batch is not None and batch <= 0:
@@ -83,11 +52,19 @@ def _layers(layer: List[str], model: Optional[str], batch: Optional[int]) -> lis
     chosen = [parse_layer(text, batch) for text in layer]
     if model:
         chosen += model_layers(model, batch or 1)
+    if onnx is not None:
+        from autoconv.onnx_layers import onnx_layers
+
+        found, skipped = onnx_layers(onnx, batch)
+        for problem in skipped:
+            errors.print(f"[yellow]skipped[/] {problem}", highlight=False)
+        chosen += found
     if not chosen:
-        raise typer.BadParameter("name a LAYER (e.g. resnet50/res2_3x3) or --model", param_hint="LAYER")
+        raise typer.BadParameter("name a LAYER (e.g. resnet50/res2_3x3), --model or --onnx", param_hint="LAYER")
     return chosen
 
 
+MODEL_HELP = "every layer of a built-in model: alexnet, vgg16, resnet18, resnet50, mobilenet_v2"
 LAYER_HELP = "MODEL/NAME (e.g. resnet50/res2_3x3) or key=value pairs (e.g. n=1,c=64,h=56,w=56,k=64,r=3,s=3,pad=1)"
 
 
@@ -95,7 +72,7 @@ LAYER_HELP = "MODEL/NAME (e.g. resnet50/res2_3x3) or key=value pairs (e.g. n=1,c
 @reports_errors
 def compare(
     layer: List[str] = typer.Argument(None, help=LAYER_HELP, show_default=False),
-    model: Optional[str] = typer.Option(None, help="every layer of a built-in model: alexnet, vgg16, resnet50, mobilenet_v2"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     batch: Optional[int] = typer.Option(None, help="batch size (overrides n)"),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     repeats: int = typer.Option(5, min=1, help="timed runs per method (the median is reported)"),
@@ -105,7 +82,7 @@ def compare(
     from autoconv.compare import compare_layer
 
     layers = _layers(layer or [], model, batch)
-    backend = get_backend("opencl", _device_option(device))
+    backend = get_backend("opencl", device_option(device))
     console.print(f"device: [bold]{backend.device.name}[/] ({backend.device.platform}, driver {backend.device.driver})")
     for named in layers:
         spec = named.spec
@@ -131,17 +108,20 @@ def run(
     batch: Optional[int] = typer.Option(None, help="batch size (overrides n)"),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     repeats: int = typer.Option(10, min=1, help="timed runs (the median is reported)"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    backend_name: str = typer.Option("opencl", "--backend", help="opencl or cuda"),
 ) -> None:
     """Run one layer with autoconv's plan for it, check it against the float64 reference, time it."""
-    from autoconv.api import choose_plan
+    from autoconv.api import backend_for, choose_plan
     from autoconv.backends import get_backend
     from autoconv.compare import TOLERANCE, measure, random_operands, reference_output
 
     (named,) = _layers([layer], None, batch)
     spec = named.spec
-    backend = get_backend("opencl", _device_option(device))
+    backend = get_backend(backend_name, device_option(device))
     operands = random_operands(spec)
-    result = measure("autoconv", backend, spec, choose_plan(spec, backend), operands,
+    plan = choose_plan(spec, backend, db_path_option(db))
+    result = measure("autoconv", backend_for(plan, backend), spec, plan, operands,
                      reference_output(spec, operands), repeats=repeats)
     console.print(f"{named.label}: {spec}")
     console.print(f"  device  {result.device}\n  plan    {result.plan}", highlight=False)
@@ -150,6 +130,85 @@ def run(
     if not result.verified:
         errors.print("[bold red]error:[/] the result does not match the reference")
         raise typer.Exit(1)
+
+
+@app.command()
+@reports_errors
+def tune(
+    layer: List[str] = typer.Argument(None, help=LAYER_HELP, show_default=False),
+    layer_option: List[str] = typer.Option(None, "--layer", help="a layer, as LAYER (repeatable)", show_default=False),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    onnx: Optional[Path] = typer.Option(None, help="every Conv node of an ONNX model (needs autoconv[onnx])"),
+    batch: Optional[int] = typer.Option(None, help="batch size (overrides n)"),
+    backend_name: str = typer.Option("opencl", "--backend", help="opencl or cuda"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    trials: Optional[int] = typer.Option(None, min=1, help="measured configs per layer (default 60 without --time-budget)"),
+    time_budget: Optional[str] = typer.Option(None, help="wall time for all layers, e.g. 90s, 10m, 1h"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    repeats: int = typer.Option(7, min=1, help="timed runs per config (the median counts)"),
+    seed: int = typer.Option(0, help="sampler and data seed"),
+) -> None:
+    """Autotune the generated GEMM per layer with Optuna; winners and the BLAS baseline go to the DB.
+
+    Interrupted runs resume where they stopped: run the same command again.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autoconv.backends import get_backend
+    from autoconv.cli_common import parse_duration, speedup
+    from autoconv.tuner import LayerReport, tune_layers
+    from autoconv.tuning_db import TuningDB
+
+    if backend_name not in ("opencl", "cuda"):
+        raise typer.BadParameter(f"expected opencl or cuda, got {backend_name!r}", param_hint="--backend")
+    budget_s = parse_duration(time_budget) if time_budget else None
+    if trials is None and budget_s is None:
+        trials = 60
+    named_layers = _layers([*(layer or []), *(layer_option or [])], model, batch, onnx)
+    unique: dict = {}
+    for named in named_layers:
+        unique.setdefault(named.spec, named.label)
+    chosen = [(label, spec) for spec, label in unique.items()]
+    backend = get_backend(backend_name, device_option(device))
+    path = db_path_option(db)
+    console.print(f"device: [bold]{backend.device.name}[/] ({backend.device.platform}, driver {backend.device.driver})")
+    console.print(f"tuning {len(chosen)} layer(s) into {path}", highlight=False)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
+               TimeElapsedColumn())
+    tasks: dict[str, int] = {}
+    with TuningDB(path) as database, Progress(*columns, console=console, transient=False) as bar:
+        def start(label: str, spec: object) -> None:
+            tasks[label] = bar.add_task(label, total=trials, best="baseline ...")
+
+        def update(report: LayerReport, total: int) -> None:
+            best = report.best
+            text = "no verified config yet"
+            if best is not None and best.params is not None:
+                text = f"best {best.median_ms:.3f} ms, {speedup(best.baseline_ms, best.median_ms)} vs {best.baseline}"
+            bar.update(tasks[report.label], completed=report.trials, best=text)
+
+        reports = tune_layers(chosen, backend, database, trials=trials, time_budget_s=budget_s, seed=seed,
+                              repeats=repeats, progress=update, on_layer_start=start)
+        for report in reports:
+            update(report, trials or 0)
+
+    table = Table(title=f"tuned on {backend.device.name}", title_justify="left")
+    for column in ("layer", "trials", "default ms", "tuned ms", "vs default", "baseline", "baseline ms",
+                   "tuned vs baseline", "failed", "wall s"):
+        table.add_column(column, justify="left" if column in ("layer", "baseline") else "right")
+    for report in reports:
+        best = report.best
+        failed = sum(report.failures.values())
+        if best is None:
+            table.add_row(report.label, str(report.trials), "-", "-", "-", "-", "-", "-", str(failed), f"{report.wall_s:.0f}")
+            continue
+        tuned = "baseline wins" if best.params is None else f"{best.median_ms:.3f}"
+        table.add_row(report.label, str(report.trials), f"{best.default_ms:.3f}" if best.default_ms else "-", tuned,
+                      speedup(best.default_ms, best.median_ms), best.baseline,
+                      f"{best.baseline_ms:.3f}" if best.baseline_ms else "-",
+                      speedup(best.baseline_ms, best.median_ms), str(failed), f"{report.wall_s:.0f}")
+    console.print(table)
 
 
 def main() -> None:

@@ -71,13 +71,13 @@ def measure(method: str, backend: Backend, spec: ConvSpec, plan: Plan, operands:
 def compare_layer(spec: ConvSpec, backend: Backend | None = None, *, repeats: int = 5,
                   gemm_plan: Plan | None = None) -> list[Measurement]:
     """Direct loops (generated kernel) vs im2col + numpy BLAS vs im2col + generated GEMM, one run."""
-    from autoconv.api import choose_plan
+    from autoconv.lookup import lookup
 
     device_backend = backend or get_backend("opencl")
     host = get_backend("numpy")
     operands = random_operands(spec)
     reference = reference_output(spec, operands)
-    plan = gemm_plan or choose_plan(spec, device_backend)
+    plan = gemm_plan or lookup(spec, device_backend, allow_baseline=False)
     return [
         measure("direct loops", device_backend, spec, Plan(ALGORITHM_DIRECT, None, "naive kernel"),
                 operands, reference, repeats=repeats),

@@ -25,3 +25,7 @@ class KernelCompileError(AutoconvError, RuntimeError):
 
 class KernelLaunchError(AutoconvError, RuntimeError):
     """A compiled kernel failed to launch or run."""
+
+
+class TuningDBError(AutoconvError, RuntimeError):
+    """A tuning database cannot be created, read or written (the message names the file)."""

@@ -14,6 +14,22 @@ from autoconv.errors import BackendUnavailableError
 from autoconv.render import ALGORITHM_IM2COL_GEMM
 
 
+@pytest.fixture(autouse=True)
+def isolated_tuning_dbs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Every test gets its own empty user DB and no shipped DBs, unless it sets its own."""
+    from autoconv.lookup import clear_cache
+    from autoconv.settings import reload_settings
+
+    monkeypatch.setenv("AUTOCONV_DB", str(tmp_path_factory.mktemp("userdb") / "tuning.db"))
+    monkeypatch.setenv("AUTOCONV_SHIPPED_DB_DIR", "")
+    reload_settings()
+    clear_cache()
+    yield
+    monkeypatch.undo()
+    reload_settings()
+    clear_cache()
+
+
 def backend_or_skip(name: str) -> Backend:
     try:
         return get_backend(name)

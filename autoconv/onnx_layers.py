@@ -1,0 +1,91 @@
+"""Conv layer shapes read from an ONNX graph (the optional `onnx` extra): what `--onnx` tunes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from autoconv.errors import BackendUnavailableError, InvalidSpecError
+from autoconv.layers import NamedLayer
+from autoconv.spec import ConvSpec
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise BackendUnavailableError("--onnx needs the onnx package: pip install 'autoconv[onnx]'") from None
+    return onnx
+
+
+def _dims(value_type: Any) -> list[int | None]:
+    shape = value_type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max(0, (out - 1) * stride + (kernel - 1) * dilation + 1 - size)
+    return total // 2, total - total // 2
+
+
+def onnx_layers(path: str | Path, batch: int | None = None) -> tuple[list[NamedLayer], list[str]]:
+    """Every Conv node of a model with static spatial shapes, as NamedLayers (batch overrides n;
+    a symbolic batch dimension becomes 1 unless a batch is given), and why any others were skipped."""
+    onnx = _onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidSpecError(f"--onnx: {path} does not exist")
+    try:
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    except Exception as exc:  # noqa: BLE001 - onnx raises many kinds for a bad file
+        raise InvalidSpecError(f"--onnx: {path} is not a readable ONNX model: {exc}") from None
+    graph = model.graph
+    shapes: dict[str, list[int | None]] = {}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        shapes[value.name] = _dims(value.type)
+    for init in graph.initializer:
+        shapes[init.name] = list(init.dims)
+
+    layers: list[NamedLayer] = []
+    problems: list[str] = []
+    for index, node in enumerate(n for n in graph.node if n.op_type == "Conv"):
+        name = node.name or f"conv{index}"
+        x_shape, w_shape = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if not x_shape or not w_shape or len(x_shape) != 4 or len(w_shape) != 4:
+            problems.append(f"{name}: not a 2-D conv with known input and weight shapes")
+            continue
+        n = batch if batch is not None else (x_shape[0] or 1)
+        if any(d is None for d in x_shape[1:]) or any(d is None for d in w_shape):
+            problems.append(f"{name}: symbolic spatial or channel dimensions")
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        kernel = (int(w_shape[2]), int(w_shape[3]))
+        strides = tuple(int(v) for v in attrs.get("strides", (1, 1)))
+        dilations = tuple(int(v) for v in attrs.get("dilations", (1, 1)))
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads_h = _same_padding(int(x_shape[2]), kernel[0], strides[0], dilations[0])
+            pads_w = _same_padding(int(x_shape[3]), kernel[1], strides[1], dilations[1])
+            begin_end = (pads_h, pads_w)
+        elif auto_pad == "VALID":
+            begin_end = ((0, 0), (0, 0))
+        else:
+            pads = [int(v) for v in attrs.get("pads", (0, 0, 0, 0))]
+            begin_end = ((pads[0], pads[2]), (pads[1], pads[3]))
+        if any(a != b for a, b in begin_end):
+            problems.append(f"{name}: asymmetric padding {begin_end} is not supported")
+            continue
+        try:
+            spec = ConvSpec(n=int(n), c=int(x_shape[1]), h=int(x_shape[2]), w=int(x_shape[3]), k=int(w_shape[0]),
+                            r=kernel[0], s=kernel[1], stride=strides, padding=(begin_end[0][0], begin_end[1][0]),
+                            dilation=dilations, groups=int(attrs.get("group", 1)), bias=len(node.input) > 2 and bool(node.input[2]))
+        except InvalidSpecError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        layers.append(NamedLayer(path.stem, name, spec))
+    if not layers:
+        detail = "; ".join(problems) if problems else "it has no Conv nodes"
+        raise InvalidSpecError(f"--onnx: no usable Conv layer in {path} ({detail})")
+    return layers, problems

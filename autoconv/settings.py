@@ -1,0 +1,54 @@
+"""Settings read from the environment once, in one place (never os.getenv in hot code)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import platformdirs
+
+DB_ENV = "AUTOCONV_DB"
+SHIPPED_DB_ENV = "AUTOCONV_SHIPPED_DB_DIR"
+DB_FILENAME = "tuning.db"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where tuning results are read from and written to."""
+
+    db_path: Path  # the user's tuning DB: $AUTOCONV_DB, else <user cache dir>/autoconv/tuning.db
+    shipped_db_dir: Path | None  # databases that ship with autoconv ($AUTOCONV_SHIPPED_DB_DIR overrides; "" disables)
+
+    @property
+    def shipped_dbs(self) -> tuple[Path, ...]:
+        if self.shipped_db_dir is None or not self.shipped_db_dir.is_dir():
+            return ()
+        return tuple(sorted(self.shipped_db_dir.glob("*.db")))
+
+
+def _default_shipped_dir() -> Path:
+    """tuning_db/ inside an installed wheel, else the repository's top-level tuning_db/."""
+    packaged = Path(__file__).resolve().parent / "tuning_db"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "tuning_db"
+
+
+@lru_cache(maxsize=1)
+def settings() -> Settings:
+    raw_db = os.environ.get(DB_ENV, "").strip()
+    db_path = Path(raw_db).expanduser() if raw_db else Path(platformdirs.user_cache_dir("autoconv")) / DB_FILENAME
+    raw_shipped = os.environ.get(SHIPPED_DB_ENV)
+    if raw_shipped is None:
+        shipped: Path | None = _default_shipped_dir()
+    else:
+        shipped = Path(raw_shipped).expanduser() if raw_shipped.strip() else None
+    return Settings(db_path=db_path, shipped_db_dir=shipped)
+
+
+def reload_settings() -> Settings:
+    """Read the environment again (tests, or a long-lived process whose environment changed)."""
+    settings.cache_clear()
+    return settings()
