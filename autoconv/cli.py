@@ -211,6 +211,65 @@ def tune(
     console.print(table)
 
 
+@app.command("export")
+@reports_errors
+def export_command(
+    layer: List[str] = typer.Argument(None, help=LAYER_HELP, show_default=False),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    all_layers: bool = typer.Option(False, "--all", help="every layer tuned for the device in the DB"),
+    batch: Optional[int] = typer.Option(None, help="batch size (overrides n)"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    device: Optional[str] = typer.Option(None, help="a device in the DB (part of its name); default: this machine's default OpenCL device"),
+    out: Path = typer.Option(..., help="output directory (created; an earlier export there is replaced)"),
+    reference: bool = typer.Option(False, help="also write input, weight, bias and expected output per layer (float32 files)"),
+) -> None:
+    """Write tuned kernels as standalone .cl/.cu sources with manifest.json and a C header."""
+    from autoconv.errors import TuningDBError
+    from autoconv.export import ExportEntry, export
+    from autoconv.lookup import lookup
+    from autoconv.plan import Plan
+    from autoconv.render import ALGORITHM_IM2COL_GEMM, template_hash
+    from autoconv.tuning_db import TuningDB, device_from_row
+
+    path = db_path_option(db)
+    if not path.is_file():
+        raise TuningDBError(f"tuning database {path} does not exist (run `autoconv tune` first, or pass --db)")
+    if not all_layers and not layer and not model:
+        raise typer.BadParameter("name a LAYER, --model or --all", param_hint="LAYER")
+    with TuningDB(path, readonly=True) as database:
+        rows = database.devices()
+        if device is not None:
+            rows = [r for r in rows if device.lower() in r["name"].lower() or device == r["fingerprint"]]
+            if len(rows) != 1:
+                found = ", ".join(r["name"] for r in database.devices()) or "none"
+                raise TuningDBError(f"device: {len(rows)} devices in {path} match {device!r} (devices there: {found})")
+            info = device_from_row(rows[0])
+        else:
+            from autoconv.backends import get_backend
+
+            info = get_backend("opencl").device
+        results = [r for r in database.results(device=info.fingerprint(), template_hash=template_hash())
+                   if r.params is not None]
+    entries = []
+    if all_layers:
+        if not results:
+            raise TuningDBError(f"{path} holds no result made with the current templates for {info.name}")
+        entries += [ExportEntry(str(r.spec), r.spec, Plan(ALGORITHM_IM2COL_GEMM, r.params, "tuned"), True)
+                    for r in results]
+    for named in (_layers(layer or [], model, batch) if (layer or model) else []):
+        plan = lookup(named.spec, info, path, allow_baseline=False, shipped=False)
+        tuned = plan.source == "tuned"
+        if not tuned:
+            errors.print(f"[yellow]note:[/] {named.label} is not tuned for {info.name}; exporting the fallback "
+                         f"plan ({plan.source})", highlight=False)
+        entries.append(ExportEntry(named.label, named.spec, plan, tuned))
+    unique = {(e.spec, e.plan): e for e in entries}
+    manifest = export(unique.values(), info, out, reference=reference)
+    files = sum(len(layer_row["kernels"]) for layer_row in manifest["layers"])
+    console.print(f"exported {len(manifest['layers'])} layer(s), {files} kernel source(s) for {info.name} to {out}",
+                  highlight=False)
+
+
 def main() -> None:
     app()
 

@@ -86,21 +86,24 @@ def _contents(path: Path, state: tuple) -> tuple[list[TunedResult], dict[str, di
     return contents
 
 
-def database_paths(db: str | Path | None = None) -> list[Path]:
+def database_paths(db: str | Path | None = None, shipped: bool = True) -> list[Path]:
     """The databases a lookup reads, in order: the given (or user's) DB, then the shipped ones."""
     first = Path(db) if db is not None else settings().db_path
+    if not shipped:
+        return [first]
     return [first, *(p for p in settings().shipped_dbs if p.resolve() != first.resolve())]
 
 
 def lookup(spec: ConvSpec, device: DeviceArg = None, db: str | Path | None = None, *,
-           allow_baseline: bool = True) -> Plan:
+           allow_baseline: bool = True, shipped: bool = True) -> Plan:
     """The plan for a spec on a device (a DeviceInfo, a Backend, or an OpenCL device selector).
 
     allow_baseline=False always answers with a generated kernel, even where the library baseline
-    measured faster (what `autoconv compare` shows as the generated GEMM).
+    measured faster (what `autoconv compare` shows as the generated GEMM). shipped=False reads
+    only the given (or user's) database.
     """
     info = _device_info(device)
-    paths = database_paths(db)
+    paths = database_paths(db, shipped)
     states = tuple((str(p), _file_state(p)) for p in paths)
     key = (info.fingerprint(), spec, template_hash(), states, allow_baseline)
     with _lock:

@@ -110,6 +110,14 @@ class TunedResult:
         return self.median_ms < other.median_ms
 
 
+def device_from_row(row: dict[str, Any]) -> DeviceInfo:
+    """A DeviceInfo from a devices row (a device seen elsewhere: exports and lookups for it)."""
+    return DeviceInfo(backend=row["backend"], platform=row["platform"], vendor=row["vendor"], name=row["name"],
+                      driver=row["driver"], device_type=row["device_type"], compute_units=row["compute_units"],
+                      local_mem_bytes=row["local_mem_bytes"], max_work_group_size=row["max_work_group_size"],
+                      max_work_item_sizes=tuple(json.loads(row["max_work_item_sizes"])))
+
+
 def spec_row(spec: ConvSpec) -> dict[str, Any]:
     return {
         "key": spec.key(), "n": spec.n, "c": spec.c, "h": spec.h, "w": spec.w, "k": spec.k, "r": spec.r, "s": spec.s,
