@@ -31,6 +31,7 @@ class Dialect:
     kernel: str
     global_space: str
     local_space: str
+    local_pointer: str  # qualifier of a pointer into local memory ("" where pointers are generic)
     restrict: str
     barrier: str
     local_id: str
@@ -51,6 +52,7 @@ OPENCL = Dialect(
     kernel="__kernel",
     global_space="__global",
     local_space="__local",
+    local_pointer="__local",
     restrict="restrict",
     barrier="barrier(CLK_LOCAL_MEM_FENCE)",
     local_id="get_local_id(d)",
@@ -71,6 +73,7 @@ CUDA = Dialect(
     kernel='extern "C" __global__',
     global_space="",
     local_space="__shared__",
+    local_pointer="",
     restrict="__restrict__",
     barrier="__syncthreads()",
     local_id="((int)((d) == 0 ? threadIdx.x : (d) == 1 ? threadIdx.y : threadIdx.z))",

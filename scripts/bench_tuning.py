@@ -48,6 +48,26 @@ def interleaved_medians(convs: dict[str, object], operands: tuple, rounds: int, 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def checked_methods(backend, spec, params, operands: tuple, label: str, extra: dict | None = None) -> dict:
+    """The default config, the tuned one and the BLAS baseline (plus `extra`) prepared for a layer,
+    each checked against the float64 reference before anything is timed."""
+    info = backend.device
+    host = get_backend("numpy")
+    convs = {
+        "default": backend.prepare(spec, heuristic_plan(spec, info.device_type, info.limits())),
+        "tuned": backend.prepare(spec, Plan(ALGORITHM_IM2COL_GEMM, params, "tuned")),
+        "blas": (backend if ALGORITHM_IM2COL_BLAS in backend.algorithms else host).prepare(
+            spec, Plan(ALGORITHM_IM2COL_BLAS, None, "baseline")),
+        **(extra or {}),
+    }
+    reference = reference_output(spec, operands)
+    for name, conv in convs.items():
+        error = relative_error(conv.run(*operands, poison=True), reference)
+        if not error < TOLERANCE:
+            raise SystemExit(f"{label}: {name} is wrong (relative error {error:.1e})")
+    return convs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=48)
@@ -61,7 +81,6 @@ def main() -> int:
 
     device = int(args.device) if args.device and args.device.isdigit() else args.device
     backend = get_backend(args.backend, device)
-    host = get_backend("numpy")
     info = backend.device
     wanted = set(public_resnet50_names())
     layers = [layer for layer in model_layers("resnet50", batch=1) if layer.name in wanted]
@@ -82,17 +101,7 @@ def main() -> int:
             raise SystemExit(f"{layer.label}: no verified generated config (failures: {report.failures})")
         print(f"measuring {layer.label} ...", file=sys.stderr, flush=True)
         operands = random_operands(spec, seed=1)  # not the data the tuner saw
-        reference = reference_output(spec, operands)
-        convs = {
-            "default": backend.prepare(spec, heuristic_plan(spec, info.device_type, info.limits())),
-            "tuned": backend.prepare(spec, Plan(ALGORITHM_IM2COL_GEMM, best.params, "tuned")),
-            "blas": (backend if ALGORITHM_IM2COL_BLAS in backend.algorithms else host).prepare(
-                spec, Plan(ALGORITHM_IM2COL_BLAS, None, "baseline")),
-        }
-        for name, conv in convs.items():
-            error = relative_error(conv.run(*operands, poison=True), reference)
-            if not error < TOLERANCE:
-                raise SystemExit(f"{layer.label}: {name} is wrong (relative error {error:.1e})")
+        convs = checked_methods(backend, spec, best.params, operands, layer.label)
         rows.append((layer, report, interleaved_medians(convs, operands, args.rounds, args.repeats)))
 
     blas_name = reports[0].best.baseline if reports else "BLAS"

@@ -38,9 +38,9 @@ def _create(name: str, device: int | str | None) -> Backend:
         from autoconv.backends.opencl import OpenCLBackend
 
         return OpenCLBackend(device)
-    raise BackendUnavailableError(
-        "backend: 'cuda' is not implemented yet in this version of autoconv; use 'opencl' or 'numpy'"
-    )
+    from autoconv.backends.cuda import CudaBackend
+
+    return CudaBackend(device)
 
 
 __all__ = ["Backend", "BackendUnavailableError", "DeviceInfo", "PreparedConv", "Timing", "get_backend"]

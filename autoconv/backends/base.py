@@ -55,7 +55,9 @@ class DeviceInfo:
         return f"{self.backend}|{self.platform}|{self.vendor}|{self.name}|{self.driver}"
 
     def limits(self) -> DeviceLimits:
-        return DeviceLimits(self.max_work_group_size, self.max_work_item_sizes, self.local_mem_bytes)
+        # CUDA C++ has no arithmetic on float4 & co., so the CUDA dialect's accumulators are scalar.
+        vector_width = 1 if self.backend == "cuda" else 16
+        return DeviceLimits(self.max_work_group_size, self.max_work_item_sizes, self.local_mem_bytes, vector_width)
 
 
 @dataclass(frozen=True)

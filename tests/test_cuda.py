@@ -1,0 +1,121 @@
+"""CUDA without a GPU: every structural variant of the CUDA kernels, plus a random sample of the
+CUDA space's valid configs, compiles with the machine's nvcc for sm_80 and sm_90; the backend
+says "no CUDA device" clearly. With a GPU (scripts/gpu_check.sh) the marked tests run for real."""
+
+import itertools
+import random
+import shutil
+import subprocess
+import sys
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from autoconv import ConvSpec, Plan, default_gemm_params
+from autoconv.backends.base import DeviceInfo
+from autoconv.errors import BackendUnavailableError
+from autoconv.params import random_valid_configs
+from autoconv.render import CUDA, render_direct, render_gemm, render_im2col
+
+# An H100's limits as CuPy reports them: 1024 threads per block, 48 KiB static shared memory.
+H100 = DeviceInfo("cuda", "CUDA runtime 12.8", "nvidia", "NVIDIA H100 (sm_90, 132 SMs)", "12.8", "gpu", 132,
+                  49152, 1024, (1024, 1024, 64))
+SPEC = ConvSpec(2, 6, 9, 7, 10, 3, 2, padding=(1, 0), groups=2, bias=True)
+STRUCTURAL = [default_gemm_params(MWG=32, NWG=32, WPTM=4, WPTN=4, VWN=1, SA=sa, SB=sb, B_TRANSPOSED=bt,
+                                  IM2COL_ROWS=rows, VW=vw)
+              for sa, sb, bt, rows, vw in itertools.product((0, 1), (0, 1), (0, 1), (0, 1), (1, 4))]
+SAMPLED = list(itertools.islice(random_valid_configs(H100.limits(), random.Random(4)), 16))
+nvcc = shutil.which("nvcc")
+
+
+def _compile(text: str, tmp_path, name: str) -> str:
+    source = tmp_path / f"{name}.cu"
+    source.write_text(text)
+    run = subprocess.run([nvcc, "-c", "--std=c++14", "-gencode", "arch=compute_80,code=sm_80",
+                          "-gencode", "arch=compute_90,code=sm_90", str(source), "-o", str(tmp_path / f"{name}.o")],
+                         capture_output=True, text=True, timeout=300)
+    return "" if run.returncode == 0 else f"{name}:\n{run.stderr[-2000:]}"
+
+
+@pytest.mark.skipif(nvcc is None, reason="nvcc is not on this machine")
+def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
+    assert all(not p.violations(H100.limits()) for p in STRUCTURAL + SAMPLED)
+    sources = {"direct": render_direct(SPEC, CUDA).text}
+    for i, params in enumerate(STRUCTURAL + SAMPLED):
+        sources[f"gemm{i}"] = render_gemm(SPEC, params, CUDA).text
+    for bt, rows in itertools.product((0, 1), (0, 1)):
+        sources[f"im2col_{bt}{rows}"] = render_im2col(SPEC, default_gemm_params(B_TRANSPOSED=bt, IM2COL_ROWS=rows), CUDA).text
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [f for f in pool.map(lambda item: _compile(item[1], tmp_path, item[0]), sources.items()) if f]
+    assert not failures, "\n".join(failures)
+
+
+def test_cuda_vector_accumulators_are_refused_before_compiling():
+    wide = default_gemm_params(WPTN=4, VWN=4)
+    assert any("device_vector_width" in v for v in wide.violations(H100.limits()))
+
+
+def test_no_cupy_or_no_device_is_a_clear_error(monkeypatch):
+    from autoconv.backends import cuda
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # as when CuPy is not installed
+    with pytest.raises(BackendUnavailableError, match="needs CuPy"):
+        cuda.CudaBackend()
+
+    def no_driver():
+        raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=no_driver)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(BackendUnavailableError, match="no CUDA device"):
+        cuda.CudaBackend()
+
+
+def test_the_tuner_plugs_into_the_cuda_backend(tmp_path):
+    """What `autoconv tune --backend cuda` does, with a fake evaluator: CUDA limits reach the sampler."""
+    from autoconv.tuner import Outcome, tune_layer
+    from autoconv.tuning_db import TuningDB
+
+    class Fake:
+        def __call__(self, params):
+            assert params.VWN == 1 and not params.violations(H100.limits())
+            return Outcome("ok", 1.0 + params.MWG / 128, 1e-6)
+
+        def baseline(self):
+            return "cuda BLAS", 1.1
+
+    with TuningDB(tmp_path / "c.db") as db:
+        report = tune_layer(SPEC, H100, Fake(), db, trials=10)
+    assert report.trials == 10 and report.best.baseline == "cuda BLAS"
+
+
+@pytest.mark.gpu
+def test_cuda_matches_the_reference_on_a_gpu():
+    from autoconv.backends import get_backend
+    from autoconv.plan import heuristic_plan
+
+    from conftest import assert_matches_reference
+
+    try:
+        backend = get_backend("cuda")
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    for params in STRUCTURAL + SAMPLED:
+        assert_matches_reference(backend, SPEC, Plan("im2col_gemm", params, "gpu check"))
+    assert_matches_reference(backend, SPEC, heuristic_plan(SPEC, "gpu", backend.device.limits()))
+    assert_matches_reference(backend, SPEC, Plan("im2col_blas"))
+    assert_matches_reference(backend, SPEC, Plan("direct"))
+
+
+def test_gpu_check_script_says_clearly_when_there_is_no_gpu(tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                         env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "OUT": str(tmp_path),
+                              "HOME": str(tmp_path)})
+    if run.returncode == 0:
+        pytest.skip("this machine has a CUDA GPU: the script ran for real")
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "no usable CUDA device" in run.stderr and "CuPy" in run.stderr
