@@ -10,6 +10,7 @@ from autoconv.errors import (
     InvalidSpecError,
     KernelCompileError,
     KernelLaunchError,
+    ResourceLimitError,
     TuningDBError,
 )
 from autoconv.params import GemmParams, default_gemm_params, validate_gemm_params
@@ -28,6 +29,7 @@ __all__ = [
     "KernelCompileError",
     "KernelLaunchError",
     "Plan",
+    "ResourceLimitError",
     "TuningDBError",
     "conv2d",
     "default_gemm_params",

@@ -87,6 +87,8 @@ def conv2d(
     padding = _resolve_padding(padding, stride, dilation, w.shape)
     spec = ConvSpec.from_shapes(x.shape, w.shape, stride=stride, padding=padding, dilation=dilation,
                                 groups=groups, bias=b is not None)
+    if plan is not None and not isinstance(plan, Plan):
+        raise InvalidSpecError(f"plan: expected an autoconv.Plan (or None for the tuned plan), got {plan!r}")
     chosen_backend = get_backend(backend, device)
     chosen_plan = plan or choose_plan(spec, chosen_backend, db)
     conv = prepared(spec, backend_for(chosen_plan, chosen_backend), chosen_plan)

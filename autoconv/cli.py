@@ -10,16 +10,32 @@ from typing import List, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from autoconv.cli_db import db_app
-from autoconv.cli_common import DB_HELP, DEVICE_HELP, console, db_path_option, device_option, errors, reports_errors
+from autoconv.cli_common import (
+    DB_HELP,
+    DEVICE_HELP,
+    console,
+    db_path_option,
+    device_option,
+    error_line,
+    errors,
+    name_filter_option,
+    reports_errors,
+)
 
 app = typer.Typer(
     help="Generate, run and compare im2col + GEMM convolution kernels on your own device.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # help texts such as "autoconv[onnx]" are shown literally
 )
 app.add_typer(db_app, name="db")
+def _print_device(info) -> None:
+    console.print(Text.assemble("device: ", (info.name, "bold"), f" ({info.platform}, driver {info.driver})"))
+
+
 @app.command()
 @reports_errors
 def devices() -> None:
@@ -36,8 +52,8 @@ def devices() -> None:
         table.add_column(column)
     for entry in found:
         info = entry.info
-        status = ("[green]ok[/]" + (" (default)" if entry.index == default_index else "")) if entry.usable \
-            else f"[red]unusable: {entry.problem}[/]"
+        status = Text("ok" + (" (default)" if entry.index == default_index else ""), style="green") if entry.usable \
+            else Text(f"unusable: {entry.problem}", style="red")
         table.add_row(str(entry.index), info.platform, info.name, info.device_type, info.driver,
                       str(info.compute_units), f"{info.local_mem_bytes // 1024} KiB",
                       str(info.max_work_group_size), status)
@@ -57,7 +73,7 @@ def _layers(layer: List[str], model: Optional[str], batch: Optional[int], onnx: 
 
         found, skipped = onnx_layers(onnx, batch)
         for problem in skipped:
-            errors.print(f"[yellow]skipped[/] {problem}", highlight=False)
+            errors.print(error_line(problem, "skipped", "yellow"))
         chosen += found
     if not chosen:
         raise typer.BadParameter("name a LAYER (e.g. resnet50/res2_3x3), --model or --onnx", param_hint="LAYER")
@@ -83,7 +99,7 @@ def compare(
 
     layers = _layers(layer or [], model, batch)
     backend = get_backend("opencl", device_option(device))
-    console.print(f"device: [bold]{backend.device.name}[/] ({backend.device.platform}, driver {backend.device.driver})")
+    _print_device(backend.device)
     for named in layers:
         spec = named.spec
         with console.status(f"measuring {named.label} ..."):
@@ -94,11 +110,11 @@ def compare(
             table.add_column(column, justify="left" if column == "method" else "right")
         for row in rows:
             extra = f"{row.scratch_bytes / 2**20:.1f} MiB ({spec.im2col_overhead:.1f}x input)" if row.scratch_bytes else "none"
-            check = f"{row.rel_error:.1e}" if row.verified else f"[red]{row.rel_error:.1e} WRONG[/]"
+            check = Text(f"{row.rel_error:.1e}") if row.verified else Text(f"{row.rel_error:.1e} WRONG", style="red")
             table.add_row(row.method, f"{row.median_ms:.3f}", f"{row.gflops:.1f}", f"{direct_ms / row.median_ms:.1f}x",
                           extra, check)
         console.print(table)
-        console.print(f"  generated GEMM plan: {rows[2].plan}", style="dim", highlight=False)
+        console.print(f"  generated GEMM plan: {rows[2].plan}", style="dim")
 
 
 @app.command()
@@ -119,16 +135,18 @@ def run(
     (named,) = _layers([layer], None, batch)
     spec = named.spec
     backend = get_backend(backend_name, device_option(device))
+    plan = choose_plan(spec, backend, db_path_option(db) if db is not None else None)
+    runner = backend_for(plan, backend)
+    conv = runner.prepare(spec, plan)  # checks the device's limits before any host array is made
     operands = random_operands(spec)
-    plan = choose_plan(spec, backend, db_path_option(db))
-    result = measure("autoconv", backend_for(plan, backend), spec, plan, operands,
-                     reference_output(spec, operands), repeats=repeats)
+    result = measure("autoconv", runner, spec, plan, operands, reference_output(spec, operands), repeats=repeats,
+                     conv=conv)
     console.print(f"{named.label}: {spec}")
-    console.print(f"  device  {result.device}\n  plan    {result.plan}", highlight=False)
+    console.print(f"  device  {result.device}\n  plan    {result.plan}")
     console.print(f"  time    {result.median_ms:.3f} ms (median of {repeats})  {result.gflops:.1f} GFLOP/s")
     console.print(f"  check   relative error {result.rel_error:.1e} vs float64 reference (limit {TOLERANCE:.0e})")
     if not result.verified:
-        errors.print("[bold red]error:[/] the result does not match the reference")
+        errors.print(error_line("the result does not match the reference"))
         raise typer.Exit(1)
 
 
@@ -171,11 +189,11 @@ def tune(
     chosen = [(label, spec) for spec, label in unique.items()]
     backend = get_backend(backend_name, device_option(device))
     path = db_path_option(db)
-    console.print(f"device: [bold]{backend.device.name}[/] ({backend.device.platform}, driver {backend.device.driver})")
-    console.print(f"tuning {len(chosen)} layer(s) into {path}", highlight=False)
+    _print_device(backend.device)
+    console.print(f"tuning {len(chosen)} layer(s) into {path}")
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
-               TimeElapsedColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[best]}", markup=False), TimeElapsedColumn())
     tasks: dict[str, int] = {}
     with TuningDB(path) as database, Progress(*columns, console=console, transient=False) as bar:
         def start(label: str, spec: object) -> None:
@@ -232,6 +250,9 @@ def export_command(
     from autoconv.tuning_db import TuningDB, device_from_row
 
     path = db_path_option(db)
+    device = name_filter_option(device)
+    if path.is_dir():
+        raise TuningDBError(f"tuning database {path} is a directory, not a database file")
     if not path.is_file():
         raise TuningDBError(f"tuning database {path} does not exist (run `autoconv tune` first, or pass --db)")
     if not all_layers and not layer and not model:
@@ -260,14 +281,13 @@ def export_command(
         plan = lookup(named.spec, info, path, allow_baseline=False, shipped=False)
         tuned = plan.source == "tuned"
         if not tuned:
-            errors.print(f"[yellow]note:[/] {named.label} is not tuned for {info.name}; exporting the fallback "
-                         f"plan ({plan.source})", highlight=False)
+            errors.print(error_line(f"{named.label} is not tuned for {info.name}; exporting the fallback "
+                                    f"plan ({plan.source})", "note:", "yellow"))
         entries.append(ExportEntry(named.label, named.spec, plan, tuned))
     unique = {(e.spec, e.plan): e for e in entries}
     manifest = export(unique.values(), info, out, reference=reference)
     files = sum(len(layer_row["kernels"]) for layer_row in manifest["layers"])
-    console.print(f"exported {len(manifest['layers'])} layer(s), {files} kernel source(s) for {info.name} to {out}",
-                  highlight=False)
+    console.print(f"exported {len(manifest['layers'])} layer(s), {files} kernel source(s) for {info.name} to {out}")
 
 
 def main() -> None:

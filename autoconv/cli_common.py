@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from autoconv.errors import AutoconvError
 
-console = Console()
-errors = Console(stderr=True)
+# Markup off: device names, paths, layer names and messages are printed literally (a name such
+# as "a[/]b" is text, not a tag). Colour comes from styles and Text objects.
+console = Console(markup=False, highlight=False)
+errors = Console(stderr=True, markup=False, highlight=False)
+
+
+def error_line(message: str, label: str = "error:", style: str = "bold red") -> Text:
+    """One literal message behind a coloured label."""
+    return Text.assemble((label, style), " ", message)
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -23,9 +33,11 @@ def reports_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: object, **kwargs: object) -> None:
         try:
-            command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _print_warning
+                command(*args, **kwargs)
         except AutoconvError as exc:
-            errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            errors.print(error_line(str(exc)), soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             errors.print("interrupted")
@@ -34,10 +46,21 @@ def reports_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _print_warning(message: Warning | str, category: type, filename: str, lineno: int,
+                   file: object = None, line: object = None) -> None:
+    """A warning as one literal line on stderr (no file name and source line of autoconv's code)."""
+    text = str(message)
+    errors.print(error_line(text[len("autoconv: "):] if text.startswith("autoconv: ") else text, "warning:", "yellow"),
+                 soft_wrap=True)
+
+
 def device_option(value: Optional[str]) -> int | str | None:
     if value is None:
         return None
-    return int(value) if value.isdigit() else value
+    if not value.strip():
+        raise typer.BadParameter("expected a device index or part of a device name, got an empty string",
+                                 param_hint="--device")
+    return int(value) if value.strip().isdigit() else value
 
 
 DEVICE_HELP = "OpenCL device: an index from `autoconv devices` or part of its name (default: first GPU, else first working device)"
@@ -55,6 +78,9 @@ def db_path_option(value: Optional[Path]) -> Path:
 def parse_duration(text: str) -> float:
     """Seconds from "90", "90s", "10m" or "1h" (a precise BadParameter otherwise)."""
     raw = text.strip().lower()
+    if not raw:
+        raise typer.BadParameter("expected a duration such as 90s, 10m or 1h, got an empty string",
+                                 param_hint="--time-budget")
     scale = {"s": 1, "m": 60, "h": 3600}.get(raw[-1:], None)
     number = raw[:-1] if scale else raw
     try:
@@ -62,8 +88,8 @@ def parse_duration(text: str) -> float:
     except ValueError:
         raise typer.BadParameter(f"expected a duration such as 90s, 10m or 1h, got {text!r}",
                                  param_hint="--time-budget") from None
-    if seconds <= 0:
-        raise typer.BadParameter(f"must be positive, got {text!r}", param_hint="--time-budget")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise typer.BadParameter(f"must be a positive, finite duration, got {text!r}", param_hint="--time-budget")
     return seconds
 
 
@@ -71,3 +97,10 @@ def speedup(numerator: float | None, denominator: float | None) -> str:
     if not numerator or not denominator:
         return "-"
     return f"{numerator / denominator:.2f}x"
+
+
+def name_filter_option(value: Optional[str], hint: str = "--device") -> Optional[str]:
+    """A device-name fragment; an empty one would match every device, so it is refused."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("expected part of a device name, got an empty string", param_hint=hint)
+    return value

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autoconv.backends import get_backend
-from autoconv.backends.base import Backend
+from autoconv.backends.base import Backend, PreparedConv
 from autoconv.plan import Plan
 from autoconv.render import ALGORITHM_DIRECT, ALGORITHM_IM2COL_BLAS, ALGORITHM_REFERENCE
 from autoconv.spec import ConvSpec
@@ -36,6 +36,11 @@ class Measurement:
 
 def random_operands(spec: ConvSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Random, never-zero float32 input, weight and (when the spec has one) bias."""
+    from autoconv.resources import check_host
+
+    weight_bytes = spec.k * spec.c_per_group * spec.r * spec.s * spec.itemsize
+    # float64 draws for magnitude and sign, then the float32 arrays: about five times their size.
+    check_host(f"random operands for {spec}", 5 * (spec.input_bytes + weight_bytes))
     rng = np.random.default_rng(seed)
 
     def draw(shape: tuple[int, ...]) -> np.ndarray:
@@ -60,8 +65,9 @@ def reference_output(spec: ConvSpec, operands: tuple) -> np.ndarray:
 
 
 def measure(method: str, backend: Backend, spec: ConvSpec, plan: Plan, operands: tuple, reference: np.ndarray,
-            *, scratch_bytes: int = 0, repeats: int = 5) -> Measurement:
-    conv = backend.prepare(spec, plan)
+            *, scratch_bytes: int = 0, repeats: int = 5, conv: PreparedConv | None = None) -> Measurement:
+    """Check one plan against the reference and time it (`conv`: the plan already prepared)."""
+    conv = conv if conv is not None else backend.prepare(spec, plan)
     error = relative_error(conv.run(*operands, poison=True), reference)
     timing = conv.time(*operands, warmup=1, repeats=repeats)
     return Measurement(method, backend.device.name, plan.describe(), timing.median_ms, timing.gflops(spec),

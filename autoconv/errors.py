@@ -29,3 +29,8 @@ class KernelLaunchError(AutoconvError, RuntimeError):
 
 class TuningDBError(AutoconvError, RuntimeError):
     """A tuning database cannot be created, read or written (the message names the file)."""
+
+
+class ResourceLimitError(AutoconvError, RuntimeError):
+    """A layer or plan needs more memory (device or host) or larger indices than are available;
+    raised before anything is allocated, naming the size and the limit."""

@@ -33,7 +33,10 @@ from autoconv.spec import ConvSpec
 
 MANIFEST = "manifest.json"
 HEADER = "autoconv_kernels.h"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: a per-layer checksum ties the header to the kernel files
+MAX_MANIFEST_BYTES = 64 * 2**20
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
 
 
 class ExportError(AutoconvError, RuntimeError):
@@ -119,6 +122,37 @@ def _layer_manifest(entry: ExportEntry, device: DeviceInfo, dialect: Dialect, ve
     return layer, files
 
 
+def fnv1a64(data: bytes, state: int = FNV_OFFSET) -> int:
+    """64-bit FNV-1a: a checksum small enough to recompute in the plain C example."""
+    for byte in data:
+        state = ((state ^ byte) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return state
+
+
+def layer_description(layer: dict) -> str:
+    """The launch description of a layer as text, exactly as examples/c/run_layer.c formats it
+    from autoconv_kernels.h: the checksum covers it and the kernel files' bytes."""
+    shape, buffers = layer["shape"], layer["buffers"]
+    parts = [f"{layer['key']}|{shape['n']} {shape['c']} {shape['h']} {shape['w']} {shape['k']} {shape['r']} "
+             f"{shape['s']} {shape['p']} {shape['q']} {shape['groups']} {int(shape['bias'])}|{buffers['input']} "
+             f"{buffers['weight']} {buffers['bias']} {buffers['output']} {buffers['scratch']}|{len(layer['kernels'])}"]
+    for kernel in layer["kernels"]:
+        local = kernel["local_size"] or [0, 0, 0]
+        parts.append(f"|{kernel['file']}|{kernel['entry']}|{' '.join(map(str, kernel['global_size']))}|"
+                     f"{' '.join(map(str, local))}|{len(kernel['args'])}")
+        kinds = ("int", *BUFFER_ARGS)
+        parts += [f";{arg['name']}:{kinds.index(arg['kind'])}:{arg.get('value', 0)}" for arg in kernel["args"]]
+    return "".join(parts)
+
+
+def layer_checksum(layer: dict, files: dict[str, str | bytes]) -> str:
+    state = fnv1a64(layer_description(layer).encode("ascii"))
+    for kernel in layer["kernels"]:
+        content = files[kernel["file"]]
+        state = fnv1a64(content.encode("ascii") if isinstance(content, str) else content, state)
+    return f"{state:016x}"
+
+
 def _c_string(text: str) -> str:
     return json.dumps(text)  # a JSON string of printable ASCII is a valid C string literal
 
@@ -131,6 +165,7 @@ def _header(manifest: dict) -> str:
         f"/* autoconv {manifest['autoconv_version']} export for {manifest['device']['name']}: "
         "the launch description of every exported kernel (the same data as manifest.json). */",
         "#ifndef AUTOCONV_KERNELS_H", "#define AUTOCONV_KERNELS_H", "", "#include <stddef.h>", "",
+        f"#define AUTOCONV_EXPORT_HASH {_c_string(manifest['export_hash'])}",
         "enum autoconv_arg_kind { " + ", ".join(f"AUTOCONV_ARG_{k.upper()} = {i}" for i, k in enumerate(kinds)) + " };",
         f"#define AUTOCONV_MAX_ARGS {max_args}", f"#define AUTOCONV_MAX_KERNELS {max_kernels}",
         f"#define AUTOCONV_NUM_LAYERS {len(manifest['layers'])}", "",
@@ -150,6 +185,7 @@ def _header(manifest: dict) -> str:
         "    size_t input_bytes, weight_bytes, bias_bytes, output_bytes, scratch_bytes;",
         "    const char *reference_input, *reference_weight, *reference_bias, *reference_expected; /* NULL: none */",
         "    int num_kernels;           /* launched in this order on one in-order queue */",
+        "    unsigned long long checksum; /* FNV-1a 64 of the description and kernel files (run_layer.c) */",
         "    autoconv_kernel kernels[AUTOCONV_MAX_KERNELS];",
         "} autoconv_layer;", "",
         "static const autoconv_layer autoconv_layers[AUTOCONV_NUM_LAYERS] = {",
@@ -170,7 +206,7 @@ def _header(manifest: dict) -> str:
             f"{shape['n']}, {shape['c']}, {shape['h']}, {shape['w']}, {shape['k']}, {shape['r']}, {shape['s']}, "
             f"{shape['p']}, {shape['q']}, {shape['groups']}, {int(shape['bias'])},\n"
             f"     {buffers['input']}, {buffers['weight']}, {buffers['bias']}, {buffers['output']}, {buffers['scratch']},\n"
-            f"     {refs},\n     {len(kernels)}, {{\n" + ",\n".join(kernels) + "}},")
+            f"     {refs},\n     {len(kernels)}, 0x{layer['checksum']}ULL, {{\n" + ",\n".join(kernels) + "}},")
     out += ["};", "", "#endif /* AUTOCONV_KERNELS_H */", ""]
     return "\n".join(out)
 
@@ -188,6 +224,52 @@ def _reference_files(entry: ExportEntry, stem: str) -> dict[str, bytes]:
     return files
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _export_files(manifest: dict) -> set[str]:
+    """Every file an export wrote, from its manifest."""
+    names = {MANIFEST, HEADER}
+    for layer in manifest.get("layers", []):
+        names.update(str(kernel["file"]) for kernel in layer.get("kernels", []))
+        names.update(str(path) for path in (layer.get("reference") or {}).values())
+    return names
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse an --out that is anything but absent, empty, or exactly an earlier autoconv export:
+    every file in it named by its manifest. A directory the user put other files in is never
+    replaced (nothing a user owns is deleted)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ExportError(f"--out: {out} exists and is not a directory; choose a new or empty directory")
+    present = {path.relative_to(out).as_posix(): path for path in out.rglob("*")}
+    if not present:
+        return
+    refusal = f"--out: {out} is not an earlier autoconv export; choose a new or empty directory"
+    try:
+        manifest_path = out / MANIFEST
+        if manifest_path.is_symlink() or manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ExportError(refusal)
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or manifest.get("format") != "autoconv-export":
+            raise ExportError(refusal)
+        ours = _export_files(manifest)
+    except (OSError, ValueError, RecursionError, TypeError, KeyError, AttributeError):
+        raise ExportError(refusal) from None
+    foreign = sorted(name for name, path in present.items()
+                     if path.is_symlink() or (path.is_dir() and name != "reference")
+                     or (path.is_file() and name not in ours))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ExportError(f"--out: {out} holds files that are not part of an earlier autoconv export ({shown}); "
+                          "choose a new or empty directory")
+
+
 def export(entries: Iterable[ExportEntry], device: DeviceInfo, out_dir: str | Path, *, reference: bool = False) -> dict:
     """Write the export to out_dir (replacing an earlier autoconv export there) and return the
     manifest. Deterministic: the same entries give byte-identical files."""
@@ -198,8 +280,7 @@ def export(entries: Iterable[ExportEntry], device: DeviceInfo, out_dir: str | Pa
         raise ExportError("nothing to export: no layers selected")
     dialect = dialect_for(device)
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise ExportError(f"--out: {out} exists and is not an earlier autoconv export; choose a new or empty directory")
+    _check_replaceable(out)
     manifest = {
         "format": "autoconv-export", "version": MANIFEST_VERSION, "autoconv_version": __version__,
         "template_hash": template_hash(), "language": dialect.name,
@@ -210,10 +291,12 @@ def export(entries: Iterable[ExportEntry], device: DeviceInfo, out_dir: str | Pa
     files: dict[str, str | bytes] = {}
     for entry in entries:
         layer, sources = _layer_manifest(entry, device, dialect, __version__, reference)
+        layer["checksum"] = layer_checksum(layer, sources)
         manifest["layers"].append(layer)
         files.update(sources)
         if reference:
             files.update(_reference_files(entry, _file_stem(entry)))
+    manifest["export_hash"] = f"{fnv1a64(''.join(layer['checksum'] for layer in manifest['layers']).encode()):016x}"
     files[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     files[HEADER] = _header(manifest)
 
@@ -221,6 +304,7 @@ def export(entries: Iterable[ExportEntry], device: DeviceInfo, out_dir: str | Pa
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 is for the staging; the export gets the user's mode
     except OSError as exc:
         raise ExportError(f"--out: cannot write in {parent}: {exc.strerror or exc}") from None
     try:
@@ -232,6 +316,7 @@ def export(entries: Iterable[ExportEntry], device: DeviceInfo, out_dir: str | Pa
             else:
                 path.write_text(content, encoding="ascii")
         if out.exists():
+            _check_replaceable(out)  # again: the directory may have changed while the files were rendered
             retired = parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, retired)
             os.replace(staging, out)

@@ -69,10 +69,14 @@ def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
         key = key.strip()
         if not sep or key not in _LAYER_FIELDS:
             raise InvalidSpecError(f"layer: cannot read {part.strip()!r}; keys are {', '.join(_LAYER_FIELDS)}")
+        if key in values:
+            raise InvalidSpecError(f"layer: {key} is given twice in {text!r}")
         try:
-            values[key] = int(raw)
+            values[key] = int(raw.strip(), 10)
         except ValueError:
             raise InvalidSpecError(f"layer: {key} must be an int, got {raw.strip()!r}") from None
+    if values.get("bias", 0) not in (0, 1):
+        raise InvalidSpecError(f"layer: bias must be 0 or 1, got {values['bias']}")
     missing = [key for key in ("c", "h", "w", "k", "r", "s") if key not in values]
     if missing:
         raise InvalidSpecError(f"layer: missing {', '.join(missing)} in {text!r}")

@@ -86,6 +86,18 @@ def _contents(path: Path, state: tuple) -> tuple[list[TunedResult], dict[str, di
     return contents
 
 
+def _warn_if_unusable(path: Path) -> None:
+    """A `db` the caller named that cannot be a database is said once, not silently ignored."""
+    import warnings
+
+    if path.is_dir():
+        warnings.warn(f"autoconv: db: {path} is a directory, not a tuning database; it is ignored",
+                      RuntimeWarning, stacklevel=3)
+    elif not path.exists():
+        warnings.warn(f"autoconv: db: {path} does not exist; plans come from the shipped databases and defaults",
+                      RuntimeWarning, stacklevel=3)
+
+
 def database_paths(db: str | Path | None = None, shipped: bool = True) -> list[Path]:
     """The databases a lookup reads, in order: the given (or user's) DB, then the shipped ones."""
     first = Path(db) if db is not None else settings().db_path
@@ -103,6 +115,8 @@ def lookup(spec: ConvSpec, device: DeviceArg = None, db: str | Path | None = Non
     only the given (or user's) database.
     """
     info = _device_info(device)
+    if db is not None:
+        _warn_if_unusable(Path(db))
     paths = database_paths(db, shipped)
     states = tuple((str(p), _file_state(p)) for p in paths)
     key = (info.fingerprint(), spec, template_hash(), states, allow_baseline)

@@ -29,11 +29,50 @@ def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[i
     return total // 2, total - total // 2
 
 
+def _ints(attrs: dict[str, Any], name: str, count: int, default: tuple[int, ...], minimum: int) -> tuple[int, ...]:
+    """An ints attribute of a 2-D Conv, checked: `count` values, each at least `minimum`."""
+    raw = attrs.get(name, default)
+    try:
+        values = tuple(int(v) for v in raw)
+    except (TypeError, ValueError):
+        raise InvalidSpecError(f"{name} must be a list of ints, got {raw!r}") from None
+    if len(values) != count:
+        raise InvalidSpecError(f"{name} must have {count} values for a 2-D Conv, got {list(values)}")
+    if min(values) < minimum:
+        raise InvalidSpecError(f"{name} must be at least {minimum}, got {list(values)}")
+    return values
+
+
+def _geometry(attrs: dict[str, Any], x_shape: list, w_shape: list) -> tuple:
+    """(kernel, strides, dilations, ((top, bottom), (left, right))) from a Conv node's attributes."""
+    kernel = (int(w_shape[2]), int(w_shape[3]))
+    if "kernel_shape" in attrs and _ints(attrs, "kernel_shape", 2, kernel, 1) != kernel:
+        raise InvalidSpecError(f"kernel_shape {list(attrs['kernel_shape'])} does not match the weight's {list(kernel)}")
+    strides = _ints(attrs, "strides", 2, (1, 1), 1)
+    dilations = _ints(attrs, "dilations", 2, (1, 1), 1)
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode(errors="replace") if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads_h = _same_padding(int(x_shape[2]), kernel[0], strides[0], dilations[0])
+        pads_w = _same_padding(int(x_shape[3]), kernel[1], strides[1], dilations[1])
+        if auto_pad == "SAME_LOWER":  # the odd extra pixel goes first
+            pads_h, pads_w = pads_h[::-1], pads_w[::-1]
+        return kernel, strides, dilations, (pads_h, pads_w)
+    if auto_pad == "VALID":
+        return kernel, strides, dilations, ((0, 0), (0, 0))
+    if auto_pad not in ("NOTSET", ""):
+        raise InvalidSpecError(f"auto_pad {auto_pad!r} is not one of NOTSET, SAME_UPPER, SAME_LOWER, VALID")
+    pads = _ints(attrs, "pads", 4, (0, 0, 0, 0), 0)
+    return kernel, strides, dilations, ((pads[0], pads[2]), (pads[1], pads[3]))
+
+
 def onnx_layers(path: str | Path, batch: int | None = None) -> tuple[list[NamedLayer], list[str]]:
     """Every Conv node of a model with static spatial shapes, as NamedLayers (batch overrides n;
     a symbolic batch dimension becomes 1 unless a batch is given), and why any others were skipped."""
     onnx = _onnx()
     path = Path(path)
+    if path.is_dir():
+        raise InvalidSpecError(f"--onnx: {path} is a directory, not an ONNX model file")
     if not path.is_file():
         raise InvalidSpecError(f"--onnx: {path} does not exist")
     try:
@@ -60,20 +99,11 @@ def onnx_layers(path: str | Path, batch: int | None = None) -> tuple[list[NamedL
             problems.append(f"{name}: symbolic spatial or channel dimensions")
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        kernel = (int(w_shape[2]), int(w_shape[3]))
-        strides = tuple(int(v) for v in attrs.get("strides", (1, 1)))
-        dilations = tuple(int(v) for v in attrs.get("dilations", (1, 1)))
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            pads_h = _same_padding(int(x_shape[2]), kernel[0], strides[0], dilations[0])
-            pads_w = _same_padding(int(x_shape[3]), kernel[1], strides[1], dilations[1])
-            begin_end = (pads_h, pads_w)
-        elif auto_pad == "VALID":
-            begin_end = ((0, 0), (0, 0))
-        else:
-            pads = [int(v) for v in attrs.get("pads", (0, 0, 0, 0))]
-            begin_end = ((pads[0], pads[2]), (pads[1], pads[3]))
+        try:
+            kernel, strides, dilations, begin_end = _geometry(attrs, x_shape, w_shape)
+        except InvalidSpecError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
         if any(a != b for a, b in begin_end):
             problems.append(f"{name}: asymmetric padding {begin_end} is not supported")
             continue
@@ -81,7 +111,7 @@ def onnx_layers(path: str | Path, batch: int | None = None) -> tuple[list[NamedL
             spec = ConvSpec(n=int(n), c=int(x_shape[1]), h=int(x_shape[2]), w=int(x_shape[3]), k=int(w_shape[0]),
                             r=kernel[0], s=kernel[1], stride=strides, padding=(begin_end[0][0], begin_end[1][0]),
                             dilation=dilations, groups=int(attrs.get("group", 1)), bias=len(node.input) > 2 and bool(node.input[2]))
-        except InvalidSpecError as exc:
+        except (InvalidSpecError, TypeError, ValueError) as exc:
             problems.append(f"{name}: {exc}")
             continue
         layers.append(NamedLayer(path.stem, name, spec))

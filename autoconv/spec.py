@@ -6,6 +6,8 @@ import operator
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence, Union
 
+import numpy as np
+
 from autoconv.errors import InvalidSpecError
 
 IntOrPair = Union[int, Sequence[int]]
@@ -16,7 +18,7 @@ BYTES_PER_ELEMENT = {"float32": 4}
 
 
 def _as_index(value: Any, name: str, original: Any) -> int:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         raise InvalidSpecError(f"{name}: expected an int or a pair of ints, got {original!r}")
     try:
         return operator.index(value)
@@ -61,10 +63,16 @@ class ConvSpec:
     def __post_init__(self) -> None:
         for name in ("n", "c", "h", "w", "k", "r", "s", "groups"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool):
                 raise InvalidSpecError(f"{name}: expected a positive int, got {value!r}")
+            try:
+                # numpy integers are integers: stored as plain ints so keys and hashes agree.
+                value = operator.index(value)
+            except TypeError:
+                raise InvalidSpecError(f"{name}: expected a positive int, got {value!r}") from None
             if value <= 0:
                 raise InvalidSpecError(f"{name}: must be positive, got {value}")
+            object.__setattr__(self, name, value)
         # Normalise ints to pairs so that equal layers compare (and hash) equal.
         object.__setattr__(self, "stride", as_pair(self.stride, "stride"))
         object.__setattr__(self, "padding", as_pair(self.padding, "padding"))
@@ -79,6 +87,8 @@ class ConvSpec:
             raise InvalidSpecError(f"groups: c={self.c} input channels are not divisible by groups={self.groups}")
         if self.k % self.groups:
             raise InvalidSpecError(f"groups: k={self.k} filters are not divisible by groups={self.groups}")
+        if isinstance(self.bias, np.bool_):
+            object.__setattr__(self, "bias", bool(self.bias))
         if not isinstance(self.bias, bool):
             raise InvalidSpecError(f"bias: expected True or False, got {self.bias!r}")
         if self.dtype not in SUPPORTED_DTYPES:
@@ -111,8 +121,13 @@ class ConvSpec:
             raise InvalidSpecError(f"weight: expected a 4-D (k, c/groups, r, s) array, got shape {tuple(weight_shape)}")
         n, c, h, w = (int(v) for v in input_shape)
         k, c_per_group, r, s = (int(v) for v in weight_shape)
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        try:
+            count = None if isinstance(groups, (bool, np.bool_)) else operator.index(groups)
+        except TypeError:
+            count = None
+        if count is None or count <= 0:
             raise InvalidSpecError(f"groups: expected a positive int, got {groups!r}")
+        groups = count
         if c_per_group * groups != c:
             raise InvalidSpecError(
                 f"weight: shape {tuple(weight_shape)} expects {c_per_group * groups} input channels "

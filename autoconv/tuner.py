@@ -10,8 +10,13 @@ DB, so a killed run loses nothing and the next run resumes it.
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
+import json
 import math
+import os
+import socket
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,7 +26,13 @@ from typing import Any, Callable, Protocol
 from autoconv.backends import get_backend
 from autoconv.backends.base import Backend, DeviceInfo
 from autoconv.compare import TOLERANCE, random_operands, reference_output, relative_error
-from autoconv.errors import InvalidParamsError, KernelCompileError, KernelLaunchError
+from autoconv.errors import (
+    InvalidParamsError,
+    KernelCompileError,
+    KernelLaunchError,
+    ResourceLimitError,
+    TuningDBError,
+)
 from autoconv.params import GEMM_PARAMS, DeviceLimits, GemmParams, validate_gemm_params
 from autoconv.plan import Plan, heuristic_gemm_params
 from autoconv.render import ALGORITHM_IM2COL_BLAS, ALGORITHM_IM2COL_GEMM, template_hash
@@ -30,6 +41,7 @@ from autoconv.tuning_db import (
     STATUS_COMPILE_FAILED,
     STATUS_LAUNCH_FAILED,
     STATUS_OK,
+    STATUS_TOO_LARGE,
     STATUS_WRONG_RESULT,
     TunedResult,
     TuningDB,
@@ -39,6 +51,12 @@ INF = float("inf")
 # Sampled first; VW only matters when a tile is staged, PADA/PADB only for their staged tile.
 _ALWAYS_SAMPLED = ("MWG", "NWG", "KWG", "WPTM", "WPTN", "VWN", "UNROLL", "SA", "SB", "B_TRANSPOSED", "IM2COL_ROWS")
 _MAX_CONSECUTIVE_INVALID = 500
+# A baseline is stored only when its spread (IQR / median) is below this: a measurement taken while
+# something else loaded the cores must not decide which plan is served.
+MAX_BASELINE_SPREAD = 0.10
+BASELINE_ROUNDS = 3
+# The default config is measured first; a run killed while measuring it tries it again this often.
+DEFAULT_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,8 @@ class DeviceEvaluator:
             conv = self.backend.prepare(self.spec, plan)
         except KernelCompileError as exc:
             return Outcome(STATUS_COMPILE_FAILED, INF, INF, str(exc))
+        except ResourceLimitError as exc:
+            return Outcome(STATUS_TOO_LARGE, INF, INF, str(exc))
         try:
             error = relative_error(conv.run(*self.operands, poison=True), self.reference)
             if not error < TOLERANCE:
@@ -87,16 +107,41 @@ class DeviceEvaluator:
             timing = conv.time(*self.operands, warmup=self.warmup, repeats=self.repeats)
         except KernelLaunchError as exc:
             return Outcome(STATUS_LAUNCH_FAILED, INF, INF, str(exc))
+        except ResourceLimitError as exc:
+            return Outcome(STATUS_TOO_LARGE, INF, INF, str(exc))
         return Outcome(STATUS_OK, timing.median_ms, error)
 
-    def baseline(self) -> tuple[str, float]:
-        """im2col + the library BLAS: cuBLAS on a backend that has it, else numpy's (OpenBLAS)."""
+    def baseline(self) -> tuple[str, float | None]:
+        """im2col + the library BLAS: cuBLAS on a backend that has it, else numpy's (OpenBLAS).
+
+        Measured in up to BASELINE_ROUNDS rounds until one's spread is below MAX_BASELINE_SPREAD;
+        None when none is (the cores were busy) or the layer does not fit the host."""
         if ALGORITHM_IM2COL_BLAS in self.backend.algorithms:
             backend, name = self.backend, f"{self.backend.name} BLAS"
         else:
             backend, name = get_backend("numpy"), "numpy BLAS"
-        conv = backend.prepare(self.spec, Plan(ALGORITHM_IM2COL_BLAS, None, "baseline"))
-        return name, conv.time(*self.operands, warmup=self.warmup, repeats=self.repeats).median_ms
+        try:
+            conv = backend.prepare(self.spec, Plan(ALGORITHM_IM2COL_BLAS, None, "baseline"))
+            for _ in range(BASELINE_ROUNDS):
+                samples = conv.time(*self.operands, warmup=self.warmup, repeats=max(self.repeats, 5)).samples_ms
+                if spread(samples) <= MAX_BASELINE_SPREAD:
+                    return name, statistics.median(samples)
+        except ResourceLimitError as exc:
+            warnings.warn(f"autoconv: no {name} baseline for {self.spec}: {exc}", RuntimeWarning, stacklevel=2)
+            return name, None
+        warnings.warn(f"autoconv: the {name} baseline for {self.spec} varied by more than "
+                      f"{MAX_BASELINE_SPREAD:.0%} in {BASELINE_ROUNDS} rounds (busy cores?); it is not stored",
+                      RuntimeWarning, stacklevel=2)
+        return name, None
+
+
+def spread(samples: tuple[float, ...] | list[float]) -> float:
+    """Interquartile range over the median: how far repeated timings of one thing disagree."""
+    if len(samples) < 2:
+        return 0.0
+    quartiles = statistics.quantiles(samples, n=4, method="inclusive")
+    middle = statistics.median(samples)
+    return (quartiles[2] - quartiles[0]) / middle if middle > 0 else INF
 
 
 def suggest_params(trial: Any, limits: DeviceLimits) -> GemmParams:
@@ -162,13 +207,93 @@ class LayerReport:
 ProgressCallback = Callable[[LayerReport, int], None]
 
 
+def repair_journal(path: Path) -> Path | None:
+    """Keep the valid prefix of an Optuna journal and move a damaged tail (a torn last line after
+    a power loss or full disk, or garbage) aside, under the journal's own lock. Returns where the
+    tail went, or None when the journal was whole."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not path.is_file():
+        return None
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        valid = 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                entry = json.loads(line)
+            except (ValueError, RecursionError):
+                break
+            if not isinstance(entry, dict) or "op_code" not in entry:
+                break
+            valid += len(line)
+        if valid == len(data):
+            return None
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{os.getpid()}")
+        with open(aside, "xb") as tail:
+            tail.write(data[valid:])
+            tail.flush()
+            os.fsync(tail.fileno())
+        os.truncate(path, valid)
+    finally:
+        lock.release()
+    warnings.warn(f"autoconv: the Optuna journal {path} had a damaged tail ({len(data) - valid} bytes); the valid "
+                  f"part is kept and the tail was moved to {aside}", RuntimeWarning, stacklevel=2)
+    return aside
+
+
 def _storage(db_path: Path) -> Any:
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return JournalStorage(JournalFileBackend(str(journal_path(db_path))))
+    path = journal_path(db_path)
+    try:
+        repair_journal(path)
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as exc:
+        raise TuningDBError(f"the Optuna journal {path} cannot be used: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - optuna raises plain ValueError/KeyError on a bad replay
+        raise TuningDBError(f"the Optuna journal {path} cannot be replayed ({type(exc).__name__}: {exc}); move it "
+                            "aside to start its studies afresh (every measurement stays in the database)") from None
+
+
+def _process_start(pid: int) -> str:
+    """The kernel's start time of a process (telling a live process from a reused pid); '' if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who is measuring a trial: recorded on the trial so another process can tell whether it is alive."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def owner_is_dead(worker: Any) -> bool:
+    """True when the process that owns a RUNNING trial is certainly gone. A trial without an owner
+    (left by an older autoconv) counts as dead; one owned on another host is never judged here."""
+    if not isinstance(worker, dict):
+        return True
+    if worker.get("host") != socket.gethostname():
+        return False
+    pid = worker.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, someone else's
+    return bool(worker.get("start")) and _process_start(pid) != worker.get("start")
 
 
 def tune_layer(
@@ -216,27 +341,41 @@ def tune_layer(
         study.set_user_attr("template_hash", templates)
 
     # A trial left RUNNING by a killed run is over: it may be the config that killed it, so it
-    # is failed rather than retried.
-    for stale in [t for t in previous if t.state == TrialState.RUNNING]:
-        study.tell(stale.number, state=TrialState.FAIL)
+    # is failed rather than retried. A trial another live tuner is measuring is left alone.
+    for stale in [t for t in previous if t.state == TrialState.RUNNING and owner_is_dead(t.user_attrs.get("worker"))]:
+        try:
+            study.tell(stale.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):
+            pass  # its owner finished it meanwhile
 
     known: dict[GemmParams, Outcome] = {}
     for t in previous:
         if t.state == TrialState.COMPLETE and "status" in t.user_attrs:
-            known[validate_gemm_params(t.params)] = Outcome(t.user_attrs["status"], t.value if t.value is not None else INF,
-                                                            t.user_attrs.get("rel_error", INF))
+            try:
+                params = validate_gemm_params(t.params)
+            except InvalidParamsError:
+                continue  # a journal entry this version cannot use
+            value = t.value if isinstance(t.value, (int, float)) else INF
+            known[params] = Outcome(str(t.user_attrs["status"]), value, t.user_attrs.get("rel_error") or INF)
     report.trials = sum(1 for t in previous if t.state == TrialState.COMPLETE)
 
+    # The baseline is measured afresh by every run (a stored one may have been taken under load);
+    # a noisy measurement falls back to the last steady one, else the layer has no baseline.
+    baseline_name, baseline_ms = evaluate.baseline()
     attrs = study.user_attrs
-    if "baseline_ms" in attrs:
-        baseline_name, baseline_ms = attrs["baseline"], attrs["baseline_ms"]
-    else:
-        baseline_name, baseline_ms = evaluate.baseline()
+    if baseline_ms is not None:
         study.set_user_attr("baseline", baseline_name)
         study.set_user_attr("baseline_ms", baseline_ms)
+    elif isinstance(attrs.get("baseline_ms"), (int, float)) and attrs.get("baseline") == baseline_name:
+        baseline_ms = float(attrs["baseline_ms"])
 
     default = canonical(heuristic_gemm_params(spec, device.device_type, limits))
-    if not previous:
+    default_trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("default")]
+    default_pending = any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in default_trials)
+    default_killed = sum(1 for t in default_trials if t.state == TrialState.FAIL)
+    # The default is measured first; a run killed while measuring it tries it once more, so
+    # "tuned vs default" is never silently missing.
+    if default not in known and not default_pending and default_killed < DEFAULT_ATTEMPTS:
         study.enqueue_trial(sampled_values(default), user_attrs={"default": True})
 
     def default_ms() -> float | None:
@@ -249,7 +388,7 @@ def tune_layer(
             median_ms=outcome.median_ms, gflops=spec.flops / (outcome.median_ms * 1e6),
             rel_error=outcome.rel_error, baseline=baseline_name, baseline_ms=baseline_ms,
             default_ms=default_ms(), trials=report.trials)
-        db.save_result(result)
+        db.save_result(result, refresh_references=True)
 
     best = min((item for item in known.items() if item[1].ok), key=lambda item: item[1].median_ms, default=None)
     consecutive_invalid = 0
@@ -259,6 +398,7 @@ def tune_layer(
         if deadline is not None and time.monotonic() >= deadline:
             break
         trial = study.ask()
+        trial.set_user_attr("worker", worker_identity())
         params = suggest_params(trial, limits)
         broken = params.violations(limits)
         if broken:
@@ -280,9 +420,13 @@ def tune_layer(
                                   outcome.median_ms, outcome.rel_error, outcome.message)
         if not outcome.ok:
             report.failures[outcome.status] = report.failures.get(outcome.status, 0) + 1
-        trial.set_user_attr("status", outcome.status)
-        trial.set_user_attr("rel_error", outcome.rel_error if math.isfinite(outcome.rel_error) else None)
-        study.tell(trial, outcome.median_ms)
+        try:
+            trial.set_user_attr("status", outcome.status)
+            trial.set_user_attr("rel_error", outcome.rel_error if math.isfinite(outcome.rel_error) else None)
+            study.tell(trial, outcome.median_ms)
+        except (RuntimeError, ValueError):
+            # Another process judged this trial dead and failed it; the measurement is in the DB.
+            pass
         report.trials += 1
         if outcome.ok and (best is None or outcome.median_ms < best[1].median_ms):
             best = (params, outcome)
@@ -331,8 +475,12 @@ def tune_layers(
         if end is not None:
             deadline = time.monotonic() + max(0.0, end - time.monotonic()) / (len(layers) - index)
         evaluator = DeviceEvaluator(backend, spec, repeats=repeats, seed=seed)
-        reports.append(tune_layer(spec, backend.device, evaluator, db, trials=trials, deadline=deadline,
-                                  label=label, seed=seed, storage=storage, progress=progress))
+        try:
+            reports.append(tune_layer(spec, backend.device, evaluator, db, trials=trials, deadline=deadline,
+                                      label=label, seed=seed, storage=storage, progress=progress))
+        except OSError as exc:  # the journal became unwritable (read-only, disk full) mid-run
+            raise TuningDBError(f"the Optuna journal {journal_path(db.path)} cannot be written: "
+                                f"{exc.strerror or exc}") from None
     return reports
 
 

@@ -8,8 +8,12 @@ row can never put anything but known small integers into a kernel.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
+import math
+import os
 import sqlite3
 import threading
 import warnings
@@ -29,7 +33,26 @@ STATUS_OK = "ok"
 STATUS_COMPILE_FAILED = "compile_failed"
 STATUS_LAUNCH_FAILED = "launch_failed"
 STATUS_WRONG_RESULT = "wrong_result"
-STATUSES = (STATUS_OK, STATUS_COMPILE_FAILED, STATUS_LAUNCH_FAILED, STATUS_WRONG_RESULT)
+STATUS_TOO_LARGE = "too_large"  # the buffers the config needs exceed the device's memory limits
+STATUSES = (STATUS_OK, STATUS_COMPILE_FAILED, STATUS_LAUNCH_FAILED, STATUS_WRONG_RESULT, STATUS_TOO_LARGE)
+
+# Params are a small JSON object; anything longer is damage (or an attack), refused before parsing.
+MAX_PARAMS_TEXT = 4096
+# A verified result's relative error is below the float32 tolerance (autoconv.compare.TOLERANCE).
+_VERIFIED_ERROR_LIMIT = 1e-4
+
+# Tables and columns every reader relies on: a file lacking one is damaged, said in one line.
+REQUIRED_COLUMNS = {
+    "devices": ("fingerprint", "backend", "platform", "vendor", "name", "driver", "device_type", "compute_units",
+                "local_mem_bytes", "max_work_group_size", "max_work_item_sizes"),
+    "layers": ("key", "n", "c", "h", "w", "k", "r", "s", "stride_h", "stride_w", "pad_h", "pad_w", "dilation_h",
+               "dilation_w", "groups", "bias", "dtype", "layout"),
+    "results": ("id", "device", "layer", "dtype", "algorithm", "template_hash", "params", "median_ms", "gflops",
+                "rel_error", "verified", "baseline", "baseline_ms", "default_ms", "trials", "autoconv_version",
+                "created"),
+    "measurements": ("id", "device", "layer", "dtype", "algorithm", "template_hash", "params", "status",
+                     "median_ms", "rel_error", "message", "created"),
+}
 
 migrations = Migrations("autoconv")
 
@@ -110,12 +133,38 @@ class TunedResult:
         return self.median_ms < other.median_ms
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
 def device_from_row(row: dict[str, Any]) -> DeviceInfo:
-    """A DeviceInfo from a devices row (a device seen elsewhere: exports and lookups for it)."""
-    return DeviceInfo(backend=row["backend"], platform=row["platform"], vendor=row["vendor"], name=row["name"],
+    """A DeviceInfo from a devices row (a device seen elsewhere: exports and lookups for it).
+    Raises TuningDBError when a column has the wrong type or range (a damaged row)."""
+    texts = ("fingerprint", "backend", "platform", "vendor", "name", "driver", "device_type")
+    counts = ("compute_units", "local_mem_bytes", "max_work_group_size")
+    bad = [name for name in texts if not _is_text(row.get(name))]
+    bad += [name for name in counts if not _is_int(row.get(name)) or not 0 <= row[name] < 2**62]
+    sizes: Any = None
+    if _is_text(row.get("max_work_item_sizes")) and len(row["max_work_item_sizes"]) <= 200:
+        try:
+            sizes = json.loads(row["max_work_item_sizes"])
+        except ValueError:
+            sizes = None
+    if not isinstance(sizes, list) or not 1 <= len(sizes) <= 3 or not all(_is_int(v) and 0 < v < 2**31 for v in sizes):
+        bad.append("max_work_item_sizes")
+    if bad:
+        raise TuningDBError(f"device row {str(row.get('fingerprint'))[:80]!r} is damaged ({', '.join(bad)})")
+    info = DeviceInfo(backend=row["backend"], platform=row["platform"], vendor=row["vendor"], name=row["name"],
                       driver=row["driver"], device_type=row["device_type"], compute_units=row["compute_units"],
                       local_mem_bytes=row["local_mem_bytes"], max_work_group_size=row["max_work_group_size"],
-                      max_work_item_sizes=tuple(json.loads(row["max_work_item_sizes"])))
+                      max_work_item_sizes=tuple(sizes))
+    if info.fingerprint() != row["fingerprint"]:
+        raise TuningDBError(f"device row {row['fingerprint'][:80]!r} is damaged (fingerprint does not match its fields)")
+    return info
 
 
 def spec_row(spec: ConvSpec) -> dict[str, Any]:
@@ -128,6 +177,8 @@ def spec_row(spec: ConvSpec) -> dict[str, Any]:
 
 
 def spec_from_row(row: dict[str, Any]) -> ConvSpec:
+    if row.get("bias") not in (0, 1) or isinstance(row.get("bias"), bool):
+        raise InvalidSpecError(f"bias: expected 0 or 1, got {row.get('bias')!r}")
     return ConvSpec(n=row["n"], c=row["c"], h=row["h"], w=row["w"], k=row["k"], r=row["r"], s=row["s"],
                     stride=(row["stride_h"], row["stride_w"]), padding=(row["pad_h"], row["pad_w"]),
                     dilation=(row["dilation_h"], row["dilation_w"]), groups=row["groups"], bias=bool(row["bias"]),
@@ -143,9 +194,11 @@ def parse_params(text: str | None, where: str) -> GemmParams | None:
     """Params from a DB row, validated; raises InvalidParamsError naming the row."""
     if text is None:
         return None
+    if not isinstance(text, str) or len(text) > MAX_PARAMS_TEXT:
+        raise InvalidParamsError(f"{where}: params are not a short JSON text")
     try:
         raw = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InvalidParamsError(f"{where}: params are not JSON") from None
     if not isinstance(raw, dict):
         raise InvalidParamsError(f"{where}: params are not a JSON object")
@@ -155,39 +208,125 @@ def parse_params(text: str | None, where: str) -> GemmParams | None:
         raise InvalidParamsError(f"{where}: {exc}") from None
 
 
+def _positive_ms(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def result_from_row(row: dict[str, Any], where: str) -> "TunedResult":
+    """A TunedResult from a joined results+layers row, every column checked for type and range.
+    Raises InvalidParamsError naming the row and the damaged columns: a bad row is never served."""
+    bad = [name for name in ("device", "layer", "algorithm", "template_hash") if not _is_text(row.get(name))]
+    if not _positive_ms(row.get("median_ms")):
+        bad.append("median_ms")
+    for name in ("baseline_ms", "default_ms"):
+        if row.get(name) is not None and not _positive_ms(row[name]):
+            bad.append(name)
+    error = row.get("rel_error")
+    if error is not None and not (isinstance(error, (int, float)) and not isinstance(error, bool)
+                                  and math.isfinite(error) and 0 <= error < _VERIFIED_ERROR_LIMIT):
+        bad.append("rel_error")
+    if row.get("trials") is not None and not (_is_int(row["trials"]) and 0 <= row["trials"] < 2**31):
+        bad.append("trials")
+    if row.get("verified") != 1:
+        bad.append("verified")
+    for name in ("baseline", "autoconv_version", "created"):
+        if row.get(name) is not None and not _is_text(row[name]):
+            bad.append(name)
+    if bad:
+        raise InvalidParamsError(f"{where}: damaged column(s) {', '.join(bad)}")
+    try:
+        spec = spec_from_row(row)
+    except (InvalidSpecError, TypeError, KeyError, OverflowError) as exc:
+        raise InvalidParamsError(f"{where}: damaged layer ({exc})") from None
+    if spec.key() != row["layer"]:
+        raise InvalidParamsError(f"{where}: the layer's fields do not match its key")
+    params = parse_params(row.get("params"), where)
+    median_ms = float(row["median_ms"])
+    return TunedResult(
+        device=row["device"], spec=spec, algorithm=row["algorithm"], template_hash=row["template_hash"],
+        params=params, median_ms=median_ms, gflops=spec.flops / (median_ms * 1e6),
+        rel_error=float(error or 0.0), baseline=row.get("baseline") or "",
+        baseline_ms=None if row.get("baseline_ms") is None else float(row["baseline_ms"]),
+        default_ms=None if row.get("default_ms") is None else float(row["default_ms"]),
+        trials=row.get("trials") or 0, autoconv_version=row.get("autoconv_version") or "",
+        created=row.get("created") or "", verified=True)
+
+
 def _conditions(*pairs: tuple[str, Any]) -> tuple[list[str], list[Any]]:
     """SQL conditions and their arguments for the pairs whose value is given (not None)."""
     chosen = [(sql, value) for sql, value in pairs if value is not None]
     return [sql for sql, _ in chosen], [value for _, value in chosen]
 
 
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """Serialise creating and migrating databases in one directory across processes (several
+    `autoconv tune` started at once on a new file). flock on the directory, not the database
+    file: closing another descriptor of the database would drop SQLite's own POSIX locks."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _wal_in_use(path: Path) -> bool:
+    try:
+        return Path(f"{path}-wal").stat().st_size > 0
+    except OSError:
+        return False
+
+
 class TuningDB:
     """One SQLite tuning database file. Writers open it read-write (created and migrated on
-    demand); readers that must never fail use TuningDB.open_for_lookup."""
+    demand); readers (readonly=True) never write: no schema, no WAL conversion, no -wal/-shm
+    files left behind, and they work in read-only directories. TuningDB.open_for_lookup is the
+    reader that never fails."""
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
         self._lock = threading.Lock()
+        if self.path.is_dir():
+            raise TuningDBError(f"tuning database {self.path} is a directory, not a database file")
         try:
             if readonly:
-                if not self.path.is_file():
-                    raise TuningDBError(f"tuning database {self.path} does not exist")
-                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-                self.db = sqlite_utils.Database(conn)
+                self.db = sqlite_utils.Database(self._connect_readonly())
                 self._check_schema()
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.db = sqlite_utils.Database(sqlite3.connect(str(self.path), check_same_thread=False))
-                self.db.execute("PRAGMA busy_timeout = 10000")
-                self._check_not_newer()
-                migrations.apply(self.db)
-                if self.db.journal_mode != "wal":
-                    self.db.enable_wal()
+                with _directory_lock(self.path.parent):
+                    self.db = sqlite_utils.Database(sqlite3.connect(str(self.path), check_same_thread=False))
+                    self.db.execute("PRAGMA busy_timeout = 10000")
+                    self._check_not_newer()
+                    migrations.apply(self.db)
+                    if self.db.journal_mode != "wal":
+                        self.db.enable_wal()
+                self._check_tables()
         except sqlite3.DatabaseError as exc:
             raise TuningDBError(f"tuning database {self.path} cannot be {'read' if readonly else 'opened'}: {exc}") from None
         except OSError as exc:
             raise TuningDBError(f"tuning database {self.path}: {exc.strerror or exc}") from None
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise TuningDBError(f"tuning database {self.path} does not exist")
+        if self.path.stat().st_size == 0:
+            raise TuningDBError(f"{self.path} is an empty file, not an autoconv tuning database")
+        uri = self.path.resolve().as_uri()
+        if _wal_in_use(self.path):
+            # Committed data may still sit in the -wal file (a tuner is writing): read through it.
+            try:
+                conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
+                conn.execute("select count(*) from sqlite_master").fetchone()
+                return conn
+            except sqlite3.OperationalError:
+                warnings.warn(f"autoconv: {self.path} is read from its main file only (its directory is "
+                              "read-only, so recent writes in its -wal file cannot be read)", RuntimeWarning,
+                              stacklevel=3)
+        # No writer: read the file as it is, creating nothing beside it (works in read-only places).
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
 
     @classmethod
     def open_for_lookup(cls, path: str | Path) -> "TuningDB | None":
@@ -217,9 +356,21 @@ class TuningDB:
 
     def _check_schema(self) -> None:
         self._check_not_newer()
+        if not self._applied():
+            raise TuningDBError(f"{self.path} is not an autoconv tuning database (it has no autoconv schema)")
         if len(self._applied()) != SCHEMA_VERSION:
             raise TuningDBError(f"tuning database {self.path} has an older schema; any `autoconv tune` or "
                                 f"`autoconv db merge` into it upgrades it")
+        self._check_tables()
+
+    def _check_tables(self) -> None:
+        for table, columns in REQUIRED_COLUMNS.items():
+            present = {column.name for column in self.db[table].columns} if self.db[table].exists() else set()
+            missing = [c for c in columns if c not in present]
+            if not present:
+                raise TuningDBError(f"tuning database {self.path} is damaged: table {table!r} is missing")
+            if missing:
+                raise TuningDBError(f"tuning database {self.path} is damaged: table {table!r} lacks {', '.join(missing)}")
 
     def close(self) -> None:
         self.db.conn.close()
@@ -230,15 +381,33 @@ class TuningDB:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Under the handle's lock; an SQLite error (a dropped table, a damaged page) becomes one
+        TuningDBError naming the file."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.DatabaseError as exc:
+                raise TuningDBError(f"tuning database {self.path} cannot be read: {exc}") from None
+
     # Writing -----------------------------------------------------------------------------------
 
-    def _write(self) -> Any:
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One transaction under the handle's lock, committed or rolled back whole; an SQLite error
+        (a read-only file, a full disk) becomes one TuningDBError naming the file."""
         if self.readonly:
             raise TuningDBError(f"tuning database {self.path} is open read-only")
-        return self.db.conn  # as a context manager: one transaction, committed or rolled back whole
+        with self._lock:
+            try:
+                with self.db.conn:
+                    yield
+            except sqlite3.DatabaseError as exc:
+                raise TuningDBError(f"tuning database {self.path} cannot be written: {exc}") from None
 
     def record_device(self, info: DeviceInfo) -> None:
-        with self._lock, self._write():
+        with self._writing():
             self.db["devices"].insert({
                 "fingerprint": info.fingerprint(), "backend": info.backend, "platform": info.platform,
                 "vendor": info.vendor, "name": info.name, "driver": info.driver, "device_type": info.device_type,
@@ -248,7 +417,7 @@ class TuningDB:
             }, ignore=True)
 
     def record_layer(self, spec: ConvSpec) -> None:
-        with self._lock, self._write():
+        with self._writing():
             self.db["layers"].insert(spec_row(spec), ignore=True)
 
     def record_measurement(self, device: str, spec: ConvSpec, algorithm: str, template_hash: str,
@@ -256,7 +425,7 @@ class TuningDB:
                            message: str = "") -> None:
         if status not in STATUSES:
             raise ValueError(f"status: {status!r} is not one of {STATUSES}")
-        with self._lock, self._write():
+        with self._writing():
             self.db["measurements"].insert({
                 "device": device, "layer": spec.key(), "dtype": spec.dtype, "algorithm": algorithm,
                 "template_hash": template_hash, "params": params_json(params), "status": status,
@@ -265,15 +434,27 @@ class TuningDB:
                 "message": message[:2000], "created": _now(),
             })
 
-    def save_result(self, result: TunedResult) -> bool:
-        """Store a verified result unless a better one is already stored for its key; True if stored."""
+    def save_result(self, result: TunedResult, *, refresh_references: bool = False) -> bool:
+        """Store a verified result unless a better one is already stored for its key; True if stored.
+
+        refresh_references=True (the tuner, which has just measured them on this device) replaces
+        the stored baseline and default times even when the stored best stays."""
         if not result.verified:
             return False
-        with self._lock, self._write():
+        with self._writing():
             existing = self._result_row(result.device, result.spec, result.algorithm, result.template_hash)
-            if existing is not None and existing["median_ms"] <= result.median_ms:
-                if existing["trials"] < result.trials:  # more trials confirm the same best
-                    self.db["results"].update(existing["id"], {"trials": result.trials})
+            existing_trials = existing["trials"] if existing is not None and _is_int(existing["trials"]) else 0
+            # A damaged stored row (say median_ms NULL) is replaced, never compared with.
+            if existing is not None and _positive_ms(existing["median_ms"]) and existing["median_ms"] <= result.median_ms:
+                changes: dict[str, Any] = {}
+                if existing_trials < result.trials:  # more trials confirm the same best
+                    changes["trials"] = result.trials
+                if refresh_references and result.baseline_ms is not None:
+                    changes.update(baseline=result.baseline, baseline_ms=result.baseline_ms)
+                if refresh_references and result.default_ms is not None:
+                    changes["default_ms"] = result.default_ms
+                if changes:
+                    self.db["results"].update(existing["id"], changes)
                 return False
             self.db["layers"].insert(spec_row(result.spec), ignore=True)
             row = {
@@ -282,7 +463,7 @@ class TuningDB:
                 "params": params_json(result.params), "median_ms": result.median_ms, "gflops": result.gflops,
                 "rel_error": result.rel_error, "verified": 1, "baseline": result.baseline,
                 "baseline_ms": result.baseline_ms, "default_ms": result.default_ms,
-                "trials": max(result.trials, existing["trials"] if existing else 0),
+                "trials": max(result.trials, existing_trials),
                 "autoconv_version": result.autoconv_version or _autoconv_version(),
                 "created": result.created or _now(),
             }
@@ -301,47 +482,50 @@ class TuningDB:
         return rows[0] if rows else None
 
     def results(self, device: str | None = None, template_hash: str | None = None) -> list[TunedResult]:
-        """Verified results (optionally for one device / template hash); a row whose params or
-        layer fail validation is skipped with a warning."""
+        """Verified results (optionally for one device / template hash); a row with a damaged
+        column (wrong type, out of range, params that fail validation) is skipped with a warning."""
         where, args = _conditions(("r.device = ?", device), ("r.template_hash = ?", template_hash))
         where.insert(0, "r.verified = 1")
         sql = ("select r.*, l.n, l.c, l.h, l.w, l.k, l.r, l.s, l.stride_h, l.stride_w, l.pad_h, l.pad_w, "
                "l.dilation_h, l.dilation_w, l.groups, l.bias, l.layout from results r join layers l on r.layer = l.key "
                f"where {' and '.join(where)} order by r.device, r.layer, r.algorithm")
-        with self._lock:
-            rows = [dict(zip([d[0] for d in cursor.description], values))
-                    for cursor in [self.db.execute(sql, args)] for values in cursor.fetchall()]
+        with self._reading():
+            cursor = self.db.execute(sql, args)
+            names = [d[0] for d in cursor.description]
+            rows = [dict(zip(names, values)) for values in cursor.fetchall()]
         found = []
         for row in rows:
-            where_text = f"{self.path}: result {row['id']} ({row['layer']})"
+            where_text = f"{self.path}: result {row.get('id')!r} ({str(row.get('layer'))[:120]})"
             try:
-                spec = spec_from_row(row)
-                params = parse_params(row["params"], where_text)
-            except (InvalidParamsError, InvalidSpecError, TypeError) as exc:
+                found.append(result_from_row(row, where_text))
+            except InvalidParamsError as exc:
                 warnings.warn(f"autoconv: ignoring {exc}", RuntimeWarning, stacklevel=2)
-                continue
-            found.append(TunedResult(
-                device=row["device"], spec=spec, algorithm=row["algorithm"], template_hash=row["template_hash"],
-                params=params, median_ms=row["median_ms"], gflops=row["gflops"] or 0.0,
-                rel_error=row["rel_error"] or 0.0, baseline=row["baseline"] or "", baseline_ms=row["baseline_ms"],
-                default_ms=row["default_ms"], trials=row["trials"] or 0,
-                autoconv_version=row["autoconv_version"] or "", created=row["created"] or "", verified=True))
         return found
 
     def devices(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self.db["devices"].rows_where(order_by="name"))
+        """The devices rows whose every column is well-formed; a damaged one is skipped with a warning."""
+        with self._reading():
+            rows = list(self.db["devices"].rows)
+        good = []
+        for row in rows:
+            try:
+                device_from_row(row)
+            except TuningDBError as exc:
+                warnings.warn(f"autoconv: ignoring {self.path}: {exc}", RuntimeWarning, stacklevel=2)
+                continue
+            good.append(row)
+        return sorted(good, key=lambda row: (row["name"], row["fingerprint"]))
 
     def device(self, fingerprint: str) -> dict[str, Any] | None:
-        with self._lock:
-            rows = list(self.db["devices"].rows_where("fingerprint = ?", [fingerprint]))
-        return rows[0] if rows else None
+        return next((row for row in self.devices() if row["fingerprint"] == fingerprint), None)
 
     def measurements(self, device: str, spec: ConvSpec) -> Iterator[dict[str, Any]]:
-        with self._lock:
+        """Every measurement of a layer on a device, in order; rows whose status is not a known
+        status are skipped (a damaged row)."""
+        with self._reading():
             rows = list(self.db["measurements"].rows_where("device = ? and layer = ?", [device, spec.key()],
                                                            order_by="id"))
-        yield from rows
+        yield from (row for row in rows if row.get("status") in STATUSES)
 
     # Maintenance -------------------------------------------------------------------------------
 
@@ -349,7 +533,7 @@ class TuningDB:
         """Copy devices, layers and results from another DB keeping the best verified result per
         key; returns (results stored, results kept as they were)."""
         for device_row in other.devices():
-            with self._lock, self._write():
+            with self._writing():
                 self.db["devices"].insert(device_row, ignore=True)
         stored = kept = 0
         for result in other.results():
@@ -366,7 +550,7 @@ class TuningDB:
         if not clauses:
             return 0
         where = " or ".join(clauses)
-        with self._lock, self._write():
+        with self._writing():
             deleted = self.db.execute(f"delete from results where {where}", args).rowcount
             self.db.execute(f"delete from measurements where {where}", args)
         return deleted

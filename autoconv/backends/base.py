@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
 from autoconv.params import DeviceLimits
 from autoconv.plan import Plan
+from autoconv.render import KernelSource
+from autoconv.resources import check_device, check_int_args
 from autoconv.spec import ConvSpec
 
 # One table turns the many spellings drivers report into one vendor name.
@@ -49,6 +51,8 @@ class DeviceInfo:
     local_mem_bytes: int
     max_work_group_size: int
     max_work_item_sizes: tuple[int, ...]
+    max_alloc_bytes: int = 0  # largest single buffer (0: unknown, not checked)
+    global_mem_bytes: int = 0  # memory for all buffers together (0: unknown, not checked)
 
     def fingerprint(self) -> str:
         """Everything that can change a kernel's speed or correctness: results are keyed on it."""
@@ -58,6 +62,22 @@ class DeviceInfo:
         # CUDA C++ has no arithmetic on float4 & co., so the CUDA dialect's accumulators are scalar.
         vector_width = 1 if self.backend == "cuda" else 16
         return DeviceLimits(self.max_work_group_size, self.max_work_item_sizes, self.local_mem_bytes, vector_width)
+
+
+def conv_buffers(spec: ConvSpec, scratch_bytes: int) -> dict[str, int]:
+    """The device buffers a prepared conv allocates, by name, in bytes."""
+    return {"input": spec.input_bytes, "weight": spec.k * spec.c_per_group * spec.r * spec.s * spec.itemsize,
+            "bias": spec.k * spec.itemsize, "output": spec.n * spec.k * spec.p * spec.q * spec.itemsize,
+            **({"im2col scratch": scratch_bytes} if scratch_bytes else {})}
+
+
+def check_fits(device: DeviceInfo, spec: ConvSpec, scratch_bytes: int, sources: Iterable[KernelSource] = ()) -> None:
+    """Raise ResourceLimitError, before anything is allocated, when the conv's buffers exceed the
+    device's limits or a kernel's int argument exceeds 32 bits."""
+    check_device(device.name, device.max_alloc_bytes, device.global_mem_bytes, conv_buffers(spec, scratch_bytes))
+    check_int_args((f"{source.entry}.{arg.name}", arg.value) for source in sources for arg in source.args
+                   if arg.kind == "int")
+    check_int_args((f"{source.entry} global size", size) for source in sources for size in source.global_size)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from autoconv.backends.base import DeviceInfo, Timing
+from autoconv.backends.base import DeviceInfo, Timing, check_fits
 from autoconv.errors import BackendUnavailableError, InvalidParamsError, KernelCompileError, KernelLaunchError
 from autoconv.params import check_gemm_params, default_gemm_params
 from autoconv.plan import Plan
@@ -59,6 +59,7 @@ def describe_device(cupy: Any, index: int) -> DeviceInfo:
         compute_units=int(props["multiProcessorCount"]), local_mem_bytes=int(props["sharedMemPerBlock"]),
         max_work_group_size=int(props["maxThreadsPerBlock"]),
         max_work_item_sizes=tuple(int(v) for v in props["maxThreadsDim"]),
+        max_alloc_bytes=int(props["totalGlobalMem"]), global_mem_bytes=int(props["totalGlobalMem"]),
     )
 
 
@@ -124,6 +125,9 @@ class CudaBackend:
             sources = [render_direct(spec, CUDA)]
         else:
             raise InvalidParamsError(f"algorithm: the cuda backend runs {self.algorithms}, not {plan.algorithm!r}")
+        params = plan.gemm if plan.algorithm == ALGORITHM_IM2COL_GEMM else BASELINE_IM2COL
+        check_fits(self.device, spec, 0 if plan.algorithm == ALGORITHM_DIRECT else im2col_scratch_bytes(spec, params),
+                   sources)
         return CudaConv(self, spec, plan, sources)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from autoconv.backends.base import DeviceInfo, Timing
 from autoconv.errors import InvalidParamsError
 from autoconv.plan import Plan
+from autoconv.resources import check_host
 from autoconv.render import ALGORITHM_DIRECT, ALGORITHM_IM2COL_BLAS, ALGORITHM_REFERENCE
 from autoconv.spec import ConvSpec
 from autoconv.tensors import check_operands
@@ -64,6 +65,16 @@ def im2col_blas_conv(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np
     if bias is not None:
         out = out + bias.astype(np.float32).reshape(1, -1, 1, 1)
     return np.ascontiguousarray(out)
+
+
+def host_working_bytes(spec: ConvSpec, algorithm: str) -> int:
+    """Host memory one run of an algorithm allocates: the padded input and the output in its
+    working precision, twice the output for temporaries, and the patch matrix for im2col."""
+    itemsize = 8 if algorithm == ALGORITHM_REFERENCE else 4
+    padded = spec.n * spec.c * (spec.h + 2 * spec.padding[0]) * (spec.w + 2 * spec.padding[1])
+    output = spec.n * spec.k * spec.p * spec.q
+    scratch = spec.im2col_bytes if algorithm == ALGORITHM_IM2COL_BLAS else 0
+    return itemsize * (padded + 3 * output) + scratch
 
 
 class NumpyConv:
@@ -127,4 +138,5 @@ class NumpyBackend:
             raise InvalidParamsError(
                 f"algorithm: the numpy backend runs {self.algorithms}, not {plan.algorithm!r}"
             )
+        check_host(f"{plan.algorithm} on {spec}", host_working_bytes(spec, plan.algorithm))
         return NumpyConv(spec, plan)

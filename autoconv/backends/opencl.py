@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from autoconv.backends.base import DeviceInfo, Timing, normalise_vendor
+from autoconv.backends.base import DeviceInfo, Timing, check_fits, normalise_vendor
 from autoconv.errors import BackendUnavailableError, InvalidParamsError, KernelCompileError, KernelLaunchError
 from autoconv.params import check_gemm_params
 from autoconv.plan import Plan
@@ -66,6 +66,8 @@ def _describe(cl: Any, platform: Any, device: Any) -> DeviceInfo:
         local_mem_bytes=int(device.local_mem_size),
         max_work_group_size=int(device.max_work_group_size),
         max_work_item_sizes=tuple(int(v) for v in device.max_work_item_sizes),
+        max_alloc_bytes=int(device.max_mem_alloc_size),
+        global_mem_bytes=int(device.global_mem_size),
     )
 
 
@@ -184,6 +186,8 @@ class OpenCLBackend:
             sources = [render_direct(spec, OPENCL)]
         else:
             raise InvalidParamsError(f"algorithm: the opencl backend runs {self.algorithms}, not {plan.algorithm!r}")
+        scratch = im2col_scratch_bytes(spec, plan.gemm) if plan.algorithm == ALGORITHM_IM2COL_GEMM else 0
+        check_fits(self.device, spec, scratch, sources)
         return OpenCLConv(self, spec, plan, sources)
 
 
@@ -255,6 +259,9 @@ class OpenCLConv:
              *, warmup: int = 2, repeats: int = 10, rotate: int = 3) -> Timing:
         samples = []
         cl, queue, flags = self._cl, self.backend.queue, self._cl.mem_flags
+        if rotate > 1:  # the rotated copies of the inputs must fit beside the conv's own buffers
+            check_fits(self.backend.device, self.spec.replace(n=self.spec.n * rotate),
+                       self.cols_buf.size if self.cols_buf is not None else 0)
         with self.backend.lock:
             self._upload(x, weight, bias)
             copies = [(self.x_buf, self.w_buf)]

@@ -7,11 +7,16 @@
  *   gcc -std=c99 -O2 -I EXPORT_DIR run_layer.c -lOpenCL -o run_layer
  *   ./run_layer EXPORT_DIR [LAYER_NAME]     (default: every exported layer)
  *
+ * Before running a layer it recomputes the layer's checksum (FNV-1a 64 over its launch
+ * description and the bytes of its kernel files) and refuses a header that does not match the
+ * kernel files beside it (a stale header, an edited buffer size), instead of running them.
+ *
  * Exit code 0 when every layer matches, 1 on a mismatch, 2 on any other error.
  */
 #define CL_TARGET_OPENCL_VERSION 120
 #include <CL/cl.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,6 +54,57 @@ static char *read_file(const char *dir, const char *name, size_t *size) {
     return data;
 }
 
+static unsigned long long fnv1a64(const void *data, size_t size, unsigned long long state) {
+    const unsigned char *bytes = data;
+    for (size_t i = 0; i < size; ++i) {
+        state ^= bytes[i];
+        state *= 0x100000001b3ULL;
+    }
+    return state;
+}
+
+/* Hash one formatted piece of the description (the same text autoconv's export.py formats). */
+static unsigned long long hash_text(unsigned long long state, const char *format, ...) {
+    char piece[8192];
+    va_list args;
+    va_start(args, format);
+    int length = vsnprintf(piece, sizeof piece, format, args);
+    va_end(args);
+    if (length < 0 || (size_t)length >= sizeof piece) {
+        fprintf(stderr, "error: a launch description field is too long\n");
+        exit(2);
+    }
+    return fnv1a64(piece, (size_t)length, state);
+}
+
+static void check_layer(const char *dir, const autoconv_layer *layer) {
+    unsigned long long state = 0xcbf29ce484222325ULL;
+    state = hash_text(state, "%s|%d %d %d %d %d %d %d %d %d %d %d|%zu %zu %zu %zu %zu|%d", layer->key, layer->n,
+                      layer->c, layer->h, layer->w, layer->k, layer->r, layer->s, layer->p, layer->q, layer->groups,
+                      layer->has_bias, layer->input_bytes, layer->weight_bytes, layer->bias_bytes,
+                      layer->output_bytes, layer->scratch_bytes, layer->num_kernels);
+    for (int i = 0; i < layer->num_kernels; ++i) {
+        const autoconv_kernel *k = &layer->kernels[i];
+        state = hash_text(state, "|%s|%s|%zu %zu %zu|%zu %zu %zu|%d", k->file, k->entry, k->global_size[0],
+                          k->global_size[1], k->global_size[2], k->local_size[0], k->local_size[1],
+                          k->local_size[2], k->num_args);
+        for (int a = 0; a < k->num_args; ++a)
+            state = hash_text(state, ";%s:%d:%d", k->args[a].name, k->args[a].kind, k->args[a].value);
+    }
+    for (int i = 0; i < layer->num_kernels; ++i) {
+        size_t size;
+        char *source = read_file(dir, layer->kernels[i].file, &size);
+        state = fnv1a64(source, size, state);
+        free(source);
+    }
+    if (state != layer->checksum) {
+        fprintf(stderr, "error: %s: autoconv_kernels.h does not match the kernel files in %s (checksum %016llx, "
+                "header says %016llx); use the header from the same export\n", layer->name, dir, state,
+                layer->checksum);
+        exit(2);
+    }
+}
+
 static float *read_floats(const char *dir, const char *name, size_t expected_bytes) {
     size_t size;
     char *data = read_file(dir, name, &size);
@@ -65,6 +121,7 @@ static int run_layer(const char *dir, const autoconv_layer *layer, cl_context co
         fprintf(stderr, "error: %s was exported without --reference data\n", layer->name);
         exit(2);
     }
+    check_layer(dir, layer);
     float *input = read_floats(dir, layer->reference_input, layer->input_bytes);
     float *weight = read_floats(dir, layer->reference_weight, layer->weight_bytes);
     float *bias = layer->has_bias ? read_floats(dir, layer->reference_bias, layer->bias_bytes) : NULL;
