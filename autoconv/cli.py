@@ -179,7 +179,7 @@ def tune(
 
     if backend_name not in ("opencl", "cuda"):
         raise typer.BadParameter(f"expected opencl or cuda, got {backend_name!r}", param_hint="--backend")
-    budget_s = parse_duration(time_budget) if time_budget else None
+    budget_s = parse_duration(time_budget) if time_budget is not None else None
     if trials is None and budget_s is None:
         trials = 60
     named_layers = _layers([*(layer or []), *(layer_option or [])], model, batch, onnx)

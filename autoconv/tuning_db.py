@@ -488,6 +488,8 @@ class TuningDB:
         where.insert(0, "r.verified = 1")
         sql = ("select r.*, l.n, l.c, l.h, l.w, l.k, l.r, l.s, l.stride_h, l.stride_w, l.pad_h, l.pad_w, "
                "l.dilation_h, l.dilation_w, l.groups, l.bias, l.layout from results r join layers l on r.layer = l.key "
+               # A result of a device the file does not describe is orphaned (damage): never served.
+               "join devices d on r.device = d.fingerprint "
                f"where {' and '.join(where)} order by r.device, r.layer, r.algorithm")
         with self._reading():
             cursor = self.db.execute(sql, args)
