@@ -1,8 +1,10 @@
-"""autoconv: generated, autotuned im2col + GEMM convolution kernels for OpenCL and CUDA."""
+"""autoconv: generated, autotuned convolution kernels (im2col + GEMM, implicit GEMM, direct) for
+OpenCL and CUDA, chosen per layer against the library BLAS baseline."""
 
-from autoconv.api import conv2d
+from importlib import metadata as _metadata
+
+from autoconv.algorithms import Params, get_algorithm, list_algorithms
 from autoconv.backends import get_backend
-from autoconv.lookup import lookup
 from autoconv.errors import (
     AutoconvError,
     BackendUnavailableError,
@@ -13,27 +15,54 @@ from autoconv.errors import (
     ResourceLimitError,
     TuningDBError,
 )
-from autoconv.params import GemmParams, default_gemm_params, validate_gemm_params
 from autoconv.plan import Plan
+from autoconv.serve.api import conv2d
+from autoconv.serve.lookup import UnsupportedAlgorithmError
+from autoconv.serve.session import Session, default_session, lookup
 from autoconv.spec import ConvSpec
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The one version: pyproject.toml's, through the installed package's metadata."""
+    try:
+        return _metadata.version("autoconv")
+    except _metadata.PackageNotFoundError:  # imported from a checkout that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
+
+
+def default_gemm_params(**overrides: int) -> Params:
+    """im2col_gemm's declared defaults with some values replaced (validated like any input)."""
+    return get_algorithm("im2col_gemm").space.validate(overrides)
+
+
+def validate_gemm_params(raw: dict) -> Params:
+    """Untrusted data (a DB row, a CLI string) to im2col_gemm params, or InvalidParamsError."""
+    return get_algorithm("im2col_gemm").space.validate(raw)
+
 
 __all__ = [
     "AutoconvError",
     "BackendUnavailableError",
     "ConvSpec",
-    "GemmParams",
     "InvalidParamsError",
     "InvalidSpecError",
     "KernelCompileError",
     "KernelLaunchError",
+    "Params",
     "Plan",
     "ResourceLimitError",
+    "Session",
     "TuningDBError",
+    "UnsupportedAlgorithmError",
     "conv2d",
     "default_gemm_params",
+    "default_session",
+    "get_algorithm",
     "get_backend",
+    "list_algorithms",
     "lookup",
     "validate_gemm_params",
 ]

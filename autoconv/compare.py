@@ -1,20 +1,20 @@
-"""Measure one layer three ways on the user's device: direct loops, im2col + library BLAS, and
-im2col + the generated GEMM. This is the answer to "why is im2col faster", with numbers."""
+"""Measure one layer every way autoconv knows on the user's device: each registered algorithm
+that supports it (direct loops, im2col + library BLAS, im2col + generated GEMM, implicit GEMM),
+with its time, GFLOP/s, extra memory and error against the float64 reference. This is the answer
+to "why is im2col faster, and what beats it", with numbers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
-
-from autoconv.backends import get_backend
+from autoconv.algorithms import get_algorithm, list_algorithms
 from autoconv.backends.base import Backend, PreparedConv
+from autoconv.errors import AutoconvError
 from autoconv.plan import Plan
-from autoconv.render import ALGORITHM_DIRECT, ALGORITHM_IM2COL_BLAS, ALGORITHM_REFERENCE
+from autoconv.serve.session import Session, default_session
 from autoconv.spec import ConvSpec
-
-# Relative error a float32 result may have against the float64 reference.
-TOLERANCE = 1e-4
+from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
 
 
 @dataclass(frozen=True)
@@ -28,67 +28,52 @@ class Measurement:
     gflops: float
     scratch_bytes: int
     rel_error: float
+    algorithm: str = ""
 
     @property
     def verified(self) -> bool:
         return self.rel_error < TOLERANCE
 
 
-def random_operands(spec: ConvSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Random, never-zero float32 input, weight and (when the spec has one) bias."""
-    from autoconv.resources import check_host
-
-    weight_bytes = spec.k * spec.c_per_group * spec.r * spec.s * spec.itemsize
-    # float64 draws for magnitude and sign, then the float32 arrays: about five times their size.
-    check_host(f"random operands for {spec}", 5 * (spec.input_bytes + weight_bytes))
-    rng = np.random.default_rng(seed)
-
-    def draw(shape: tuple[int, ...]) -> np.ndarray:
-        # Uniform in ±[0.5, 1.5): no zeros, so a skipped term always changes the result.
-        magnitude = rng.uniform(0.5, 1.5, size=shape)
-        return (magnitude * rng.choice((-1.0, 1.0), size=shape)).astype(np.float32)
-
-    return draw(spec.input_shape), draw(spec.weight_shape), draw((spec.k,)) if spec.bias else None
-
-
-def relative_error(result: np.ndarray, reference: np.ndarray) -> float:
-    """max |result - reference| / max |reference|; NaN anywhere (an unwritten element) is infinite."""
-    if result.shape != reference.shape or not np.all(np.isfinite(result)):
-        return float("inf")
-    scale = float(np.max(np.abs(reference))) or 1.0
-    return float(np.max(np.abs(result.astype(np.float64) - reference))) / scale
-
-
-def reference_output(spec: ConvSpec, operands: tuple) -> np.ndarray:
-    """The float64 reference result every generated kernel is checked against."""
-    return get_backend("numpy").prepare(spec, Plan(ALGORITHM_REFERENCE, None, "reference")).run(*operands)
-
-
-def measure(method: str, backend: Backend, spec: ConvSpec, plan: Plan, operands: tuple, reference: np.ndarray,
+def measure(method: str, backend: Backend, spec: ConvSpec, plan: Plan, operands: tuple, reference,
             *, scratch_bytes: int = 0, repeats: int = 5, conv: PreparedConv | None = None) -> Measurement:
     """Check one plan against the reference and time it (`conv`: the plan already prepared)."""
     conv = conv if conv is not None else backend.prepare(spec, plan)
     error = relative_error(conv.run(*operands, poison=True), reference)
     timing = conv.time(*operands, warmup=1, repeats=repeats)
     return Measurement(method, backend.device.name, plan.describe(), timing.median_ms, timing.gflops(spec),
-                       scratch_bytes, error)
+                       scratch_bytes, error, plan.algorithm)
 
 
-def compare_layer(spec: ConvSpec, backend: Backend | None = None, *, repeats: int = 5,
-                  gemm_plan: Plan | None = None) -> list[Measurement]:
-    """Direct loops (generated kernel) vs im2col + numpy BLAS vs im2col + generated GEMM, one run."""
-    from autoconv.lookup import lookup
+def extra_memory(spec: ConvSpec, plan: Plan, host: bool) -> int:
+    """Bytes an algorithm needs beyond input, weight and output (the im2col matrix for im2col)."""
+    algorithm = get_algorithm(plan.algorithm)
+    if host:
+        return spec.im2col_bytes if algorithm.library_gemm else 0
+    return algorithm.scratch_bytes(spec, plan.params)
 
-    device_backend = backend or get_backend("opencl")
-    host = get_backend("numpy")
+
+def compare_layer(spec: ConvSpec, backend: Backend, *, repeats: int = 5, db: str | Path | None = None,
+                  session: Session | None = None) -> list[Measurement]:
+    """Every algorithm that supports the layer, with the plan the databases give it (tuned params
+    for this layer and device if any, else its heuristic), measured in one run on the same data."""
+    from autoconv.serve.api import backend_for
+
+    session = session or default_session()
     operands = random_operands(spec)
     reference = reference_output(spec, operands)
-    plan = gemm_plan or lookup(spec, device_backend, allow_baseline=False)
-    return [
-        measure("direct loops", device_backend, spec, Plan(ALGORITHM_DIRECT, None, "naive kernel"),
-                operands, reference, repeats=repeats),
-        measure("im2col + numpy BLAS", host, spec, Plan(ALGORITHM_IM2COL_BLAS, None, "baseline"),
-                operands, reference, scratch_bytes=spec.im2col_bytes, repeats=repeats),
-        measure("im2col + generated GEMM", device_backend, spec, plan, operands, reference,
-                scratch_bytes=spec.im2col_bytes, repeats=repeats),
-    ]
+    rows = []
+    for name in list_algorithms():
+        algorithm = get_algorithm(name)
+        if algorithm.supports(spec, backend.device) is not None:
+            continue
+        try:
+            plan = session.lookup(spec, backend, db, algorithm=name)
+            runner = backend_for(plan, backend, session)
+        except AutoconvError:
+            continue  # neither this backend nor the host runs it
+        on_host = runner is not backend
+        title = f"im2col + {'numpy' if on_host else runner.name} BLAS" if algorithm.library_gemm else algorithm.title
+        rows.append(measure(title, runner, spec, plan, operands, reference,
+                            scratch_bytes=extra_memory(spec, plan, on_host), repeats=repeats))
+    return rows

@@ -13,22 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 
-from autoconv.backends.base import DeviceInfo
+from autoconv.algorithms import get_algorithm
+from autoconv.backends.base import output_bytes, weight_bytes
+from autoconv.device import DeviceInfo
 from autoconv.errors import AutoconvError
 from autoconv.plan import Plan
-from autoconv.render import (
-    BUFFER_ARGS,
-    CUDA,
-    OPENCL,
-    Dialect,
-    KernelSource,
-    im2col_scratch_bytes,
-    render_gemm,
-    render_im2col,
-    template_hash,
-)
+from autoconv.render import BUFFER_ARGS, CUDA, OPENCL, Dialect, KernelSource, template_hash
 from autoconv.spec import ConvSpec
 
 MANIFEST = "manifest.json"
@@ -64,11 +55,12 @@ def _file_stem(entry: ExportEntry) -> str:
 
 
 def _comment_header(entry: ExportEntry, device: DeviceInfo, source: KernelSource, version: str) -> str:
-    params = " ".join(f"{k}={v}" for k, v in entry.plan.gemm.as_dict().items()) if entry.plan.gemm else "-"
+    params = entry.plan.params.describe() or "-"
     lines = [
         f"autoconv {version} export: {source.entry} for layer {entry.name}",
         f"layer   {entry.spec} ({entry.spec.key()})",
         f"device  {device.name} ({device.platform}, driver {device.driver})",
+        f"algorithm {entry.plan.algorithm}",
         f"params  {params}",
         f"plan    {entry.plan.source}{'' if entry.tuned else ' (not tuned for this device: fallback plan)'}",
         f"templates {template_hash()}; launch: see manifest.json / {HEADER}",
@@ -77,9 +69,10 @@ def _comment_header(entry: ExportEntry, device: DeviceInfo, source: KernelSource
 
 
 def _sources(entry: ExportEntry, dialect: Dialect) -> list[KernelSource]:
-    if entry.plan.gemm is None:
+    algorithm = get_algorithm(entry.plan.algorithm)
+    if not algorithm.device_kernels:
         raise ExportError(f"{entry.name}: plan {entry.plan.algorithm!r} has no generated kernels to export")
-    return [render_im2col(entry.spec, entry.plan.gemm, dialect), render_gemm(entry.spec, entry.plan.gemm, dialect)]
+    return algorithm.kernels(entry.spec, entry.plan.params, dialect)
 
 
 def _launch_local(source: KernelSource, dialect: Dialect) -> tuple[int, int, int] | None:
@@ -111,10 +104,10 @@ def _layer_manifest(entry: ExportEntry, device: DeviceInfo, dialect: Dialect, ve
                   "groups": spec.groups, "bias": spec.bias, "dtype": spec.dtype, "layout": spec.layout,
                   "p": spec.p, "q": spec.q},
         "tuned": entry.tuned, "plan_source": entry.plan.source, "note": entry.note,
-        "params": entry.plan.gemm.as_dict() if entry.plan.gemm else None,
-        "buffers": {"input": spec.input_bytes, "weight": int(np.prod(spec.weight_shape)) * itemsize,
-                    "bias": spec.k * itemsize, "output": int(np.prod(spec.output_shape)) * itemsize,
-                    "scratch": im2col_scratch_bytes(spec, entry.plan.gemm)},
+        "algorithm": entry.plan.algorithm, "params": entry.plan.params.as_dict(),
+        "buffers": {"input": spec.input_bytes, "weight": weight_bytes(spec), "bias": spec.k * itemsize,
+                    "output": output_bytes(spec),
+                    "scratch": get_algorithm(entry.plan.algorithm).scratch_bytes(spec, entry.plan.params)},
         "kernels": kernels,
         "reference": {kind: f"reference/{stem}.{kind}.f32" for kind in ("input", "weight", "bias", "expected")
                       if kind != "bias" or spec.bias} if reference else None,
@@ -212,7 +205,7 @@ def _header(manifest: dict) -> str:
 
 
 def _reference_files(entry: ExportEntry, stem: str) -> dict[str, bytes]:
-    from autoconv.compare import random_operands, reference_output
+    from autoconv.tuning.verify import random_operands, reference_output
 
     operands = random_operands(entry.spec, seed=0)
     x, w, b = operands

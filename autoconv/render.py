@@ -1,7 +1,8 @@
 """Render kernel templates into sources with their launch geometry.
 
 OpenCL and CUDA differ only by the data on a Dialect; the kernel bodies in templates/shared/ are
-the same text for both. Only validated GemmParams (small ints) ever reach a template.
+the same text for both. Only validated params (small ints) ever reach a template; each
+algorithm module (autoconv/algorithms/) renders its own kernels with these helpers.
 """
 
 from __future__ import annotations
@@ -13,13 +14,7 @@ from pathlib import Path
 
 import jinja2
 
-from autoconv.params import GEMM_PARAMS, GemmParams
 from autoconv.spec import ConvSpec
-
-ALGORITHM_IM2COL_GEMM = "im2col_gemm"
-ALGORITHM_DIRECT = "direct"
-ALGORITHM_IM2COL_BLAS = "im2col_blas"
-ALGORITHM_REFERENCE = "reference"
 
 
 @dataclass(frozen=True)
@@ -145,8 +140,10 @@ def _environment() -> jinja2.Environment:
     )
 
 
+@lru_cache(maxsize=1)
 def template_hash() -> str:
-    """Hash of every template file: part of any key whose answer depends on the generated code."""
+    """Hash of every template file: part of any key whose answer depends on the generated code.
+    Computed once per process (the installed templates do not change under a running process)."""
     digest = hashlib.sha256()
     for path in sorted(template_dir().rglob("*.j2")):
         digest.update(path.relative_to(template_dir()).as_posix().encode())
@@ -154,68 +151,26 @@ def template_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def _ints(**values: int) -> tuple[KernelArg, ...]:
+def render_template(name: str, **variables: object) -> str:
+    """Render one template of templates/ with validated values only (Jinja's StrictUndefined)."""
+    return _environment().get_template(name).render(**variables)
+
+
+def int_args(**values: int) -> tuple[KernelArg, ...]:
     return tuple(KernelArg(name, "int", int(value)) for name, value in values.items())
 
 
-def _geometry(spec: ConvSpec) -> tuple[KernelArg, ...]:
-    return _ints(SH=spec.stride[0], SW=spec.stride[1], PH=spec.padding[0], PW=spec.padding[1],
-                 DH=spec.dilation[0], DW=spec.dilation[1])
+def geometry_args(spec: ConvSpec) -> tuple[KernelArg, ...]:
+    """The layer's geometry as int kernel arguments (the names templates/shared/patch.j2 uses)."""
+    return int_args(C=spec.c, H=spec.h, W=spec.w, Cg=spec.c_per_group, R=spec.r, S=spec.s, P=spec.p, Q=spec.q,
+                    SH=spec.stride[0], SW=spec.stride[1], PH=spec.padding[0], PW=spec.padding[1],
+                    DH=spec.dilation[0], DW=spec.dilation[1])
 
 
-def _ceil_to(value: int, multiple: int) -> int:
+def geometry_defines(spec: ConvSpec) -> dict[str, int]:
+    """The same geometry as compile-time constants (divisions by constants are cheap)."""
+    return {arg.name: arg.value for arg in geometry_args(spec)}
+
+
+def ceil_to(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def padded_gemm_n(spec: ConvSpec, params: GemmParams) -> int:
-    """N rounded up to whole NWG tiles: the im2col matrix's row length (zeros past N)."""
-    return _ceil_to(spec.gemm_n, params.NWG)
-
-
-def im2col_scratch_bytes(spec: ConvSpec, params: GemmParams) -> int:
-    """Bytes of the padded im2col matrix the GEMM reads."""
-    return spec.groups * spec.gemm_k * padded_gemm_n(spec, params) * spec.itemsize
-
-
-def render_im2col(spec: ConvSpec, params: GemmParams, dialect: Dialect = OPENCL) -> KernelSource:
-    """The im2col kernel writing the (padded) layout the GEMM with these params reads."""
-    text = _environment().get_template("shared/im2col.j2").render(
-        dialect=dialect, entry="im2col", b_transposed=params.B_TRANSPOSED, whole_rows=params.IM2COL_ROWS
-    )
-    ldn, crs = padded_gemm_n(spec, params), spec.gemm_k
-    if params.IM2COL_ROWS and not params.B_TRANSPOSED:
-        dims = (spec.n * spec.p + 1, crs)  # one more row index: the zero padding past N*P*Q
-    elif params.IM2COL_ROWS:
-        dims = (ldn, 1)
-    else:
-        dims = (crs, ldn) if params.B_TRANSPOSED else (ldn, crs)
-    args = (KernelArg("x", "input"), KernelArg("cols", "scratch"),
-            *_ints(C=spec.c, H=spec.h, W=spec.w, Cg=spec.c_per_group, R=spec.r, S=spec.s, P=spec.p, Q=spec.q),
-            *_geometry(spec), *_ints(NPQ=spec.gemm_n, CRS=spec.gemm_k, LDN=ldn))
-    return KernelSource(text, "im2col", dialect.name, (dims[0], dims[1], spec.groups), None, args)
-
-
-def render_gemm(spec: ConvSpec, params: GemmParams, dialect: Dialect = OPENCL) -> KernelSource:
-    """The tiled GEMM for these (already validated) params, launched over every group."""
-    text = _environment().get_template("shared/gemm.j2").render(
-        dialect=dialect, entry="gemm_conv", params=params.as_dict(), param_docs=GEMM_PARAMS
-    )
-    local_n, local_m = params.local_size
-    global_size = (
-        padded_gemm_n(spec, params) // params.WPTN,
-        _ceil_to(spec.gemm_m, params.MWG) // params.WPTM,
-        spec.groups,
-    )
-    args = (KernelArg("A", "weight"), KernelArg("B", "scratch"), KernelArg("bias", "bias"), KernelArg("out", "output"),
-            *_ints(has_bias=int(spec.bias), M=spec.gemm_m, N=spec.gemm_n, K=spec.gemm_k, PQ=spec.p * spec.q,
-                   G=spec.groups, LDN=padded_gemm_n(spec, params)))
-    return KernelSource(text, "gemm_conv", dialect.name, global_size, (local_n, local_m, 1), args)
-
-
-def render_direct(spec: ConvSpec, dialect: Dialect = OPENCL) -> KernelSource:
-    """The naive direct kernel: one work-item per output element."""
-    text = _environment().get_template("shared/direct.j2").render(dialect=dialect, entry="direct_conv")
-    args = (KernelArg("x", "input"), KernelArg("wt", "weight"), KernelArg("bias", "bias"), KernelArg("out", "output"),
-            *_ints(has_bias=int(spec.bias), C=spec.c, H=spec.h, W=spec.w, K=spec.k, Cg=spec.c_per_group,
-                   Kg=spec.k_per_group, R=spec.r, S=spec.s, P=spec.p, Q=spec.q), *_geometry(spec))
-    return KernelSource(text, "direct_conv", dialect.name, (spec.q, spec.p, spec.n * spec.k), None, args)

@@ -1,10 +1,10 @@
-"""Settings read from the environment once, in one place (never os.getenv in hot code)."""
+"""Settings read from the environment in one place (never os.getenv in hot code); the default
+Session holds the current ones."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import platformdirs
@@ -36,8 +36,8 @@ def _default_shipped_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "tuning_db"
 
 
-@lru_cache(maxsize=1)
-def settings() -> Settings:
+def read_settings() -> Settings:
+    """The settings as the environment says now."""
     raw_db = os.environ.get(DB_ENV, "").strip()
     db_path = Path(raw_db).expanduser() if raw_db else Path(platformdirs.user_cache_dir("autoconv")) / DB_FILENAME
     raw_shipped = os.environ.get(SHIPPED_DB_ENV)
@@ -48,7 +48,17 @@ def settings() -> Settings:
     return Settings(db_path=db_path, shipped_db_dir=shipped)
 
 
+def settings() -> Settings:
+    """The default session's settings (read from the environment once, when it was made)."""
+    from autoconv.serve.session import default_session
+
+    return default_session().settings
+
+
 def reload_settings() -> Settings:
-    """Read the environment again (tests, or a long-lived process whose environment changed)."""
-    settings.cache_clear()
-    return settings()
+    """Read the environment again into the default session (tests, or a long-lived process whose
+    environment changed); its cached answers are dropped."""
+    from autoconv.serve.session import default_session
+
+    default_session().configure(read_settings())
+    return default_session().settings

@@ -24,10 +24,11 @@ from bench_tuning import checked_methods, interleaved_medians, public_resnet50_n
 
 import autoconv  # noqa: E402
 from autoconv.backends import get_backend  # noqa: E402
-from autoconv.compare import random_operands  # noqa: E402
+from autoconv import Plan  # noqa: E402
 from autoconv.layers import model_layers  # noqa: E402
-from autoconv.tuner import tune_layers  # noqa: E402
-from autoconv.tuning_db import TuningDB  # noqa: E402
+from autoconv.store import SQLiteStore  # noqa: E402
+from autoconv.tuning.tuner import tune_layers  # noqa: E402
+from autoconv.tuning.verify import random_operands  # noqa: E402
 
 
 class TorchConv:
@@ -67,18 +68,24 @@ class TorchConv:
         return Timing(tuple(samples))
 
 
-def gemm_only_vs_sgemm(conv, operands, repeats: int = 20) -> tuple[float, float]:
+def gemm_only_vs_sgemm(conv, operands, repeats: int = 20) -> tuple[float, float] | None:
     """Median ms of the tuned GEMM kernel alone and of cuBLAS SGEMM (cupy.matmul) on the same
-    im2col matrix the kernel reads."""
-    cp = conv._cp
+    im2col matrix the kernel reads (im2col_gemm plans only)."""
+    if conv.plan.algorithm != "im2col_gemm":
+        return None
+    from autoconv.backends.cuda import launch_geometry
+
+    cp = conv.runtime._cupy
     spec = conv.spec
     conv.run(*operands)  # fills the im2col matrix
-    kernel, source, grid, block = conv._launches[1]
-    args = conv._args(source, conv.x, conv.w)
+    kernel, source = conv._kernels[1], conv.sources[1]
+    grid, block = launch_geometry(source)
+    args = conv._args(source, conv.buffers)
     g = spec.groups
-    ldn = conv.cols.size // (g * spec.gemm_k)
-    a = conv.w.reshape(g, spec.gemm_m, spec.gemm_k)
-    b = conv.cols.reshape(g, spec.gemm_k, ldn)[:, :, : spec.gemm_n]
+    cols = conv.buffers["scratch"]
+    ldn = cols.size // (g * spec.gemm_k)
+    a = conv.buffers["weight"][: spec.k * spec.gemm_k].reshape(g, spec.gemm_m, spec.gemm_k)
+    b = cols[: g * spec.gemm_k * ldn].reshape(g, spec.gemm_k, ldn)[:, :, : spec.gemm_n]
     b = cp.ascontiguousarray(b)
 
     def timed(fn) -> float:
@@ -117,18 +124,19 @@ def main() -> int:
     except ImportError:
         have_torch = False
     rows = []
-    with TuningDB(Path(tempfile.mkdtemp(prefix="autoconv-cuda-")) / "tuning.db") as db:
+    with SQLiteStore(Path(tempfile.mkdtemp(prefix="autoconv-cuda-")) / "tuning.db") as db:
         for batch in (int(b) for b in args.batches.split(",")):
             layers = [layer for layer in model_layers("resnet50", batch) if layer.name in names]
             reports = tune_layers([(f"{layer.name} n={batch}", layer.spec) for layer in layers], backend, db,
                                   trials=args.trials,
                                   on_layer_start=lambda label, spec: print(f"tuning {label} ...", file=sys.stderr, flush=True))
             for layer, report in zip(layers, reports):
-                spec, best = layer.spec, report.best
-                if best is None or best.params is None:
+                spec, best = layer.spec, report.best_generated
+                if best is None:
                     raise SystemExit(f"{layer.name}: no verified generated config ({report.failures})")
                 operands = random_operands(spec, seed=1)
-                convs = checked_methods(backend, spec, best.params, operands, f"{layer.name} n={batch}",
+                convs = checked_methods(backend, spec, Plan(best.algorithm, best.params, "tuned"), operands,
+                                        f"{layer.name} n={batch}",
                                         {"torch": TorchConv(spec)} if have_torch else None)
                 ms = interleaved_medians(convs, operands, args.rounds, args.repeats)
                 gemm = gemm_only_vs_sgemm(convs["tuned"], operands) if args.backend == "cuda" else None

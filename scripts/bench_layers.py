@@ -35,7 +35,8 @@ def main() -> int:
     for model in args.models.split(","):
         for layer in model_layers(model, batch=1):
             print(f"measuring {layer.label} ...", file=sys.stderr, flush=True)
-            direct, blas, gemm = compare_layer(layer.spec, backend, repeats=args.repeats)
+            measured = {m.algorithm: m for m in compare_layer(layer.spec, backend, repeats=args.repeats)}
+            direct, blas, gemm = measured["direct"], measured["im2col_blas"], measured["im2col_gemm"]
             for m in (direct, blas, gemm):
                 if not m.verified:
                     raise SystemExit(f"{layer.label}: {m.method} is wrong (relative error {m.rel_error:.1e})")

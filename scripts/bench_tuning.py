@@ -23,13 +23,13 @@ import tempfile
 from pathlib import Path
 
 import autoconv
+from autoconv import Plan, get_algorithm
+from autoconv.algorithms import IM2COL_BLAS
 from autoconv.backends import get_backend
-from autoconv.compare import TOLERANCE, random_operands, reference_output, relative_error
 from autoconv.layers import model_layers
-from autoconv.plan import Plan, heuristic_plan
-from autoconv.render import ALGORITHM_IM2COL_BLAS, ALGORITHM_IM2COL_GEMM
-from autoconv.tuner import tune_layers
-from autoconv.tuning_db import TuningDB
+from autoconv.store import SQLiteStore
+from autoconv.tuning.tuner import tune_layers
+from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "layers" / "public.json"
 
@@ -48,16 +48,15 @@ def interleaved_medians(convs: dict[str, object], operands: tuple, rounds: int, 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def checked_methods(backend, spec, params, operands: tuple, label: str, extra: dict | None = None) -> dict:
-    """The default config, the tuned one and the BLAS baseline (plus `extra`) prepared for a layer,
-    each checked against the float64 reference before anything is timed."""
-    info = backend.device
+def checked_methods(backend, spec, tuned: Plan, operands: tuple, label: str, extra: dict | None = None) -> dict:
+    """The tuned algorithm's default config, its tuned one and the BLAS baseline (plus `extra`)
+    prepared for a layer, each checked against the float64 reference before anything is timed."""
     host = get_backend("numpy")
+    default = Plan(tuned.algorithm, get_algorithm(tuned.algorithm).heuristic(spec, backend.device), "heuristic")
     convs = {
-        "default": backend.prepare(spec, heuristic_plan(spec, info.device_type, info.limits())),
-        "tuned": backend.prepare(spec, Plan(ALGORITHM_IM2COL_GEMM, params, "tuned")),
-        "blas": (backend if ALGORITHM_IM2COL_BLAS in backend.algorithms else host).prepare(
-            spec, Plan(ALGORITHM_IM2COL_BLAS, None, "baseline")),
+        "default": backend.prepare(spec, default),
+        "tuned": backend.prepare(spec, tuned),
+        "blas": (backend if IM2COL_BLAS in backend.algorithms else host).prepare(spec, Plan(IM2COL_BLAS)),
         **(extra or {}),
     }
     reference = reference_output(spec, operands)
@@ -88,7 +87,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="autoconv-bench-"))
     db_path = work / "tuning.db"
     rows = []
-    with TuningDB(db_path) as db:
+    with SQLiteStore(db_path) as db:
         def started(label: str, spec: object) -> None:
             print(f"tuning {label} ({args.trials} trials) ...", file=sys.stderr, flush=True)
 
@@ -96,15 +95,15 @@ def main() -> int:
                               on_layer_start=started)
     for layer, report in zip(layers, reports):
         spec = layer.spec
-        best = report.best
-        if best is None or best.params is None:
+        best = report.best_generated
+        if best is None:
             raise SystemExit(f"{layer.label}: no verified generated config (failures: {report.failures})")
         print(f"measuring {layer.label} ...", file=sys.stderr, flush=True)
         operands = random_operands(spec, seed=1)  # not the data the tuner saw
-        convs = checked_methods(backend, spec, best.params, operands, layer.label)
+        convs = checked_methods(backend, spec, Plan(best.algorithm, best.params, "tuned"), operands, layer.label)
         rows.append((layer, report, interleaved_medians(convs, operands, args.rounds, args.repeats)))
 
-    blas_name = reports[0].best.baseline if reports else "BLAS"
+    blas_name = "cuBLAS" if IM2COL_BLAS in backend.algorithms else "numpy BLAS"
     lines = [
         f"# Tuning: default config vs Optuna-tuned vs im2col + {blas_name} — {info.name}",
         "",
@@ -141,13 +140,12 @@ def main() -> int:
         "",
     ]
     for layer, report, _ in rows:
-        params = " ".join(f"{k}={v}" for k, v in report.best.params.as_dict().items())
-        lines.append(f"- {layer.name}: {params}")
+        lines.append(f"- {layer.name}: {report.best_generated.algorithm} {report.best_generated.params.describe()}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.ship:
-        with TuningDB(db_path) as db:
+        with SQLiteStore(db_path) as db:
             db.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             db.db.disable_wal()  # a shipped file is read-only: no -wal/-shm beside it
             db.db.execute("delete from measurements")

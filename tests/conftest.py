@@ -5,29 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autoconv import ConvSpec, Plan
-from autoconv.api import choose_plan
+from autoconv import ConvSpec, Plan, get_algorithm
 from autoconv.backends import get_backend
 from autoconv.backends.base import Backend
-from autoconv.compare import TOLERANCE, random_operands, reference_output, relative_error
+from autoconv.device import DeviceInfo
 from autoconv.errors import BackendUnavailableError
-from autoconv.render import ALGORITHM_IM2COL_GEMM
+from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
 
 
 @pytest.fixture(autouse=True)
 def isolated_tuning_dbs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Every test gets its own empty user DB and no shipped DBs, unless it sets its own."""
-    from autoconv.lookup import clear_cache
     from autoconv.settings import reload_settings
 
     monkeypatch.setenv("AUTOCONV_DB", str(tmp_path_factory.mktemp("userdb") / "tuning.db"))
     monkeypatch.setenv("AUTOCONV_SHIPPED_DB_DIR", "")
     reload_settings()
-    clear_cache()
     yield
     monkeypatch.undo()
     reload_settings()
-    clear_cache()
 
 
 def backend_or_skip(name: str) -> Backend:
@@ -47,10 +43,13 @@ def opencl() -> Backend:
     return backend_or_skip("opencl")
 
 
+def heuristic_plan(spec: ConvSpec, device: DeviceInfo | None, algorithm: str = "im2col_gemm") -> Plan:
+    """An algorithm's untuned plan for a device."""
+    return Plan(algorithm, get_algorithm(algorithm).heuristic(spec, device), "heuristic")
+
+
 def plan_for(backend: Backend, algorithm: str, spec: ConvSpec) -> Plan:
-    if algorithm == ALGORITHM_IM2COL_GEMM:
-        return choose_plan(spec, backend)
-    return Plan(algorithm)
+    return heuristic_plan(spec, backend.device, algorithm)
 
 
 def assert_matches_reference(backend: Backend, spec: ConvSpec, plan: Plan, seed: int = 0) -> None:

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from autoconv import ConvSpec, InvalidParamsError, Plan
-from autoconv.backends.base import DeviceInfo, Timing
+from autoconv import ConvSpec, InvalidParamsError, Plan, get_algorithm, list_algorithms
+from autoconv.backends.base import Timing
+from autoconv.device import DeviceInfo
 
 from conftest import assert_matches_reference, plan_for
 
@@ -29,7 +30,16 @@ class TestBackendConformance:
 
     def test_refuses_an_algorithm_it_does_not_run(self, backend):
         with pytest.raises(InvalidParamsError, match="algorithm"):
-            backend.prepare(SHAPES[0], Plan("winograd"))
+            backend.prepare(SHAPES[0], Plan("no_such_algorithm"))
+        others = [name for name in list_algorithms() if name not in backend.algorithms]
+        for name in others:
+            with pytest.raises(InvalidParamsError, match="algorithm"):
+                backend.prepare(SHAPES[0], Plan(name))
+
+    def test_runs_what_the_registry_says_it_can(self, backend):
+        for name in backend.algorithms:
+            algorithm = get_algorithm(name)
+            assert algorithm.host_code if backend.name == "numpy" else (algorithm.device_kernels or algorithm.library_gemm)
 
     def test_times_with_positive_samples(self, backend):
         spec = SHAPES[0]

@@ -5,9 +5,8 @@ import pytest
 
 import autoconv
 from autoconv import BackendUnavailableError, InvalidSpecError
-from autoconv.compare import random_operands, relative_error
-
-from autoconv.compare import reference_output as reference
+from autoconv.tuning.verify import random_operands, relative_error
+from autoconv.tuning.verify import reference_output as reference
 
 pytestmark = pytest.mark.usefixtures("opencl")
 
@@ -80,3 +79,16 @@ def test_invalid_spec_error_is_also_a_value_error():
     with pytest.raises(ValueError):
         autoconv.conv2d(np.ones((1, 4, 8, 8)), np.ones((4, 4, 3, 3)), stride=0)
     assert issubclass(InvalidSpecError, autoconv.AutoconvError)
+
+
+@pytest.mark.parametrize("algorithm", autoconv.list_algorithms())
+def test_an_algorithm_can_be_forced(algorithm):
+    spec = autoconv.ConvSpec(1, 8, 10, 10, 12, 3, 3, stride=2, padding=1, bias=True)
+    x, w, b = random_operands(spec, seed=5)
+    out = autoconv.conv2d(x, w, b, stride=2, padding=1, algorithm=algorithm)
+    assert relative_error(out, reference(spec, (x, w, b))) < 1e-4
+
+
+def test_forcing_an_unknown_algorithm_is_one_clear_error():
+    with pytest.raises(autoconv.AutoconvError, match="algorithm: 'winograd' is not one of"):
+        autoconv.conv2d(np.ones((1, 4, 8, 8), np.float32), np.ones((4, 4, 3, 3), np.float32), algorithm="winograd")

@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from autoconv import ConvSpec, Plan, default_gemm_params
-from autoconv.backends.base import DeviceInfo
+from autoconv import ConvSpec, Plan, default_gemm_params, get_algorithm
+from autoconv.algorithms import DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM
+from autoconv.device import DeviceInfo
 from autoconv.errors import BackendUnavailableError
-from autoconv.params import random_valid_configs
-from autoconv.render import CUDA, render_direct, render_gemm, render_im2col
+from autoconv.render import CUDA
 
 # An H100's limits as CuPy reports them: 1024 threads per block, 48 KiB static shared memory.
 H100 = DeviceInfo("cuda", "CUDA runtime 12.8", "nvidia", "NVIDIA H100 (sm_90, 132 SMs)", "12.8", "gpu", 132,
@@ -25,7 +25,12 @@ SPEC = ConvSpec(2, 6, 9, 7, 10, 3, 2, padding=(1, 0), groups=2, bias=True)
 STRUCTURAL = [default_gemm_params(MWG=32, NWG=32, WPTM=4, WPTN=4, VWN=1, SA=sa, SB=sb, B_TRANSPOSED=bt,
                                   IM2COL_ROWS=rows, VW=vw)
               for sa, sb, bt, rows, vw in itertools.product((0, 1), (0, 1), (0, 1), (0, 1), (1, 4))]
-SAMPLED = list(itertools.islice(random_valid_configs(H100.limits(), random.Random(4)), 16))
+SAMPLED = list(itertools.islice(get_algorithm(IM2COL_GEMM).space.random_valid(H100.limits(), random.Random(4)), 16))
+IMPLICIT_SPACE = get_algorithm(IMPLICIT_GEMM).space
+IMPLICIT_STRUCTURAL = [IMPLICIT_SPACE.validate(dict(MWG=32, NWG=32, WPTM=4, WPTN=4, VWN=1, SA=sa, SB=sb, VW=vw))
+                       for sa, sb, vw in itertools.product((0, 1), (0, 1), (1, 4))]
+IMPLICIT_SAMPLED = list(itertools.islice(IMPLICIT_SPACE.random_valid(H100.limits(), random.Random(5)), 8))
+POINTWISE = ConvSpec(2, 8, 8, 8, 12, 1, 1, bias=True)
 nvcc = shutil.which("nvcc")
 
 
@@ -41,11 +46,17 @@ def _compile(text: str, tmp_path, name: str) -> str:
 @pytest.mark.skipif(nvcc is None, reason="nvcc is not on this machine")
 def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
     assert all(not p.violations(H100.limits()) for p in STRUCTURAL + SAMPLED)
-    sources = {"direct": render_direct(SPEC, CUDA).text}
+    assert all(not p.violations(H100.limits()) for p in IMPLICIT_STRUCTURAL + IMPLICIT_SAMPLED)
+    direct, blas, gemm, implicit = (get_algorithm(name) for name in (DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM))
+    sources = {"direct": direct.kernels(SPEC, direct.space.validate({}), CUDA)[0].text,
+               "blas_im2col": blas.kernels(SPEC, blas.space.validate({}), CUDA)[0].text}
     for i, params in enumerate(STRUCTURAL + SAMPLED):
-        sources[f"gemm{i}"] = render_gemm(SPEC, params, CUDA).text
+        sources[f"gemm{i}"] = gemm.kernels(SPEC, params, CUDA)[1].text
     for bt, rows in itertools.product((0, 1), (0, 1)):
-        sources[f"im2col_{bt}{rows}"] = render_im2col(SPEC, default_gemm_params(B_TRANSPOSED=bt, IM2COL_ROWS=rows), CUDA).text
+        sources[f"im2col_{bt}{rows}"] = gemm.kernels(SPEC, default_gemm_params(B_TRANSPOSED=bt, IM2COL_ROWS=rows), CUDA)[0].text
+    for i, params in enumerate(IMPLICIT_STRUCTURAL + IMPLICIT_SAMPLED):
+        sources[f"implicit{i}"] = implicit.kernels(SPEC, params, CUDA)[0].text
+        sources[f"implicit_pointwise{i}"] = implicit.kernels(POINTWISE, params, CUDA)[0].text
     with ThreadPoolExecutor(max_workers=2) as pool:
         failures = [f for f in pool.map(lambda item: _compile(item[1], tmp_path, item[0]), sources.items()) if f]
     assert not failures, "\n".join(failures)
@@ -74,28 +85,26 @@ def test_no_cupy_or_no_device_is_a_clear_error(monkeypatch):
 
 def test_the_tuner_plugs_into_the_cuda_backend(tmp_path):
     """What `autoconv tune --backend cuda` does, with a fake evaluator: CUDA limits reach the sampler."""
-    from autoconv.tuner import Outcome, tune_layer
-    from autoconv.tuning_db import TuningDB
+    from autoconv.store import SQLiteStore
+    from autoconv.tuning.tuner import Outcome, tune_layer
 
     class Fake:
-        def __call__(self, params):
-            assert params.VWN == 1 and not params.violations(H100.limits())
-            return Outcome("ok", 1.0 + params.MWG / 128, 1e-6)
+        algorithms = (IM2COL_GEMM, IMPLICIT_GEMM, DIRECT, IM2COL_BLAS)  # cuBLAS runs the baseline on the GPU
 
-        def baseline(self):
-            return "cuda BLAS", 1.1
+        def __call__(self, algorithm, params):
+            assert params.get("VWN", 1) == 1 and not params.violations(H100.limits())
+            return Outcome("ok", 1.0 + params.get("MWG", 128) / 128, 1e-6)
 
-    with TuningDB(tmp_path / "c.db") as db:
+    with SQLiteStore(tmp_path / "c.db") as db:
         report = tune_layer(SPEC, H100, Fake(), db, trials=10)
-    assert report.trials == 10 and report.best.baseline == "cuda BLAS"
+    assert report.trials == 10 and report.baseline is not None and set(report.bests) == set(Fake.algorithms)
 
 
 @pytest.mark.gpu
 def test_cuda_matches_the_reference_on_a_gpu():
     from autoconv.backends import get_backend
-    from autoconv.plan import heuristic_plan
 
-    from conftest import assert_matches_reference
+    from conftest import assert_matches_reference, heuristic_plan
 
     try:
         backend = get_backend("cuda")
@@ -103,9 +112,13 @@ def test_cuda_matches_the_reference_on_a_gpu():
         pytest.skip(str(exc))
     for params in STRUCTURAL + SAMPLED:
         assert_matches_reference(backend, SPEC, Plan("im2col_gemm", params, "gpu check"))
-    assert_matches_reference(backend, SPEC, heuristic_plan(SPEC, "gpu", backend.device.limits()))
-    assert_matches_reference(backend, SPEC, Plan("im2col_blas"))
-    assert_matches_reference(backend, SPEC, Plan("direct"))
+    for params in IMPLICIT_STRUCTURAL + IMPLICIT_SAMPLED:
+        assert_matches_reference(backend, SPEC, Plan(IMPLICIT_GEMM, params, "gpu check"))
+        assert_matches_reference(backend, POINTWISE, Plan(IMPLICIT_GEMM, params, "gpu check"))
+    for algorithm in (IM2COL_GEMM, IMPLICIT_GEMM):
+        assert_matches_reference(backend, SPEC, heuristic_plan(SPEC, backend.device, algorithm))
+    assert_matches_reference(backend, SPEC, Plan(IM2COL_BLAS))
+    assert_matches_reference(backend, SPEC, Plan(DIRECT))
 
 
 def test_gpu_check_script_says_clearly_when_there_is_no_gpu(tmp_path):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from autoconv import ConvSpec, default_gemm_params
 from autoconv.cli import app
 from autoconv.render import template_hash
-from autoconv.tuning_db import TunedResult, TuningDB
+from autoconv.store import SQLiteStore, TunedResult
 
 runner = CliRunner()
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "c" / "build_and_run.sh"
@@ -25,12 +25,12 @@ UNTUNED = "n=1,c=8,h=10,w=10,k=12,r=1,s=1,stride=2"
 @pytest.fixture
 def tuned_db(opencl, tmp_path):
     path = tmp_path / "tuned.db"
-    with TuningDB(path) as db:
+    with SQLiteStore(path) as db:
         db.record_device(opencl.device)
         db.save_result(TunedResult(
             device=opencl.device.fingerprint(), spec=TUNED, algorithm="im2col_gemm", template_hash=template_hash(),
             params=default_gemm_params(MWG=16, NWG=32, WPTM=4, WPTN=8, VWN=4, SA=1, SB=1, KWG=8, IM2COL_ROWS=1),
-            median_ms=1.0, gflops=1.0, rel_error=1e-6, baseline="numpy BLAS", baseline_ms=2.0, default_ms=1.5, trials=3))
+            median_ms=1.0, gflops=1.0, rel_error=1e-6, default_ms=1.5, trials=3))
     return path
 
 
@@ -97,7 +97,7 @@ def test_bad_input_gets_a_clear_message_and_nothing_half_written(case, tuned_db,
         sqlite3.connect(db).execute("create table cats (name text)").connection.commit()
     elif case == "empty":
         db = tmp_path / "empty.db"
-        TuningDB(db).close()
+        SQLiteStore(db).close()
     elif case == "out_is_a_file":
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "out"

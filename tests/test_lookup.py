@@ -1,5 +1,6 @@
-"""autoconv.lookup: exact → nearest → device default → vendor default → heuristic, the baseline
-when it won, current templates only, caching that notices DB changes, and conv2d on top of it."""
+"""autoconv.lookup: exact (the fastest algorithm) → nearest → device default → vendor default →
+heuristic, forced algorithms, current templates only, caching that notices DB changes, and
+conv2d on top of it."""
 
 import threading
 
@@ -7,13 +8,14 @@ import numpy as np
 import pytest
 
 import autoconv
-from autoconv import ConvSpec, default_gemm_params
-from autoconv.backends.base import DeviceInfo
-from autoconv.compare import random_operands, reference_output, relative_error
-from autoconv.lookup import lookup
-from autoconv.plan import heuristic_plan
+from autoconv import ConvSpec, UnsupportedAlgorithmError, default_gemm_params, get_algorithm, lookup
+from autoconv.algorithms import EMPTY_SPACE
+from autoconv.device import DeviceInfo
 from autoconv.render import template_hash
-from autoconv.tuning_db import TunedResult, TuningDB
+from autoconv.store import SQLiteStore, TunedResult
+from autoconv.tuning.verify import random_operands, reference_output, relative_error
+
+from conftest import heuristic_plan
 
 GPU = DeviceInfo("opencl", "Fake CL", "fakevendor", "Fake GPU 1", "1.0", "gpu", 8, 49152, 1024, (1024, 1024, 64))
 SIBLING = DeviceInfo("opencl", "Fake CL", "fakevendor", "Fake GPU 2", "1.0", "gpu", 16, 49152, 1024, (1024, 1024, 64))
@@ -23,20 +25,26 @@ RES4 = ConvSpec(1, 256, 14, 14, 256, 3, 3, padding=1)
 POINTWISE = ConvSpec(1, 64, 56, 56, 256, 1, 1)
 
 
-def store(path, spec, device=GPU, median_ms=1.0, baseline_ms=5.0, templates=None, **params):
-    with TuningDB(path) as db:
+def store(path, spec, device=GPU, median_ms=1.0, baseline_ms=5.0, templates=None, algorithm="im2col_gemm", **params):
+    """One algorithm's tuned result, and the library baseline's time beside it."""
+    with SQLiteStore(path) as db:
         db.record_device(device)
         db.save_result(TunedResult(
-            device=device.fingerprint(), spec=spec, algorithm="im2col_gemm", template_hash=templates or template_hash(),
-            params=default_gemm_params(**params), median_ms=median_ms, gflops=1.0, rel_error=1e-6,
-            baseline="numpy BLAS", baseline_ms=baseline_ms, default_ms=2.0, trials=5))
+            device=device.fingerprint(), spec=spec, algorithm=algorithm, template_hash=templates or template_hash(),
+            params=get_algorithm(algorithm).space.validate(params), median_ms=median_ms, gflops=1.0, rel_error=1e-6,
+            default_ms=2.0, trials=5))
+        if baseline_ms is not None:
+            db.save_result(TunedResult(
+                device=device.fingerprint(), spec=spec, algorithm="im2col_blas", template_hash=templates or template_hash(),
+                params=EMPTY_SPACE.validate({}), median_ms=baseline_ms, gflops=1.0, rel_error=1e-6, default_ms=None,
+                trials=1))
 
 
 def test_exact_match(tmp_path):
     db = tmp_path / "t.db"
     store(db, RES2, MWG=16)
     plan = lookup(RES2, GPU, db)
-    assert plan.source == "tuned" and plan.gemm.MWG == 16
+    assert plan.source == "tuned" and plan.params.MWG == 16
 
 
 def test_nearest_tuned_shape_of_the_same_family(tmp_path):
@@ -45,8 +53,8 @@ def test_nearest_tuned_shape_of_the_same_family(tmp_path):
     store(db, RES4, MWG=128)
     store(db, POINTWISE, MWG=8)  # 1x1: another family, never the nearest of a 3x3
     plan = lookup(RES3.replace(h=16, w=16), GPU, db)  # closer to RES4's GEMM than RES2's
-    assert plan.gemm.MWG == 128 and plan.source.startswith("nearest tuned shape")
-    assert lookup(ConvSpec(1, 32, 56, 56, 32, 3, 3, padding=1), GPU, db).gemm.MWG == 16
+    assert plan.params.MWG == 128 and plan.source.startswith("nearest tuned shape")
+    assert lookup(ConvSpec(1, 32, 56, 56, 32, 3, 3, padding=1), GPU, db).params.MWG == 16
 
 
 def test_device_default_then_vendor_default_then_heuristic(tmp_path):
@@ -55,40 +63,66 @@ def test_device_default_then_vendor_default_then_heuristic(tmp_path):
     store(db, ConvSpec(1, 128, 28, 28, 512, 1, 1), MWG=8)
     store(db, ConvSpec(1, 256, 14, 14, 1024, 1, 1), MWG=32)
     plan = lookup(RES2, GPU, db)  # no 3x3 tuned: the device's most frequent winner
-    assert plan.source.startswith("device default") and plan.gemm.MWG == 8
+    assert plan.source.startswith("device default") and plan.params.MWG == 8
     plan = lookup(RES2, SIBLING, db)  # nothing for this device: same vendor and type
-    assert plan.source.startswith("vendor default") and plan.gemm.MWG == 8
+    assert plan.source.startswith("vendor default") and plan.params.MWG == 8
     other_vendor = DeviceInfo("opencl", "X", "othervendor", "Other GPU", "1", "gpu", 8, 49152, 1024, (1024, 1024, 64))
-    assert lookup(RES2, other_vendor, db) == heuristic_plan(RES2, "gpu")
+    assert lookup(RES2, other_vendor, db) == heuristic_plan(RES2, other_vendor)
 
 
-def test_the_baseline_is_the_plan_where_it_won(tmp_path):
+def test_the_fastest_algorithm_of_the_layer_is_served(tmp_path):
     db = tmp_path / "t.db"
     store(db, RES2, median_ms=3.0, baseline_ms=1.0, MWG=16)
     plan = lookup(RES2, GPU, db)
-    assert plan.algorithm == "im2col_blas" and "baseline" in plan.source
-    assert lookup(RES2, GPU, db, allow_baseline=False).gemm.MWG == 16
+    assert plan.algorithm == "im2col_blas" and plan.source == "tuned"
+    assert lookup(RES2, GPU, db, generated_only=True).params.MWG == 16
+    store(db, RES2, median_ms=0.5, baseline_ms=None, algorithm="implicit_gemm", MWG=32)
+    assert lookup(RES2, GPU, db).algorithm == "implicit_gemm"
+    forced = lookup(RES2, GPU, db, algorithm="im2col_gemm")
+    assert forced.algorithm == "im2col_gemm" and forced.params.MWG == 16 and forced.source == "tuned"
+
+
+def test_a_forced_algorithm_without_results_gets_its_heuristic(tmp_path):
+    db = tmp_path / "t.db"
+    store(db, RES2, MWG=16)
+    plan = lookup(RES4, GPU, db, algorithm="implicit_gemm")
+    assert plan.algorithm == "implicit_gemm" and plan.source == "heuristic"
+    assert lookup(RES4, GPU, db, algorithm="direct").algorithm == "direct"
+
+
+def test_a_forced_algorithm_that_does_not_support_the_shape_says_why(tmp_path, monkeypatch):
+    implicit = get_algorithm("implicit_gemm")
+    monkeypatch.setattr(type(implicit), "supports", lambda self, spec, device: "only 3x3 here" if spec.r != 3 else None)
+    with pytest.raises(UnsupportedAlgorithmError, match="implicit_gemm does not support .*only 3x3 here"):
+        lookup(POINTWISE, GPU, tmp_path / "none.db", algorithm="implicit_gemm")
+    db = tmp_path / "t.db"
+    store(db, RES2, median_ms=0.1, baseline_ms=None, algorithm="implicit_gemm", MWG=8)
+    # The nearest-shape fallback borrows only from algorithms that support the requested shape.
+    store(db, ConvSpec(1, 64, 28, 28, 256, 1, 1), median_ms=0.1, baseline_ms=None, algorithm="implicit_gemm", MWG=8)
+    store(db, ConvSpec(1, 64, 14, 14, 256, 1, 1), median_ms=1.0, baseline_ms=None, MWG=32)
+    plan = lookup(POINTWISE, GPU, db)
+    assert plan.algorithm == "im2col_gemm" and plan.params.MWG == 32
 
 
 def test_results_of_other_template_versions_are_not_served(tmp_path):
     db = tmp_path / "t.db"
     store(db, RES2, templates="0123456789abcdef", MWG=16)
-    assert lookup(RES2, GPU, db) == heuristic_plan(RES2, "gpu")
+    assert lookup(RES2, GPU, db) == heuristic_plan(RES2, GPU)
 
 
 def test_params_that_do_not_fit_the_device_are_not_borrowed(tmp_path):
     db = tmp_path / "t.db"
     small = DeviceInfo("opencl", "Fake CL", "fakevendor", "Fake GPU 1", "1.0", "gpu", 8, 49152, 64, (64, 64, 64))
-    store(db, RES4, device=small, MWG=8, WPTM=1, NWG=64, WPTN=1)  # 64x8 = 512 work-items: too many for `small`
-    assert lookup(RES3, small, db) == heuristic_plan(RES3, "gpu", small.limits())
+    store(db, RES4, device=small, baseline_ms=None, MWG=8, WPTM=1, NWG=64, WPTN=1)  # 512 work-items: too many
+    assert lookup(RES3, small, db) == heuristic_plan(RES3, small)
 
 
 def test_a_damaged_database_falls_back_and_never_crashes(tmp_path):
     db = tmp_path / "t.db"
     db.write_bytes(b"\x00garbage" * 500)
     with pytest.warns(RuntimeWarning):
-        assert lookup(RES2, GPU, db) == heuristic_plan(RES2, "gpu")
-    assert lookup(RES2, GPU, tmp_path / "missing.db") == heuristic_plan(RES2, "gpu")
+        assert lookup(RES2, GPU, db) == heuristic_plan(RES2, GPU)
+    assert lookup(RES2, GPU, tmp_path / "missing.db") == heuristic_plan(RES2, GPU)
 
 
 def test_cached_but_sees_new_results_and_is_thread_safe(tmp_path):
@@ -107,7 +141,6 @@ def test_cached_but_sees_new_results_and_is_thread_safe(tmp_path):
 
 
 def test_user_db_before_shipped_db(tmp_path, monkeypatch):
-    from autoconv.lookup import clear_cache
     from autoconv.settings import reload_settings
 
     shipped_dir = tmp_path / "shipped"
@@ -119,9 +152,8 @@ def test_user_db_before_shipped_db(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOCONV_DB", str(user))
     monkeypatch.setenv("AUTOCONV_SHIPPED_DB_DIR", str(shipped_dir))
     reload_settings()
-    clear_cache()
-    assert lookup(RES2, GPU).gemm.MWG == 16
-    assert lookup(RES3, GPU).gemm.MWG == 64 and lookup(RES3, GPU).source == "tuned"
+    assert lookup(RES2, GPU).params.MWG == 16
+    assert lookup(RES3, GPU).params.MWG == 64 and lookup(RES3, GPU).source == "tuned"
 
 
 def test_conv2d_runs_the_tuned_plan_and_the_baseline_plan(opencl, tmp_path):
@@ -130,7 +162,7 @@ def test_conv2d_runs_the_tuned_plan_and_the_baseline_plan(opencl, tmp_path):
     expected = reference_output(spec, (x, w, b))
     db = tmp_path / "t.db"
     store(db, spec, device=opencl.device, MWG=16, NWG=32, WPTM=2, WPTN=4, VWN=4, SA=0, SB=1)
-    from autoconv.api import choose_plan
+    from autoconv.serve.api import choose_plan
 
     assert choose_plan(spec, opencl, db).source == "tuned"
     out = autoconv.conv2d(x, w, b, padding=1, db=db)

@@ -1,5 +1,6 @@
-"""Generated OpenCL kernels against the float64 reference: property-based shapes, the public
-layers, and configs sampled from the GEMM template's whole space."""
+"""Generated OpenCL kernels against the float64 reference: property-based shapes for every
+algorithm with device kernels, the public layers, and configs sampled from each GEMM
+algorithm's whole space."""
 
 import itertools
 import json
@@ -10,14 +11,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from autoconv import ConvSpec, InvalidParamsError, Plan, default_gemm_params
+from autoconv import ConvSpec, InvalidParamsError, Plan, default_gemm_params, get_algorithm
+from autoconv.algorithms import DIRECT, IM2COL_GEMM, IMPLICIT_GEMM
 from autoconv.errors import InvalidSpecError
 from autoconv.layers import model_layers, model_names
-from autoconv.params import random_valid_configs
-from autoconv.plan import heuristic_plan
-from autoconv.render import ALGORITHM_DIRECT, ALGORITHM_IM2COL_GEMM
 
-from conftest import assert_matches_reference
+from conftest import assert_matches_reference, heuristic_plan
 
 
 @st.composite
@@ -48,13 +47,22 @@ def conv_specs(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=conv_specs(), seed=st.integers(0, 2**16))
 def test_generated_gemm_matches_reference_on_random_shapes(opencl, spec, seed):
-    assert_matches_reference(opencl, spec, heuristic_plan(spec, opencl.device.device_type), seed)
+    assert_matches_reference(opencl, spec, heuristic_plan(spec, opencl.device), seed)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=conv_specs(), seed=st.integers(0, 2**16), staged=st.booleans())
+def test_implicit_gemm_matches_reference_on_random_shapes(opencl, spec, seed, staged):
+    plan = heuristic_plan(spec, opencl.device, IMPLICIT_GEMM)
+    if staged:  # the staged-B path computes patch addresses per element while filling local memory
+        plan = Plan(IMPLICIT_GEMM, plan.params.replace(MWG=16, WPTM=4, NWG=32, WPTN=4, VWN=4, SA=1, SB=1, KWG=8))
+    assert_matches_reference(opencl, spec, plan, seed)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=conv_specs(), seed=st.integers(0, 2**16))
 def test_direct_kernel_matches_reference_on_random_shapes(opencl, spec, seed):
-    assert_matches_reference(opencl, spec, Plan(ALGORITHM_DIRECT), seed)
+    assert_matches_reference(opencl, spec, Plan(DIRECT), seed)
 
 
 def _scaled(spec: ConvSpec) -> ConvSpec:
@@ -74,8 +82,9 @@ PUBLIC = [layer for model in model_names() for layer in model_layers(model)]
 @pytest.mark.parametrize("layer", PUBLIC, ids=lambda layer: layer.label)
 def test_public_layers(opencl, layer):
     spec = _scaled(layer.spec)
-    assert_matches_reference(opencl, spec, heuristic_plan(spec, opencl.device.device_type))
-    assert_matches_reference(opencl, spec, Plan(ALGORITHM_DIRECT))
+    assert_matches_reference(opencl, spec, heuristic_plan(spec, opencl.device))
+    assert_matches_reference(opencl, spec, heuristic_plan(spec, opencl.device, IMPLICIT_GEMM))
+    assert_matches_reference(opencl, spec, Plan(DIRECT))
 
 
 def test_public_layers_are_the_shared_list():
@@ -92,15 +101,29 @@ def test_public_layers_are_the_shared_list():
 SPACE_SAMPLE = 40
 
 
-def test_sampled_configs_of_the_whole_space_compile_and_are_correct(opencl):
-    sample = list(itertools.islice(random_valid_configs(opencl.device.limits(), random.Random(20261124)), SPACE_SAMPLE))
+@pytest.mark.parametrize("algorithm", [IM2COL_GEMM, IMPLICIT_GEMM])
+def test_sampled_configs_of_the_whole_space_compile_and_are_correct(opencl, algorithm):
+    space = get_algorithm(algorithm).space
+    sample = list(itertools.islice(space.random_valid(opencl.device.limits(), random.Random(20261124)), SPACE_SAMPLE))
     # Also the extremes of each tile size, where edge handling is most stressed.
-    sample += [default_gemm_params(MWG=8, WPTM=8, NWG=16, WPTN=16, VWN=16, KWG=4, VW=4, UNROLL=4, SA=0, SB=0),
-               default_gemm_params(MWG=128, WPTM=8, NWG=128, WPTN=8, KWG=32, VW=8, SA=1, SB=1, B_TRANSPOSED=1)]
+    sample += [space.validate(dict(MWG=8, WPTM=8, NWG=16, WPTN=16, VWN=16, KWG=4, VW=4, UNROLL=4, SA=0, SB=0)),
+               space.validate(dict(MWG=128, WPTM=8, NWG=128, WPTN=8, KWG=32, VW=8, SA=1, SB=1))]
     # Odd sizes everywhere: M, N and K are multiples of no tile.
     spec = ConvSpec(2, 6, 9, 7, 10, 3, 2, padding=(1, 0), groups=2, bias=True)
     for params in sample:
-        assert_matches_reference(opencl, spec, Plan(ALGORITHM_IM2COL_GEMM, params, "space sample"))
+        assert_matches_reference(opencl, spec, Plan(algorithm, params, "space sample"))
+
+
+@pytest.mark.parametrize("vwn", [1, 4, 16])
+@pytest.mark.parametrize("spec", [
+    ConvSpec(1, 16, 8, 8, 24, 1, 1, bias=True),     # P*Q = 64: whole vectors, contiguous loads
+    ConvSpec(3, 8, 5, 7, 12, 1, 1),                 # P*Q = 35: vectors cross images, gathered
+    ConvSpec(2, 12, 4, 4, 8, 1, 1, groups=4),       # grouped pointwise
+    ConvSpec(1, 8, 9, 9, 8, 1, 1, stride=2),        # strided 1x1: not contiguous
+], ids=str)
+def test_implicit_gemm_pointwise_paths(opencl, spec, vwn):
+    params = get_algorithm(IMPLICIT_GEMM).space.validate(dict(MWG=8, WPTM=4, NWG=16, WPTN=16, VWN=vwn, SA=0, SB=0))
+    assert_matches_reference(opencl, spec, Plan(IMPLICIT_GEMM, params, "pointwise"))
 
 
 @pytest.mark.parametrize("b_transposed", [0, 1])
@@ -113,7 +136,7 @@ def test_sampled_configs_of_the_whole_space_compile_and_are_correct(opencl):
 def test_every_im2col_layout_and_work_split(opencl, spec, b_transposed, whole_rows):
     params = default_gemm_params(MWG=16, WPTM=4, NWG=32, WPTN=4, VWN=4, B_TRANSPOSED=b_transposed,
                                  IM2COL_ROWS=whole_rows)
-    assert_matches_reference(opencl, spec, Plan(ALGORITHM_IM2COL_GEMM, params, "layout"))
+    assert_matches_reference(opencl, spec, Plan(IM2COL_GEMM, params, "layout"))
 
 
 def test_a_config_that_breaks_the_device_limits_is_never_compiled(opencl, monkeypatch):
@@ -121,4 +144,4 @@ def test_a_config_that_breaks_the_device_limits_is_never_compiled(opencl, monkey
     assert too_big.violations(opencl.device.limits())
     monkeypatch.setattr(opencl, "kernel", lambda source: pytest.fail("compiled a config that breaks constraints"))
     with pytest.raises(InvalidParamsError, match="work_group_size"):
-        opencl.prepare(ConvSpec(1, 4, 8, 8, 4, 3, 3), Plan(ALGORITHM_IM2COL_GEMM, too_big))
+        opencl.prepare(ConvSpec(1, 4, 8, 8, 4, 3, 3), Plan(IM2COL_GEMM, too_big))

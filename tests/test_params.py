@@ -1,29 +1,33 @@
-import dataclasses
+"""Each algorithm's ParamSpace: declared once, validated before rendering, constraints named,
+conditional params, and the GEMM heuristic fitted to small devices."""
 
 import pytest
 
-from autoconv import InvalidParamsError
-from autoconv.params import (
-    GEMM_PARAMS,
-    DeviceLimits,
-    GemmParams,
-    check_gemm_params,
-    default_gemm_params,
-    gemm_space,
-    validate_gemm_params,
-)
-from autoconv.render import render_gemm
+from autoconv import InvalidParamsError, default_gemm_params, get_algorithm, list_algorithms, validate_gemm_params
+from autoconv.device import DeviceInfo, DeviceLimits
+from autoconv.render import OPENCL
 from autoconv.spec import ConvSpec
 
 POCL_LIKE = DeviceLimits(4096, (4096, 4096, 4096), 1 << 20)
 SMALL_GPU = DeviceLimits(256, (256, 256, 64), 32 * 1024, max_vector_width=1)
 
 
-def test_every_param_is_declared_once_with_a_meaning_and_a_default_in_its_choices():
-    names = [decl.name for decl in GEMM_PARAMS]
-    assert names == [field.name for field in dataclasses.fields(GemmParams)]
-    for decl in GEMM_PARAMS:
+@pytest.mark.parametrize("algorithm", list_algorithms())
+def test_every_param_is_declared_once_with_a_meaning_and_a_default_in_its_choices(algorithm):
+    space = get_algorithm(algorithm).space
+    assert len(set(space.names)) == len(space.names)
+    for decl in space.params:
         assert decl.meaning and decl.default in decl.choices
+    assert list(space.validate({}).as_dict()) == list(space.names)
+
+
+def test_params_that_do_not_matter_keep_their_defaults():
+    space = get_algorithm("im2col_gemm").space
+    unstaged = space.validate({"SA": 0, "SB": 0, "VW": 8, "PADA": 2, "PADB": 1})
+    assert "VW" not in space.sampled_values(unstaged) and "PADA" not in space.sampled_values(unstaged)
+    assert space.canonical(unstaged) == space.validate({"SA": 0, "SB": 0})
+    staged_a = space.validate({"SA": 1, "SB": 0, "PADA": 2, "PADB": 1})
+    assert space.sampled_values(staged_a)["PADA"] == 2 and "PADB" not in space.sampled_values(staged_a)
 
 
 def test_defaults_satisfy_every_constraint_on_a_cpu_device():
@@ -52,7 +56,7 @@ def test_broken_constraints_are_named():
     broken = " ".join(params.violations(POCL_LIKE))
     assert "vector_divides_k_tile" in broken and "unroll_divides_k_tile" in broken
     with pytest.raises(InvalidParamsError, match="vector_divides_k_tile"):
-        check_gemm_params(params, POCL_LIKE)
+        params.space.check(params, POCL_LIKE)
 
 
 def test_device_limits_are_constraints():
@@ -69,7 +73,7 @@ def test_device_limits_are_constraints():
 
 def test_the_space_holds_only_valid_configs_and_the_defaults():
     configs = []
-    for index, params in enumerate(gemm_space(SMALL_GPU)):
+    for index, params in enumerate(get_algorithm("im2col_gemm").space.all_valid(SMALL_GPU)):
         assert params.violations(SMALL_GPU) == []
         configs.append(params)
         if index > 5000:
@@ -77,19 +81,20 @@ def test_the_space_holds_only_valid_configs_and_the_defaults():
     assert len(configs) > 1000
 
 
-def test_rendered_source_carries_exactly_the_params():
-    params = default_gemm_params(MWG=16, NWG=32, WPTM=2, WPTN=4)
-    text = render_gemm(ConvSpec(1, 4, 8, 8, 4, 3, 3), params).text
+@pytest.mark.parametrize("algorithm", ["im2col_gemm", "implicit_gemm"])
+def test_rendered_source_carries_exactly_the_params(algorithm):
+    space = get_algorithm(algorithm).space
+    params = space.validate(dict(MWG=16, NWG=32, WPTM=2, WPTN=4))
+    text = get_algorithm(algorithm).kernels(ConvSpec(1, 4, 8, 8, 4, 3, 3), params, OPENCL)[-1].text
     for name, value in params.as_dict().items():
         assert f"#define {name} {value} " in text
 
 
 @pytest.mark.parametrize("max_wg, local_mem", [(1024, 49152), (256, 32768), (64, 16384), (16, 4096)])
 @pytest.mark.parametrize("device_type", ["gpu", "cpu"])
-def test_the_heuristic_default_fits_small_devices(max_wg, local_mem, device_type):
-    from autoconv.plan import heuristic_gemm_params
-    from autoconv.spec import ConvSpec
-
-    limits = DeviceLimits(max_wg, (max_wg, max_wg, 64), local_mem, max_vector_width=1 if max_wg == 16 else 16)
-    params = heuristic_gemm_params(ConvSpec(1, 64, 28, 28, 64, 3, 3, padding=1), device_type, limits)
-    assert params.violations(limits) == []
+@pytest.mark.parametrize("algorithm", list_algorithms())
+def test_the_heuristic_default_fits_small_devices(max_wg, local_mem, device_type, algorithm):
+    backend = "cuda" if max_wg == 16 else "opencl"  # CUDA: scalar accumulators only
+    device = DeviceInfo(backend, "P", "v", "small", "1", device_type, 1, local_mem, max_wg, (max_wg, max_wg, 64))
+    params = get_algorithm(algorithm).heuristic(ConvSpec(1, 64, 28, 28, 64, 3, 3, padding=1), device)
+    assert params.violations(device.limits()) == []

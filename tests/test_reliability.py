@@ -25,24 +25,17 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import autoconv
-from autoconv import ConvSpec, InvalidSpecError, Plan, ResourceLimitError, default_gemm_params
-from autoconv.backends.base import DeviceInfo
+from autoconv import ConvSpec, InvalidSpecError, Plan, ResourceLimitError, default_gemm_params, get_algorithm, lookup
+from autoconv.algorithms import DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM
 from autoconv.cli import app
+from autoconv.device import DeviceInfo
 from autoconv.layers import parse_layer
-from autoconv.lookup import lookup
-from autoconv.plan import heuristic_gemm_params
 from autoconv.render import template_hash
-from autoconv.tuner import (
-    DeviceEvaluator,
-    Outcome,
-    _storage,
-    canonical,
-    journal_path,
-    study_name,
-    tune_layer,
-    worker_identity,
-)
-from autoconv.tuning_db import TunedResult, TuningDB
+from autoconv.store import SQLiteStore, TunedResult
+from autoconv.tuning.study import journal_path, journal_storage, study_name, worker_identity
+from autoconv.tuning.tuner import DeviceEvaluator, Outcome, tune_layer
+
+from conftest import heuristic_plan
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "250"}
@@ -63,27 +56,31 @@ def one_line_error(result, code: int = 2) -> str:
 
 
 class FakeEvaluator:
-    """Deterministic times; the tuner's loop without timing noise."""
+    """Deterministic times; the tuner's loop without timing noise. baseline_spread: how much the
+    library baseline's repeats disagree (a busy machine)."""
 
-    def __init__(self, baseline_ms: float | None = 1.5):
+    algorithms = (IM2COL_GEMM, IMPLICIT_GEMM, DIRECT, IM2COL_BLAS)
+
+    def __init__(self, baseline_ms: float = 1.5, baseline_spread: float = 0.01):
         self.measured = []
-        self.baseline_ms = baseline_ms
+        self.baseline_ms, self.baseline_spread = baseline_ms, baseline_spread
 
-    def __call__(self, params):
-        self.measured.append(params)
-        return Outcome("ok", 1.0 + abs(params.MWG - 32) / 32 + abs(params.NWG - 64) / 64, 1e-6)
-
-    def baseline(self):
-        return "fake BLAS", self.baseline_ms
+    def __call__(self, algorithm, params):
+        self.measured.append((algorithm, params))
+        if algorithm == IM2COL_BLAS:
+            return Outcome("ok", self.baseline_ms, 1e-6, spread=self.baseline_spread, repeats=7)
+        if not params:
+            return Outcome("ok", 30.0, 1e-6, spread=0.01, repeats=7)
+        return Outcome("ok", 1.0 + abs(params.MWG - 32) / 32 + abs(params.NWG - 64) / 64, 1e-6, spread=0.01, repeats=7)
 
 
 def store_result(path: Path, device: DeviceInfo, spec: ConvSpec = L_SPEC, median_ms: float = 1.0, **params) -> None:
-    with TuningDB(path) as db:
+    with SQLiteStore(path) as db:
         db.record_device(device)
         db.save_result(TunedResult(
             device=device.fingerprint(), spec=spec, algorithm="im2col_gemm", template_hash=template_hash(),
             params=default_gemm_params(**(params or {"MWG": 16, "WPTM": 4})), median_ms=median_ms, gflops=1.0,
-            rel_error=1e-6, baseline="numpy BLAS", baseline_ms=5.0, default_ms=2.0, trials=6))
+            rel_error=1e-6, default_ms=2.0, trials=6))
 
 
 @pytest.fixture
@@ -155,7 +152,7 @@ def test_export_replaces_an_untouched_earlier_export_and_follows_the_umask(tuned
 @pytest.mark.parametrize("damage", ["torn_60", "torn_1", "torn_200", "garbage_line", "binary_tail"])
 def test_a_damaged_journal_keeps_its_valid_prefix(tmp_path, damage):
     db_path = tmp_path / "x.db"
-    with TuningDB(db_path) as db:
+    with SQLiteStore(db_path) as db:
         tune_layer(L_SPEC, FAKE_GPU, FakeEvaluator(), db, trials=4)
     journal = journal_path(db_path)
     size = journal.stat().st_size
@@ -167,12 +164,12 @@ def test_a_damaged_journal_keeps_its_valid_prefix(tmp_path, damage):
     else:
         with open(journal, "ab") as f:
             f.write(b"\x00\xff\xfe garbage")
-    with TuningDB(db_path) as db, pytest.warns(RuntimeWarning, match="damaged tail"):
+    with SQLiteStore(db_path) as db, pytest.warns(RuntimeWarning, match="damaged tail"):
         report = tune_layer(L_SPEC, FAKE_GPU, FakeEvaluator(), db, trials=8)
     assert report.trials == 8
     (aside,) = tmp_path.glob("x.db.optuna.journal.damaged-*")
     assert aside.stat().st_size > 0
-    with TuningDB(db_path) as db:  # and the next run finds a whole journal
+    with SQLiteStore(db_path) as db:  # and the next run finds a whole journal
         assert tune_layer(L_SPEC, FAKE_GPU, FakeEvaluator(), db, trials=8).trials == 8
 
 
@@ -190,14 +187,16 @@ def test_every_later_tune_works_after_a_torn_journal_cli(opencl, tmp_path):
 
 RESULT_COLUMNS = {
     "median_ms": [None, "fast", -1.0, 0.0, float("inf"), b"\x00"],
-    "baseline_ms": ["x", -2.0, 0.0],  # (SQLite stores NaN as NULL: no baseline, a valid value)
-    "default_ms": ["x", -2.0],
+    "default_ms": ["x", -2.0, 0.0],  # (SQLite stores NaN as NULL: no default time, a valid value)
+    "spread": ["wide", -0.5],
+    "repeats": ["seven", -1],
     "rel_error": ["x", 0.5, -1.0],
     "trials": ["many", -3, 1.5],
     "verified": [0, None, "yes"],
     "params": ["{", "[]", '{"MWG": 3}', '{"MWG": "64]; evil"}', "[" * 100_000 + "]" * 100_000, "x" * 10_000],
     "device": [None, b"\x07", "a device with no devices row"],
-    "baseline": [b"\x03"],  # (an int in a TEXT column is stored as text: not damage)
+    "autoconv_version": [b"\x03"],  # (an int in a TEXT column is stored as text: not damage)
+    "algorithm": ["winograd_from_the_future", None],
 }
 
 
@@ -211,7 +210,7 @@ def test_a_damaged_result_column_is_never_served_or_merged(opencl, tuned_db, tmp
     assert listed.exit_code == 0 and "Traceback" not in listed.output
     merged = tmp_path / "merged.db"
     assert cli("db", "merge", str(tuned_db), "--db", str(merged)).exit_code == 0
-    with TuningDB(merged, readonly=True) as db:
+    with SQLiteStore(merged, readonly=True) as db:
         assert db.results() == []
 
 
@@ -229,9 +228,7 @@ def test_run_and_conv2d_survive_a_null_median(opencl, tuned_db):
     result = cli("run", L, "--db", str(tuned_db), "--repeats", "1")
     assert result.exit_code == 0, result.output
     x, w = np.ones(L_SPEC.input_shape, np.float32), np.ones(L_SPEC.weight_shape, np.float32)
-    from autoconv.lookup import clear_cache
-
-    clear_cache()  # the run above cached its (fallback) answer
+    autoconv.default_session().clear_cache()  # the run above cached its (fallback) answer
     with pytest.warns(RuntimeWarning, match="median_ms"):
         out = autoconv.conv2d(x, w, padding=1, db=tuned_db)
     assert out.shape == L_SPEC.output_shape
@@ -271,7 +268,7 @@ def test_an_impossible_layer_is_refused_before_any_host_array(opencl):
     huge = ConvSpec(64, 4096, 4096, 4096, 16, 3, 3, padding=1)
     with pytest.raises(ResourceLimitError, match="host memory"):
         autoconv.get_backend("numpy").prepare(huge, Plan("im2col_blas"))
-    from autoconv.compare import random_operands
+    from autoconv.tuning.verify import random_operands
 
     with pytest.raises(ResourceLimitError, match="host memory"):
         random_operands(huge)
@@ -283,7 +280,8 @@ def test_the_tuner_records_a_config_too_large_for_the_device_as_a_failure(opencl
     small = OpenCLBackend()
     small.device = replace(opencl.device, max_alloc_bytes=4096)
     spec = ConvSpec(1, 8, 12, 12, 8, 3, 3, padding=1)  # its im2col scratch is 20 KiB
-    outcome = DeviceEvaluator(small, spec, repeats=1)(heuristic_gemm_params(spec, "cpu"))
+    plan = heuristic_plan(spec, opencl.device)
+    outcome = DeviceEvaluator(small, spec, repeats=1)(plan.algorithm, plan.params)
     assert outcome.status == "too_large" and outcome.median_ms == float("inf") and "4.0 KiB" in outcome.message
     with pytest.raises(ResourceLimitError):
         small.prepare(spec, Plan("direct")).time(*[np.ones(s, np.float32) for s in (spec.input_shape, spec.weight_shape)])
@@ -291,12 +289,13 @@ def test_the_tuner_records_a_config_too_large_for_the_device_as_a_failure(opencl
 
 def test_int32_overflowing_kernel_arguments_are_refused(opencl):
     from autoconv.backends.base import check_fits
-    from autoconv.render import render_im2col
+    from autoconv.algorithms.im2col_gemm import render_im2col
+    from autoconv.render import OPENCL
 
     spec = ConvSpec(4096, 1, 1024, 1024, 1, 1, 1)  # N*P*Q = 2**32
     unlimited = replace(opencl.device, max_alloc_bytes=0, global_mem_bytes=0)
     with pytest.raises(ResourceLimitError, match="32-bit"):
-        check_fits(unlimited, spec, 0, [render_im2col(spec, heuristic_gemm_params(spec, "cpu"))])
+        check_fits(unlimited, spec, 0, [render_im2col(spec, heuristic_plan(spec, None).params, OPENCL)])
 
 
 # 6 and 9. live trials of another tuner are left alone; a killed default is measured again ----------
@@ -308,9 +307,9 @@ def _dead_pid() -> int:
 
 
 def test_a_live_tuners_running_trial_is_not_failed_but_a_dead_ones_is(tmp_path):
-    with TuningDB(tmp_path / "t.db") as db:
+    with SQLiteStore(tmp_path / "t.db") as db:
         tune_layer(L_SPEC, FAKE_GPU, FakeEvaluator(), db, trials=2)
-        storage = _storage(db.path)
+        storage = journal_storage(db.path)
         study = optuna.load_study(study_name=study_name(FAKE_GPU, L_SPEC, "im2col_gemm", template_hash()),
                                   storage=storage)
         live = study.ask()
@@ -337,33 +336,32 @@ def test_two_tuners_of_one_layer_on_one_db_both_finish(opencl, tmp_path):
 
 
 def test_a_kill_during_the_default_trial_measures_the_default_on_resume(tmp_path):
-    with TuningDB(tmp_path / "t.db") as db:
-        storage = _storage(db.path)
+    with SQLiteStore(tmp_path / "t.db") as db:
+        storage = journal_storage(db.path)
         study = optuna.create_study(study_name=study_name(FAKE_GPU, L_SPEC, "im2col_gemm", template_hash()),
                                     storage=storage)
-        default = canonical(heuristic_gemm_params(L_SPEC, "gpu", FAKE_GPU.limits()))
-        from autoconv.tuner import sampled_values
-
-        study.enqueue_trial(sampled_values(default), user_attrs={"default": True})
+        space = get_algorithm(IM2COL_GEMM).space
+        default = space.canonical(heuristic_plan(L_SPEC, FAKE_GPU).params)
+        study.enqueue_trial(space.sampled_values(default), user_attrs={"default": True})
         killed = study.ask()  # the first run took the default and was killed while measuring it
         killed.set_user_attr("worker", {**worker_identity(), "pid": _dead_pid()})
         fake = FakeEvaluator()
-        report = tune_layer(L_SPEC, FAKE_GPU, fake, db, trials=5, storage=storage)
-    assert fake.measured[0] == default
-    assert report.best.default_ms == FakeEvaluator()(default).median_ms
+        report = tune_layer(L_SPEC, FAKE_GPU, fake, db, trials=5, storage=storage, algorithms=(IM2COL_GEMM,))
+    assert fake.measured[0] == (IM2COL_GEMM, default)
+    assert report.bests[IM2COL_GEMM].default_ms == FakeEvaluator()(IM2COL_GEMM, default).median_ms
 
 
 # 7. many processes creating one new database at once --------------------------------------------
 
 def test_concurrent_creation_of_a_new_database(tmp_path):
-    script = "import sys; from autoconv.tuning_db import TuningDB; TuningDB(sys.argv[1]).close()"
+    script = "import sys; from autoconv.store import SQLiteStore; SQLiteStore(sys.argv[1]).close()"
     for round_ in range(3):
         path = tmp_path / f"new{round_}.db"
         procs = [subprocess.Popen([sys.executable, "-c", script, str(path)], stderr=subprocess.PIPE, text=True)
                  for _ in range(8)]
         errors = [p.communicate(timeout=120)[1] for p in procs]
         assert all(p.returncode == 0 for p in procs), errors
-        with TuningDB(path, readonly=True) as db:
+        with SQLiteStore(path, readonly=True) as db:
             assert db.results() == []
 
 
@@ -530,20 +528,43 @@ def test_a_noisy_baseline_is_not_stored(opencl, monkeypatch):
     from autoconv.backends.base import Timing
     from autoconv.backends.numpy_backend import NumpyConv
 
+    calls = []
+
+    def noisy(self, *args, **kwargs):
+        calls.append(1)
+        return Timing((0.2, 0.2, 13.9, 0.3, 16.0, 0.2, 9.0))
+
+    monkeypatch.setattr(NumpyConv, "time", noisy)
+    spec = ConvSpec(1, 4, 6, 6, 4, 3, 3, padding=1)
+    evaluator = DeviceEvaluator(opencl, spec, repeats=1)
+    outcome = evaluator(IM2COL_BLAS, get_algorithm(IM2COL_BLAS).space.validate({}))
+    assert len(calls) == 3 and not outcome.steady  # re-measured, still too wide
+
+
+def test_a_noisy_baseline_is_not_stored_by_the_tuner(opencl, monkeypatch, tmp_path):
+    from autoconv.backends.base import Timing
+    from autoconv.backends.numpy_backend import NumpyConv
+
     monkeypatch.setattr(NumpyConv, "time", lambda self, *a, **k: Timing((0.2, 0.2, 13.9, 0.3, 16.0, 0.2, 9.0)))
-    evaluator = DeviceEvaluator(opencl, ConvSpec(1, 4, 6, 6, 4, 3, 3, padding=1), repeats=1)
-    with pytest.warns(RuntimeWarning, match="not stored"):
-        assert evaluator.baseline() == ("numpy BLAS", None)
+    spec = ConvSpec(1, 4, 6, 6, 4, 3, 3, padding=1)
+    with SQLiteStore(tmp_path / "t.db") as db, pytest.warns(RuntimeWarning, match="not stored"):
+        report = tune_layer(spec, opencl.device, DeviceEvaluator(opencl, spec, repeats=1), db, trials=1,
+                            algorithms=(IM2COL_BLAS,))
+        assert report.baseline is None and db.results() == []
 
 
-def test_a_stored_baseline_is_refreshed_by_the_next_tuning_run(tmp_path):
-    with TuningDB(tmp_path / "t.db") as db:
+def test_a_stored_baseline_is_replaced_by_the_next_steady_measurement(tmp_path):
+    def baseline(db):
+        return {r.algorithm: r.median_ms for r in db.results()}[IM2COL_BLAS]
+
+    with SQLiteStore(tmp_path / "t.db") as db:
         tune_layer(L_SPEC, FAKE_GPU, FakeEvaluator(baseline_ms=13.9), db, trials=4)
-        assert db.results()[0].baseline_ms == 13.9
+        assert baseline(db) == 13.9
         tune_layer(L_SPEC, FAKE_GPU, FakeEvaluator(baseline_ms=0.215), db, trials=4)
-        assert db.results()[0].baseline_ms == 0.215
-        tune_layer(L_SPEC, FAKE_GPU, FakeEvaluator(baseline_ms=None), db, trials=5)  # noisy now: kept
-        assert db.results()[0].baseline_ms == 0.215
+        assert baseline(db) == 0.215
+        with pytest.warns(RuntimeWarning, match="not stored"):  # busy now: the steady one stays
+            tune_layer(L_SPEC, FAKE_GPU, FakeEvaluator(baseline_ms=16.0, baseline_spread=0.8), db, trials=5)
+        assert baseline(db) == 0.215
 
 
 # 18. the export's header is tied to its kernel files ----------------------------------------------
@@ -628,8 +649,8 @@ def fuzz_db(tmp_path_factory):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(results=st.dictionaries(st.sampled_from(["device", "layer", "dtype", "algorithm", "template_hash", "params",
-                                                  "median_ms", "gflops", "rel_error", "verified", "baseline",
-                                                  "baseline_ms", "default_ms", "trials", "autoconv_version",
+                                                  "median_ms", "gflops", "rel_error", "verified", "spread",
+                                                  "repeats", "default_ms", "trials", "autoconv_version",
                                                   "created"]), ANY_VALUE, max_size=4),
        layers=st.dictionaries(st.sampled_from(["n", "c", "h", "w", "k", "r", "s", "stride_h", "stride_w", "pad_h",
                                                  "pad_w", "dilation_h", "dilation_w", "groups", "bias", "dtype",
@@ -649,13 +670,13 @@ def test_result_rows_with_arbitrary_values_are_served_only_when_valid(fuzz_db, t
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with TuningDB(path, readonly=True) as db:
+        with SQLiteStore(path, readonly=True) as db:
             served = db.results()
             db.devices()
         plan = lookup(L_SPEC, FAKE_GPU, path, shipped=False)
     for result in served:  # whatever survives validation is well-formed
         assert result.median_ms > 0 and np.isfinite(result.median_ms) and 0 <= result.rel_error < 1e-4
         assert isinstance(result.trials, int) and result.trials >= 0
-        assert result.baseline_ms is None or (result.baseline_ms > 0 and np.isfinite(result.baseline_ms))
-        assert result.params is None or isinstance(result.params.MWG, int)
-    assert isinstance(plan, Plan) and (plan.gemm is None or plan.gemm.MWG in (8, 16, 32, 64, 128))
+        assert result.default_ms is None or (result.default_ms > 0 and np.isfinite(result.default_ms))
+        assert all(isinstance(v, int) for v in result.params.values())
+    assert isinstance(plan, Plan) and plan.params.get("MWG", 8) in (8, 16, 32, 64, 128)

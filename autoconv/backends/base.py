@@ -1,4 +1,4 @@
-"""The Backend contract that the numpy reference, OpenCL and CUDA backends all implement."""
+"""The Backend contract that the numpy, OpenCL and CUDA backends all implement."""
 
 from __future__ import annotations
 
@@ -8,67 +8,25 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
-from autoconv.params import DeviceLimits
+from autoconv.device import DeviceInfo
 from autoconv.plan import Plan
 from autoconv.render import KernelSource
 from autoconv.resources import check_device, check_int_args
 from autoconv.spec import ConvSpec
 
-# One table turns the many spellings drivers report into one vendor name.
-VENDOR_NAMES = {
-    "nvidia": "nvidia",
-    "advanced micro devices": "amd",
-    "authenticamd": "amd",
-    "amd": "amd",
-    "intel": "intel",
-    "genuineintel": "intel",
-    "apple": "apple",
-    "arm": "arm",
-    "qualcomm": "qualcomm",
-    "portable computing language": "pocl",
-}
+
+def weight_bytes(spec: ConvSpec) -> int:
+    return spec.k * spec.c_per_group * spec.r * spec.s * spec.itemsize
 
 
-def normalise_vendor(raw: str) -> str:
-    lowered = raw.strip().lower()
-    for needle, vendor in VENDOR_NAMES.items():
-        if needle in lowered:
-            return vendor
-    return lowered or "unknown"
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """What identifies a device for caching and tuning, and what limits its kernels."""
-
-    backend: str
-    platform: str
-    vendor: str
-    name: str
-    driver: str
-    device_type: str  # "cpu", "gpu", "accelerator" or "host"
-    compute_units: int
-    local_mem_bytes: int
-    max_work_group_size: int
-    max_work_item_sizes: tuple[int, ...]
-    max_alloc_bytes: int = 0  # largest single buffer (0: unknown, not checked)
-    global_mem_bytes: int = 0  # memory for all buffers together (0: unknown, not checked)
-
-    def fingerprint(self) -> str:
-        """Everything that can change a kernel's speed or correctness: results are keyed on it."""
-        return f"{self.backend}|{self.platform}|{self.vendor}|{self.name}|{self.driver}"
-
-    def limits(self) -> DeviceLimits:
-        # CUDA C++ has no arithmetic on float4 & co., so the CUDA dialect's accumulators are scalar.
-        vector_width = 1 if self.backend == "cuda" else 16
-        return DeviceLimits(self.max_work_group_size, self.max_work_item_sizes, self.local_mem_bytes, vector_width)
+def output_bytes(spec: ConvSpec) -> int:
+    return spec.n * spec.k * spec.p * spec.q * spec.itemsize
 
 
 def conv_buffers(spec: ConvSpec, scratch_bytes: int) -> dict[str, int]:
     """The device buffers a prepared conv allocates, by name, in bytes."""
-    return {"input": spec.input_bytes, "weight": spec.k * spec.c_per_group * spec.r * spec.s * spec.itemsize,
-            "bias": spec.k * spec.itemsize, "output": spec.n * spec.k * spec.p * spec.q * spec.itemsize,
-            **({"im2col scratch": scratch_bytes} if scratch_bytes else {})}
+    return {"input": spec.input_bytes, "weight": weight_bytes(spec), "bias": spec.k * spec.itemsize,
+            "output": output_bytes(spec), **({"scratch": scratch_bytes} if scratch_bytes else {})}
 
 
 def check_fits(device: DeviceInfo, spec: ConvSpec, scratch_bytes: int, sources: Iterable[KernelSource] = ()) -> None:
@@ -94,13 +52,21 @@ class Timing:
     def min_ms(self) -> float:
         return min(self.samples_ms)
 
+    @property
+    def spread(self) -> float:
+        """Interquartile range over the median: how far the repeats disagree."""
+        if len(self.samples_ms) < 2:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.samples_ms, n=4, method="inclusive")
+        return (q3 - q1) / self.median_ms if self.median_ms > 0 else float("inf")
+
     def gflops(self, spec: ConvSpec) -> float:
         return spec.flops / (self.median_ms * 1e6)
 
 
 @runtime_checkable
 class PreparedConv(Protocol):
-    """One ConvSpec made ready on a device under one Plan: kernels compiled, scratch allocated."""
+    """One ConvSpec made ready on a device under one Plan: kernels compiled, buffers allocated."""
 
     spec: ConvSpec
     plan: Plan
@@ -118,7 +84,8 @@ class PreparedConv(Protocol):
         """Time the computation alone (inputs already on the device): warm-up runs, then repeats.
 
         The runs take `rotate` copies of the inputs in turn, so caches warmed by one run do not
-        flatter the next. Each sample is one whole run (im2col and GEMM), event-timed on devices.
+        flatter the next. Each sample is one whole run (every kernel of the plan), event-timed on
+        devices.
         """
         ...
 
@@ -127,9 +94,11 @@ class PreparedConv(Protocol):
 class Backend(Protocol):
     """A place convolutions run.
 
-    Contract: `prepare(spec, plan)` accepts any valid ConvSpec and any plan whose algorithm is in
-    `algorithms`; it raises InvalidParamsError for params that break the device's constraints
-    (before compiling), KernelCompileError / KernelLaunchError for kernels that fail, and
+    Contract: `algorithms` names the registered algorithms it runs; `prepare(spec, plan)` accepts
+    any valid ConvSpec and any plan whose algorithm is in `algorithms` (InvalidParamsError naming
+    the algorithm otherwise); it raises InvalidParamsError for params that break the device's
+    constraints and ResourceLimitError for buffers beyond its memory (both before compiling or
+    allocating), KernelCompileError / KernelLaunchError for kernels that fail, and
     BackendUnavailableError when the device is gone. The prepared conv's results match the float64
     reference to 1e-4 relative error for float32 and write every output element.
     """
@@ -140,3 +109,19 @@ class Backend(Protocol):
 
     def prepare(self, spec: ConvSpec, plan: Plan) -> PreparedConv:
         ...
+
+
+def select_index(names: list[str], device: int | str, label: str) -> int:
+    """The device an explicit selector names: an index into `names`, or the first name containing
+    the fragment (case-insensitive). BackendUnavailableError naming what was found otherwise."""
+    from autoconv.errors import BackendUnavailableError
+
+    if isinstance(device, (int, np.integer)) and not isinstance(device, bool):
+        if not 0 <= device < len(names):
+            raise BackendUnavailableError(f"device: {label} index {device} is out of range (found {len(names)})")
+        return int(device)
+    fragment = str(device).strip().lower()
+    matches = [i for i, name in enumerate(names) if fragment and fragment in name.lower()]
+    if not matches:
+        raise BackendUnavailableError(f"device: no {label} device matches {device!r} (found: {', '.join(names)})")
+    return matches[0]

@@ -1,4 +1,5 @@
-"""The OpenCL backend on pyopencl: device discovery, program cache, buffers, event timing."""
+"""The OpenCL backend on pyopencl: device discovery, program cache, and the launcher's
+primitives (buffers, copies, launches, event timing)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from autoconv.backends.base import DeviceInfo, Timing, check_fits, normalise_vendor
+from autoconv.backends.base import select_index
+from autoconv.backends.launch import LaunchedConv, prepare_on, runtime_algorithms
+from autoconv.device import DeviceInfo, normalise_vendor
 from autoconv.errors import BackendUnavailableError, InvalidParamsError, KernelCompileError, KernelLaunchError
-from autoconv.params import check_gemm_params
 from autoconv.plan import Plan
-from autoconv.render import (
-    ALGORITHM_DIRECT,
-    ALGORITHM_IM2COL_GEMM,
-    OPENCL,
-    KernelSource,
-    im2col_scratch_bytes,
-    render_direct,
-    render_gemm,
-    render_im2col,
-)
+from autoconv.render import OPENCL, KernelSource
 from autoconv.spec import ConvSpec
-from autoconv.tensors import check_operands
 
 INSTALL_HINT = (
     "install pyopencl and an OpenCL driver: `pip install pyopencl` and, for the CPU, "
@@ -126,26 +118,19 @@ def select_device(device: int | str | None) -> tuple[OpenCLDevice, Any]:
             raise BackendUnavailableError(f"no usable OpenCL device ({problems}); {INSTALL_HINT}")
         # A GPU when there is one, else the first working device (PoCL's CPU device here).
         return next((e for e in usable if e[0].info.device_type == "gpu"), usable[0])
-    if isinstance(device, int) and not isinstance(device, bool):
-        if not 0 <= device < len(found):
-            raise BackendUnavailableError(f"device: index {device} is out of range (found {len(found)} devices)")
-        chosen = found[device]
-    else:
-        matches = [e for e in found if str(device).lower() in e[0].info.name.lower()]
-        if not matches:
-            names = ", ".join(e[0].info.name for e in found)
-            raise BackendUnavailableError(f"device: no OpenCL device matches {device!r} (found: {names})")
-        chosen = matches[0]
+    chosen = found[select_index([entry.info.name for entry, _ in found], device, "OpenCL")]
     if not chosen[0].usable:
         raise BackendUnavailableError(f"device: {chosen[0].info.name} cannot build kernels: {chosen[0].problem}")
     return chosen
 
 
 class OpenCLBackend:
-    """Runs generated kernels on one OpenCL device through one in-order profiling queue."""
+    """Runs generated kernels on one OpenCL device through one in-order profiling queue (the
+    launcher's Runtime for OpenCL)."""
 
     name = "opencl"
-    algorithms = (ALGORITHM_IM2COL_GEMM, ALGORITHM_DIRECT)
+    dialect = OPENCL
+    has_library_gemm = False  # no BLAS here: the library baseline runs on the host (numpy)
 
     def __init__(self, device: int | str | None = None) -> None:
         cl = _cl()
@@ -157,7 +142,8 @@ class OpenCLBackend:
         self.queue = cl.CommandQueue(self.context, properties=cl.command_queue_properties.PROFILING_ENABLE)
         self._programs: dict[tuple[str, str], Any] = {}
         self._programs_lock = threading.Lock()
-        self.lock = threading.RLock()  # one queue: runs from several threads take turns
+        self.lock = threading.RLock()
+        self.algorithms = runtime_algorithms(self.has_library_gemm)
 
     def kernel(self, source: KernelSource) -> Any:
         """The compiled kernel for a source, built once per (source hash, device and driver)."""
@@ -176,113 +162,45 @@ class OpenCLBackend:
         # A fresh kernel object per caller: each binds its own arguments.
         return self._cl.Kernel(program, source.entry)
 
-    def prepare(self, spec: ConvSpec, plan: Plan) -> "OpenCLConv":
-        if plan.algorithm == ALGORITHM_IM2COL_GEMM:
-            if plan.gemm is None:
-                raise InvalidParamsError("im2col_gemm needs GEMM params; the plan has none")
-            check_gemm_params(plan.gemm, self.device.limits())
-            sources = [render_im2col(spec, plan.gemm, OPENCL), render_gemm(spec, plan.gemm, OPENCL)]
-        elif plan.algorithm == ALGORITHM_DIRECT:
-            sources = [render_direct(spec, OPENCL)]
-        else:
-            raise InvalidParamsError(f"algorithm: the opencl backend runs {self.algorithms}, not {plan.algorithm!r}")
-        scratch = im2col_scratch_bytes(spec, plan.gemm) if plan.algorithm == ALGORITHM_IM2COL_GEMM else 0
-        check_fits(self.device, spec, scratch, sources)
-        return OpenCLConv(self, spec, plan, sources)
+    def prepare(self, spec: ConvSpec, plan: Plan) -> LaunchedConv:
+        return prepare_on(self, self.algorithms, spec, plan)
 
+    # The launcher's primitives ------------------------------------------------------------------
 
-class OpenCLConv:
-    """Device buffers and bound kernels for one ConvSpec; reused across runs."""
-
-    def __init__(self, backend: OpenCLBackend, spec: ConvSpec, plan: Plan, sources: list[KernelSource]) -> None:
-        self.backend = backend
-        self.spec = spec
-        self.plan = plan
-        self.sources = sources
-        cl = backend._cl
-        self._cl = cl
-        flags = cl.mem_flags
-        ctx = backend.context
-        itemsize = spec.itemsize
-        self.x_buf = cl.Buffer(ctx, flags.READ_ONLY, spec.input_bytes)
-        self.w_buf = cl.Buffer(ctx, flags.READ_ONLY, int(np.prod(spec.weight_shape)) * itemsize)
-        self.bias_buf = cl.Buffer(ctx, flags.READ_ONLY, spec.k * itemsize)
-        self.out_buf = cl.Buffer(ctx, flags.READ_WRITE, int(np.prod(spec.output_shape)) * itemsize)
-        kernels = [backend.kernel(source) for source in sources]
-        self._launches = list(zip(kernels, sources))
-        self.cols_buf = None
-        if plan.algorithm == ALGORITHM_IM2COL_GEMM:
-            self.cols_buf = cl.Buffer(ctx, flags.READ_WRITE, im2col_scratch_bytes(spec, plan.gemm))
-        self._bind(self.x_buf, self.w_buf)
-
-    def _bind(self, x_buf: Any, w_buf: Any) -> None:
-        """Set every kernel's arguments from its KernelSource.args, with these input buffers."""
-        buffers = {"input": x_buf, "weight": w_buf, "bias": self.bias_buf, "output": self.out_buf,
-                   "scratch": self.cols_buf}
-        for kernel, source in self._launches:
-            kernel.set_args(*(np.int32(arg.value) if arg.kind == "int" else buffers[arg.kind] for arg in source.args))
-
-    def _upload(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> None:
-        check_operands(self.spec, x, weight, bias)
-        queue, cl = self.backend.queue, self._cl
-        cl.enqueue_copy(queue, self.x_buf, np.ascontiguousarray(x, dtype=np.float32))
-        cl.enqueue_copy(queue, self.w_buf, np.ascontiguousarray(weight, dtype=np.float32))
-        if bias is not None:
-            cl.enqueue_copy(queue, self.bias_buf, np.ascontiguousarray(bias, dtype=np.float32))
-
-    def _enqueue(self) -> list[Any]:
-        queue, cl = self.backend.queue, self._cl
-        events = []
+    def alloc(self, nbytes: int) -> Any:
         try:
-            for kernel, source in self._launches:
-                events.append(cl.enqueue_nd_range_kernel(queue, kernel, source.global_size, source.local_size))
-        except cl.Error as exc:
-            raise KernelLaunchError(f"{self.plan.describe()} failed to launch on {self.backend.device.name}: {exc}") from None
-        return events
+            return self._cl.Buffer(self.context, self._cl.mem_flags.READ_WRITE, max(1, nbytes))
+        except self._cl.Error as exc:
+            raise KernelLaunchError(f"cannot allocate {nbytes} bytes on {self.device.name}: {exc}") from None
 
-    def run(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-            *, poison: bool = False) -> np.ndarray:
-        out = np.empty(self.spec.output_shape, dtype=np.float32)
-        with self.backend.lock:
-            self._upload(x, weight, bias)
-            if poison:
-                out.fill(np.nan)
-                self._cl.enqueue_copy(self.backend.queue, self.out_buf, out)
-            self._enqueue()
-            try:
-                self._cl.enqueue_copy(self.backend.queue, out, self.out_buf)
-            except self._cl.Error as exc:
-                raise KernelLaunchError(f"{self.plan.describe()} failed while running: {exc}") from None
-        return out
+    def upload(self, buffer: Any, host: np.ndarray) -> None:
+        self._guard(lambda: self._cl.enqueue_copy(self.queue, buffer, host), "copying to the device")
 
-    def time(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-             *, warmup: int = 2, repeats: int = 10, rotate: int = 3) -> Timing:
-        samples = []
-        cl, queue, flags = self._cl, self.backend.queue, self._cl.mem_flags
-        if rotate > 1:  # the rotated copies of the inputs must fit beside the conv's own buffers
-            check_fits(self.backend.device, self.spec.replace(n=self.spec.n * rotate),
-                       self.cols_buf.size if self.cols_buf is not None else 0)
-        with self.backend.lock:
-            self._upload(x, weight, bias)
-            copies = [(self.x_buf, self.w_buf)]
-            for _ in range(max(1, rotate) - 1):
-                x_copy = cl.Buffer(self.backend.context, flags.READ_ONLY, self.x_buf.size)
-                w_copy = cl.Buffer(self.backend.context, flags.READ_ONLY, self.w_buf.size)
-                cl.enqueue_copy(queue, x_copy, self.x_buf)
-                cl.enqueue_copy(queue, w_copy, self.w_buf)
-                copies.append((x_copy, w_copy))
-            try:
-                for i in range(warmup):
-                    self._bind(*copies[i % len(copies)])
-                    self._enqueue()[-1].wait()
-                for i in range(repeats):
-                    self._bind(*copies[i % len(copies)])
-                    events = self._enqueue()
-                    events[-1].wait()
-                    # In-order queue: the run spans from the first kernel's start to the last one's end.
-                    samples.append((events[-1].profile.end - events[0].profile.start) * 1e-6)
-            except cl.Error as exc:
-                raise KernelLaunchError(f"{self.plan.describe()} failed while timing: {exc}") from None
-            finally:
-                self._bind(self.x_buf, self.w_buf)
-        return Timing(tuple(samples))
+    def download(self, host: np.ndarray, buffer: Any) -> None:
+        self._guard(lambda: self._cl.enqueue_copy(self.queue, host, buffer), "copying from the device")
+
+    def copy(self, dst: Any, src: Any) -> None:
+        self._guard(lambda: self._cl.enqueue_copy(self.queue, dst, src), "copying on the device")
+
+    def launch(self, kernel: Any, source: KernelSource, args: tuple) -> Any:
+        def enqueue() -> Any:
+            kernel.set_args(*args)
+            return self._cl.enqueue_nd_range_kernel(self.queue, kernel, source.global_size, source.local_size)
+        return self._guard(enqueue, f"launching {source.entry}")
+
+    def elapsed_ms(self, enqueue: Any) -> float:
+        def run() -> float:
+            events = enqueue()
+            events[-1].wait()
+            # In-order queue: the run spans from the first kernel's start to the last one's end.
+            return (events[-1].profile.end - events[0].profile.start) * 1e-6
+        return self._guard(run, "timing")
+
+    def library_gemm(self, spec: ConvSpec, buffers: dict[str, Any]) -> None:
+        raise InvalidParamsError("the opencl backend has no BLAS; library-GEMM algorithms run on the host")
+
+    def _guard(self, action: Any, what: str) -> Any:
+        try:
+            return action()
+        except self._cl.Error as exc:
+            raise KernelLaunchError(f"{what} failed on {self.device.name}: {exc}") from None

@@ -140,8 +140,10 @@ static int run_layer(const char *dir, const autoconv_layer *layer, cl_context co
     CHECK(err, "bias buffer");
     buffers[AUTOCONV_ARG_OUTPUT] = clCreateBuffer(context, CL_MEM_READ_WRITE | CL_MEM_COPY_HOST_PTR, layer->output_bytes, output, &err);
     CHECK(err, "output buffer");
-    buffers[AUTOCONV_ARG_SCRATCH] = clCreateBuffer(context, CL_MEM_READ_WRITE, layer->scratch_bytes, NULL, &err);
-    CHECK(err, "im2col scratch buffer");
+    if (layer->scratch_bytes) { /* algorithms without a scratch buffer (implicit GEMM, direct) have none */
+        buffers[AUTOCONV_ARG_SCRATCH] = clCreateBuffer(context, CL_MEM_READ_WRITE, layer->scratch_bytes, NULL, &err);
+        CHECK(err, "scratch buffer");
+    }
 
     for (int i = 0; i < layer->num_kernels; ++i) {
         const autoconv_kernel *k = &layer->kernels[i];

@@ -1,9 +1,11 @@
-"""The tuning database: devices, layers, every measured config and the best verified result per
-key, in SQLite through sqlite-utils, with a versioned schema (sqlite-utils Migrations) and WAL.
+"""The SQLite result store: devices, layers, every measured config and each algorithm's best
+verified result per layer, through sqlite-utils, with a versioned schema (sqlite-utils
+Migrations) and WAL.
 
 A result key is (device fingerprint, layer key, dtype, algorithm, template hash): everything that
-changes the answer. Params are stored as JSON and validated again on every read, so a database
-row can never put anything but known small integers into a kernel.
+changes the answer. Params are stored as JSON and validated again on every read against the
+algorithm's declared space, so a database row can never put anything but known small integers
+into a kernel.
 """
 
 from __future__ import annotations
@@ -24,17 +26,11 @@ from typing import Any, Iterator
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from autoconv.backends.base import DeviceInfo
+from autoconv.algorithms import Params, get_algorithm
+from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidParamsError, InvalidSpecError, TuningDBError
-from autoconv.params import GemmParams, validate_gemm_params
 from autoconv.spec import ConvSpec
-
-STATUS_OK = "ok"
-STATUS_COMPILE_FAILED = "compile_failed"
-STATUS_LAUNCH_FAILED = "launch_failed"
-STATUS_WRONG_RESULT = "wrong_result"
-STATUS_TOO_LARGE = "too_large"  # the buffers the config needs exceed the device's memory limits
-STATUSES = (STATUS_OK, STATUS_COMPILE_FAILED, STATUS_LAUNCH_FAILED, STATUS_WRONG_RESULT, STATUS_TOO_LARGE)
+from autoconv.store.base import STATUSES, TunedResult
 
 # Params are a small JSON object; anything longer is damage (or an attack), refused before parsing.
 MAX_PARAMS_TEXT = 4096
@@ -48,8 +44,7 @@ REQUIRED_COLUMNS = {
     "layers": ("key", "n", "c", "h", "w", "k", "r", "s", "stride_h", "stride_w", "pad_h", "pad_w", "dilation_h",
                "dilation_w", "groups", "bias", "dtype", "layout"),
     "results": ("id", "device", "layer", "dtype", "algorithm", "template_hash", "params", "median_ms", "gflops",
-                "rel_error", "verified", "baseline", "baseline_ms", "default_ms", "trials", "autoconv_version",
-                "created"),
+                "rel_error", "verified", "default_ms", "trials", "spread", "repeats", "autoconv_version", "created"),
     "measurements": ("id", "device", "layer", "dtype", "algorithm", "template_hash", "params", "status",
                      "median_ms", "rel_error", "message", "created"),
 }
@@ -83,6 +78,33 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db["measurements"].create_index(["device", "layer", "template_hash"])
 
 
+@migrations()
+def m002_one_row_per_algorithm(db: sqlite_utils.Database) -> None:
+    """v2: every algorithm's best is a row of its own, the library baseline (im2col_blas) too.
+
+    A v1 row held the generated GEMM's best with the baseline's time beside it (params NULL when
+    the baseline had won): its baseline becomes an im2col_blas row of the same key, a baseline-won
+    row becomes that row itself, and each result gets columns for its spread and repeat count."""
+    for row in list(db["results"].rows):
+        baseline_ms = row.get("baseline_ms")
+        usable = isinstance(baseline_ms, (int, float)) and not isinstance(baseline_ms, bool) \
+            and math.isfinite(baseline_ms) and baseline_ms > 0
+        if row.get("params") is None:
+            db["results"].update(row["id"], {"algorithm": "im2col_blas", "params": "{}", "default_ms": None})
+        elif usable and row.get("algorithm") == "im2col_gemm":
+            db["results"].insert({
+                "device": row["device"], "layer": row["layer"], "dtype": row["dtype"], "algorithm": "im2col_blas",
+                "template_hash": row["template_hash"], "params": "{}", "median_ms": baseline_ms, "gflops": None,
+                "rel_error": None, "verified": 1, "default_ms": None, "trials": 1,
+                "autoconv_version": row["autoconv_version"], "created": row["created"],
+            }, ignore=True)
+    db["results"].transform(drop={"baseline", "baseline_ms"})
+    db["results"].add_column("spread", float)
+    db["results"].add_column("repeats", int)
+    db["results"].create_index(["device", "layer", "dtype", "algorithm", "template_hash"], unique=True,
+                               if_not_exists=True)
+
+
 SCHEMA_VERSION = len(migrations._migrations)  # noqa: SLF001 - the count of migrations is the version
 
 
@@ -94,43 +116,6 @@ def _autoconv_version() -> str:
     from autoconv import __version__
 
     return __version__
-
-
-@dataclass(frozen=True)
-class TunedResult:
-    """The best verified config for one key, with the baseline and default timed beside it."""
-
-    device: str
-    spec: ConvSpec
-    algorithm: str
-    template_hash: str
-    params: GemmParams | None
-    median_ms: float
-    gflops: float
-    rel_error: float
-    baseline: str
-    baseline_ms: float | None
-    default_ms: float | None
-    trials: int
-    autoconv_version: str = ""
-    created: str = ""
-    verified: bool = True
-
-    @property
-    def baseline_wins(self) -> bool:
-        """The library baseline beat every generated kernel measured for this layer."""
-        return self.params is None or (self.baseline_ms is not None and self.baseline_ms < self.median_ms)
-
-    @property
-    def speedup_vs_baseline(self) -> float | None:
-        return None if not self.baseline_ms else self.baseline_ms / self.median_ms
-
-    @property
-    def speedup_vs_default(self) -> float | None:
-        return None if not self.default_ms else self.default_ms / self.median_ms
-
-    def better_than(self, other: "TunedResult") -> bool:
-        return self.median_ms < other.median_ms
 
 
 def _is_int(value: Any) -> bool:
@@ -185,15 +170,13 @@ def spec_from_row(row: dict[str, Any]) -> ConvSpec:
                     dtype=row["dtype"], layout=row["layout"])
 
 
-def params_json(params: GemmParams | None) -> str | None:
+def params_json(params: Params | None) -> str:
     # Sorted keys: the same params always give the same text (export and merge rely on it).
-    return None if params is None else json.dumps(params.as_dict(), sort_keys=True)
+    return json.dumps({} if params is None else params.as_dict(), sort_keys=True)
 
 
-def parse_params(text: str | None, where: str) -> GemmParams | None:
-    """Params from a DB row, validated; raises InvalidParamsError naming the row."""
-    if text is None:
-        return None
+def parse_params(text: str | None, algorithm: str, where: str) -> Params:
+    """Params from a DB row, validated by the algorithm's space; raises InvalidParamsError naming the row."""
     if not isinstance(text, str) or len(text) > MAX_PARAMS_TEXT:
         raise InvalidParamsError(f"{where}: params are not a short JSON text")
     try:
@@ -203,33 +186,39 @@ def parse_params(text: str | None, where: str) -> GemmParams | None:
     if not isinstance(raw, dict):
         raise InvalidParamsError(f"{where}: params are not a JSON object")
     try:
-        return validate_gemm_params(raw)
+        return get_algorithm(algorithm).space.validate(raw)
     except InvalidParamsError as exc:
         raise InvalidParamsError(f"{where}: {exc}") from None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive_ms(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return _is_number(value) and value > 0
 
 
-def result_from_row(row: dict[str, Any], where: str) -> "TunedResult":
+def result_from_row(row: dict[str, Any], where: str) -> TunedResult:
     """A TunedResult from a joined results+layers row, every column checked for type and range.
     Raises InvalidParamsError naming the row and the damaged columns: a bad row is never served."""
     bad = [name for name in ("device", "layer", "algorithm", "template_hash") if not _is_text(row.get(name))]
     if not _positive_ms(row.get("median_ms")):
         bad.append("median_ms")
-    for name in ("baseline_ms", "default_ms"):
-        if row.get(name) is not None and not _positive_ms(row[name]):
-            bad.append(name)
+    if row.get("default_ms") is not None and not _positive_ms(row["default_ms"]):
+        bad.append("default_ms")
     error = row.get("rel_error")
-    if error is not None and not (isinstance(error, (int, float)) and not isinstance(error, bool)
-                                  and math.isfinite(error) and 0 <= error < _VERIFIED_ERROR_LIMIT):
+    if error is not None and not (_is_number(error) and 0 <= error < _VERIFIED_ERROR_LIMIT):
         bad.append("rel_error")
-    if row.get("trials") is not None and not (_is_int(row["trials"]) and 0 <= row["trials"] < 2**31):
-        bad.append("trials")
+    spread = row.get("spread")
+    if spread is not None and not (_is_number(spread) and spread >= 0):
+        bad.append("spread")
+    for name in ("trials", "repeats"):
+        if row.get(name) is not None and not (_is_int(row[name]) and 0 <= row[name] < 2**31):
+            bad.append(name)
     if row.get("verified") != 1:
         bad.append("verified")
-    for name in ("baseline", "autoconv_version", "created"):
+    for name in ("autoconv_version", "created"):
         if row.get(name) is not None and not _is_text(row[name]):
             bad.append(name)
     if bad:
@@ -240,16 +229,14 @@ def result_from_row(row: dict[str, Any], where: str) -> "TunedResult":
         raise InvalidParamsError(f"{where}: damaged layer ({exc})") from None
     if spec.key() != row["layer"]:
         raise InvalidParamsError(f"{where}: the layer's fields do not match its key")
-    params = parse_params(row.get("params"), where)
+    params = parse_params(row.get("params"), row["algorithm"], where)
     median_ms = float(row["median_ms"])
     return TunedResult(
         device=row["device"], spec=spec, algorithm=row["algorithm"], template_hash=row["template_hash"],
-        params=params, median_ms=median_ms, gflops=spec.flops / (median_ms * 1e6),
-        rel_error=float(error or 0.0), baseline=row.get("baseline") or "",
-        baseline_ms=None if row.get("baseline_ms") is None else float(row["baseline_ms"]),
+        params=params, median_ms=median_ms, gflops=spec.flops / (median_ms * 1e6), rel_error=float(error or 0.0),
         default_ms=None if row.get("default_ms") is None else float(row["default_ms"]),
-        trials=row.get("trials") or 0, autoconv_version=row.get("autoconv_version") or "",
-        created=row.get("created") or "", verified=True)
+        trials=row.get("trials") or 0, spread=None if spread is None else float(spread), repeats=row.get("repeats"),
+        autoconv_version=row.get("autoconv_version") or "", created=row.get("created") or "", verified=True)
 
 
 def _conditions(*pairs: tuple[str, Any]) -> tuple[list[str], list[Any]]:
@@ -278,11 +265,11 @@ def _wal_in_use(path: Path) -> bool:
         return False
 
 
-class TuningDB:
+class SQLiteStore:
     """One SQLite tuning database file. Writers open it read-write (created and migrated on
     demand); readers (readonly=True) never write: no schema, no WAL conversion, no -wal/-shm
-    files left behind, and they work in read-only directories. TuningDB.open_for_lookup is the
-    reader that never fails."""
+    files left behind, and they work in read-only directories. A reader of an older schema
+    migrates a copy in memory. SQLiteStore.open_for_lookup is the reader that never fails."""
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -293,6 +280,9 @@ class TuningDB:
         try:
             if readonly:
                 self.db = sqlite_utils.Database(self._connect_readonly())
+                self._check_not_newer()
+                if self._applied() and len(self._applied()) < SCHEMA_VERSION:
+                    self.db = self._migrated_copy()
                 self._check_schema()
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,8 +318,18 @@ class TuningDB:
         # No writer: read the file as it is, creating nothing beside it (works in read-only places).
         return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
 
+    def _migrated_copy(self) -> sqlite_utils.Database:
+        """An older-schema file read through an in-memory copy brought up to date: the file itself
+        is never written by a reader."""
+        memory = sqlite3.connect(":memory:", check_same_thread=False)
+        self.db.conn.backup(memory)
+        self.db.conn.close()
+        copy = sqlite_utils.Database(memory)
+        migrations.apply(copy)
+        return copy
+
     @classmethod
-    def open_for_lookup(cls, path: str | Path) -> "TuningDB | None":
+    def open_for_lookup(cls, path: str | Path) -> "SQLiteStore | None":
         """Read-only handle, or None (with a warning unless the file is simply absent): a missing,
         unreadable or foreign database is a miss, never a crash."""
         if not Path(path).is_file():
@@ -358,9 +358,6 @@ class TuningDB:
         self._check_not_newer()
         if not self._applied():
             raise TuningDBError(f"{self.path} is not an autoconv tuning database (it has no autoconv schema)")
-        if len(self._applied()) != SCHEMA_VERSION:
-            raise TuningDBError(f"tuning database {self.path} has an older schema; any `autoconv tune` or "
-                                f"`autoconv db merge` into it upgrades it")
         self._check_tables()
 
     def _check_tables(self) -> None:
@@ -375,7 +372,7 @@ class TuningDB:
     def close(self) -> None:
         self.db.conn.close()
 
-    def __enter__(self) -> "TuningDB":
+    def __enter__(self) -> "SQLiteStore":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -421,7 +418,7 @@ class TuningDB:
             self.db["layers"].insert(spec_row(spec), ignore=True)
 
     def record_measurement(self, device: str, spec: ConvSpec, algorithm: str, template_hash: str,
-                           params: GemmParams | None, status: str, median_ms: float, rel_error: float,
+                           params: Params | None, status: str, median_ms: float, rel_error: float,
                            message: str = "") -> None:
         if status not in STATUSES:
             raise ValueError(f"status: {status!r} is not one of {STATUSES}")
@@ -434,24 +431,24 @@ class TuningDB:
                 "message": message[:2000], "created": _now(),
             })
 
-    def save_result(self, result: TunedResult, *, refresh_references: bool = False) -> bool:
+    def save_result(self, result: TunedResult, *, refresh_default: bool = False, replace: bool = False) -> bool:
         """Store a verified result unless a better one is already stored for its key; True if stored.
 
-        refresh_references=True (the tuner, which has just measured them on this device) replaces
-        the stored baseline and default times even when the stored best stays."""
+        refresh_default=True (the tuner, which has just measured it) replaces the stored default
+        time even when the stored best stays; replace=True stores the result even when the stored
+        one is faster (a fresh, steady measurement of a config that is not tuned)."""
         if not result.verified:
             return False
         with self._writing():
             existing = self._result_row(result.device, result.spec, result.algorithm, result.template_hash)
             existing_trials = existing["trials"] if existing is not None and _is_int(existing["trials"]) else 0
             # A damaged stored row (say median_ms NULL) is replaced, never compared with.
-            if existing is not None and _positive_ms(existing["median_ms"]) and existing["median_ms"] <= result.median_ms:
+            if not replace and existing is not None and _positive_ms(existing["median_ms"]) \
+                    and existing["median_ms"] <= result.median_ms:
                 changes: dict[str, Any] = {}
                 if existing_trials < result.trials:  # more trials confirm the same best
                     changes["trials"] = result.trials
-                if refresh_references and result.baseline_ms is not None:
-                    changes.update(baseline=result.baseline, baseline_ms=result.baseline_ms)
-                if refresh_references and result.default_ms is not None:
+                if refresh_default and result.default_ms is not None:
                     changes["default_ms"] = result.default_ms
                 if changes:
                     self.db["results"].update(existing["id"], changes)
@@ -461,9 +458,8 @@ class TuningDB:
                 "device": result.device, "layer": result.spec.key(), "dtype": result.spec.dtype,
                 "algorithm": result.algorithm, "template_hash": result.template_hash,
                 "params": params_json(result.params), "median_ms": result.median_ms, "gflops": result.gflops,
-                "rel_error": result.rel_error, "verified": 1, "baseline": result.baseline,
-                "baseline_ms": result.baseline_ms, "default_ms": result.default_ms,
-                "trials": max(result.trials, existing_trials),
+                "rel_error": result.rel_error, "verified": 1, "default_ms": result.default_ms,
+                "trials": max(result.trials, existing_trials), "spread": result.spread, "repeats": result.repeats,
                 "autoconv_version": result.autoconv_version or _autoconv_version(),
                 "created": result.created or _now(),
             }
@@ -531,7 +527,7 @@ class TuningDB:
 
     # Maintenance -------------------------------------------------------------------------------
 
-    def merge_from(self, other: "TuningDB") -> tuple[int, int]:
+    def merge_from(self, other: "SQLiteStore") -> tuple[int, int]:
         """Copy devices, layers and results from another DB keeping the best verified result per
         key; returns (results stored, results kept as they were)."""
         for device_row in other.devices():

@@ -1,56 +1,43 @@
-"""autoconv.conv2d: torch.nn.functional.conv2d's signature on numpy arrays, run by a generated kernel."""
+"""autoconv.conv2d: torch.nn.functional.conv2d's signature on numpy arrays, run by the plan the
+tuning databases give (or a forced algorithm), through the default Session."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from autoconv.backends import get_backend
-from autoconv.backends.base import Backend, PreparedConv
+from autoconv.algorithms import BASELINE, get_algorithm
+from autoconv.backends.base import Backend
 from autoconv.errors import InvalidSpecError
-from autoconv.lookup import baseline_plan, lookup
 from autoconv.plan import Plan
-from autoconv.render import ALGORITHM_IM2COL_BLAS
-from autoconv.spec import ConvSpec, IntOrPair
+from autoconv.serve.session import Session, default_session
+from autoconv.spec import ConvSpec, IntOrPair, as_pair
 from autoconv.tensors import as_float_array
 
-_prepared: dict[tuple[int, ConvSpec, Plan], PreparedConv] = {}
-_prepared_lock = threading.Lock()
-_MAX_PREPARED = 64  # each holds device buffers; keep the most recent few
 
-
-def choose_plan(spec: ConvSpec, backend: Backend, db: str | Path | None = None) -> Plan:
+def choose_plan(spec: ConvSpec, backend: Backend, db: str | Path | None = None, *, algorithm: str | None = None,
+                session: Session | None = None) -> Plan:
     """The plan a backend runs a spec with when the caller does not pass one: the tuning DBs'
-    answer (autoconv.lookup), or the library baseline on the host backend."""
+    answer, or on the host backend the library baseline (unless an algorithm is forced)."""
+    session = session or default_session()
     if backend.name == "numpy":
-        return baseline_plan("baseline")
-    return lookup(spec, backend, db)
+        chosen = algorithm or BASELINE
+        if chosen not in backend.algorithms:
+            raise InvalidSpecError(f"algorithm: the numpy backend runs {backend.algorithms}, not {chosen!r}")
+        return Plan(chosen, None, "host")
+    return session.lookup(spec, backend, db, algorithm=algorithm)
 
 
-def backend_for(plan: Plan, backend: Backend) -> Backend:
-    """Where a plan runs: the device backend, or the host when the plan is a baseline the device
-    backend has no kernel for (numpy's BLAS beat every generated OpenCL kernel on that layer)."""
+def backend_for(plan: Plan, backend: Backend, session: Session | None = None) -> Backend:
+    """Where a plan runs: the device backend, or the host when the algorithm has host code the
+    device backend does not run (the library baseline on OpenCL: numpy's BLAS)."""
     if plan.algorithm in backend.algorithms:
         return backend
-    if plan.algorithm == ALGORITHM_IM2COL_BLAS:
-        return get_backend("numpy")
+    if get_algorithm(plan.algorithm).host_code:
+        return (session or default_session()).backend("numpy")
     raise InvalidSpecError(f"plan: the {backend.name} backend cannot run {plan.algorithm!r} (runs {backend.algorithms})")
-
-
-def prepared(spec: ConvSpec, backend: Backend, plan: Plan) -> PreparedConv:
-    """A prepared conv reused across calls with the same spec, backend and plan."""
-    key = (id(backend), spec, plan)
-    with _prepared_lock:
-        conv = _prepared.get(key)
-        if conv is None:
-            if len(_prepared) >= _MAX_PREPARED:
-                _prepared.pop(next(iter(_prepared)))
-            conv = backend.prepare(spec, plan)
-            _prepared[key] = conv
-        return conv
 
 
 def conv2d(
@@ -65,6 +52,7 @@ def conv2d(
     backend: str = "opencl",
     device: int | str | None = None,
     plan: Plan | None = None,
+    algorithm: str | None = None,
     db: str | Path | None = None,
 ) -> np.ndarray:
     """2-D convolution of an NCHW input with a (k, c/groups, r, s) weight, as torch's conv2d.
@@ -74,6 +62,8 @@ def conv2d(
 
     The plan comes from autoconv.lookup (tuning DB: `db`, else $AUTOCONV_DB or the user's cache,
     then the shipped DBs; an untuned shape falls back to the nearest tuned one, then defaults).
+    algorithm= forces one algorithm (autoconv.list_algorithms()): its tuned params for this layer
+    and device if any, else its heuristic.
     """
     x = as_float_array(input, "input")
     w = as_float_array(weight, "weight")
@@ -89,9 +79,14 @@ def conv2d(
                                 groups=groups, bias=b is not None)
     if plan is not None and not isinstance(plan, Plan):
         raise InvalidSpecError(f"plan: expected an autoconv.Plan (or None for the tuned plan), got {plan!r}")
-    chosen_backend = get_backend(backend, device)
-    chosen_plan = plan or choose_plan(spec, chosen_backend, db)
-    conv = prepared(spec, backend_for(chosen_plan, chosen_backend), chosen_plan)
+    if algorithm is not None:
+        get_algorithm(algorithm)  # a precise error for an unknown name
+        if plan is not None and plan.algorithm != algorithm:
+            raise InvalidSpecError(f"algorithm: {algorithm!r} contradicts the plan's {plan.algorithm!r}")
+    session = default_session()
+    chosen_backend = session.backend(backend, device)
+    chosen_plan = plan or choose_plan(spec, chosen_backend, db, algorithm=algorithm, session=session)
+    conv = session.prepared(spec, backend_for(chosen_plan, chosen_backend, session), chosen_plan)
     return conv.run(x, w, b)
 
 
@@ -102,8 +97,6 @@ def _resolve_padding(padding: Any, stride: IntOrPair, dilation: IntOrPair, weigh
         return 0
     if padding != "same":
         raise InvalidSpecError(f"padding: expected an int, a pair, 'valid' or 'same', got {padding!r}")
-    from autoconv.spec import as_pair
-
     if as_pair(stride, "stride") != (1, 1):
         raise InvalidSpecError("padding: 'same' is only supported with stride 1 (as in torch)")
     dh, dw = as_pair(dilation, "dilation")

@@ -9,22 +9,22 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from autoconv.cli_common import DB_HELP, console, db_path_option, errors, name_filter_option, reports_errors, speedup
+from autoconv.cli.common import DB_HELP, console, db_path_option, errors, name_filter_option, reports_errors, speedup
 
 db_app = typer.Typer(help="List, show, merge and prune tuning databases.", no_args_is_help=True, rich_markup_mode=None)
 
 
-def _open_existing(db: Optional[Path], *, readonly: bool = True):  # -> TuningDB
+def _open_existing(db: Optional[Path], *, readonly: bool = True):  # -> SQLiteStore
     """An existing database; read-only unless the command changes it (then it is also upgraded)."""
     from autoconv.errors import TuningDBError
-    from autoconv.tuning_db import TuningDB
+    from autoconv.store import SQLiteStore
 
     path = db_path_option(db)
     if path.is_dir():
         raise TuningDBError(f"tuning database {path} is a directory, not a database file")
     if not path.is_file():
         raise TuningDBError(f"tuning database {path} does not exist (run `autoconv tune` first, or pass --db)")
-    return TuningDB(path, readonly=readonly)
+    return SQLiteStore(path, readonly=readonly)
 
 
 def _device_rows(database, device: Optional[str]) -> list[dict]:
@@ -45,8 +45,11 @@ def list_results(
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     device: Optional[str] = typer.Option(None, help="only devices whose name contains this"),
 ) -> None:
-    """Tuned layers per device: tuned time, GFLOP/s and speed-ups over the default and the baseline."""
+    """Tuned layers per device: each algorithm's best (the served one marked), GFLOP/s, speed-up over
+    its default config and over the library baseline, trials, and whether the templates are current."""
+    from autoconv.algorithms import BASELINE
     from autoconv.render import template_hash
+    from autoconv.store import fastest
 
     current = template_hash()
     with _open_existing(db) as database:
@@ -54,13 +57,21 @@ def list_results(
         for row in _device_rows(database, device):
             mine = [r for r in results if r.device == row["fingerprint"]]
             table = Table(title=f"{row['name']} ({row['platform']}, driver {row['driver']})", title_justify="left")
-            for column in ("layer", "tuned ms", "GFLOP/s", "vs default", "baseline", "vs baseline", "trials", "templates"):
-                table.add_column(column, justify="left" if column in ("layer", "baseline", "templates") else "right")
+            for column in ("layer", "algorithm", "ms", "GFLOP/s", "vs default", "vs baseline", "trials", "templates"):
+                table.add_column(column, justify="left" if column in ("layer", "algorithm", "templates") else "right")
+            layers: dict = {}
             for r in mine:
-                tuned = "baseline wins" if r.params is None else f"{r.median_ms:.3f}"
-                table.add_row(str(r.spec), tuned, f"{r.gflops:.1f}", speedup(r.default_ms, r.median_ms), r.baseline,
-                              speedup(r.baseline_ms, r.median_ms), str(r.trials),
-                              "current" if r.template_hash == current else Text("stale", style="yellow"))
+                layers.setdefault((r.spec, r.template_hash), []).append(r)
+            for (spec, templates), found in layers.items():
+                served = fastest(found)
+                baseline = next((r for r in found if r.algorithm == BASELINE), None)
+                for r in sorted(found, key=lambda r: r.median_ms):
+                    name = Text(r.algorithm + (" (served)" if r is served and templates == current else ""),
+                                style="bold" if r is served else "")
+                    table.add_row(str(spec), name, f"{r.median_ms:.3f}", f"{r.gflops:.1f}",
+                                  speedup(r.default_ms, r.median_ms),
+                                  speedup(baseline.median_ms, r.median_ms) if baseline else "-", str(r.trials),
+                                  "current" if templates == current else Text("stale", style="yellow"))
             console.print(table)
             if not mine:
                 console.print("  no verified results", style="dim")
@@ -74,7 +85,7 @@ def show(
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     device: Optional[str] = typer.Option(None, help="only devices whose name contains this"),
 ) -> None:
-    """One layer: its winning params per device and what every measured config came to."""
+    """One layer: each algorithm's best params per device and what every measured config came to."""
     from collections import Counter
 
     from autoconv.layers import parse_layer
@@ -90,16 +101,15 @@ def show(
                 continue
             found = True
             console.print(Text.assemble((row["name"], "bold"), f" ({row['platform']}, driver {row['driver']})"))
-            for r in mine:
-                params = "baseline wins" if r.params is None else " ".join(f"{k}={v}" for k, v in r.params.as_dict().items())
-                console.print(f"  best  {r.median_ms:.3f} ms ({r.gflops:.1f} GFLOP/s), default {r.default_ms or 0:.3f} ms, "
-                              f"{r.baseline} {r.baseline_ms or 0:.3f} ms, {r.trials} trials, rel. error {r.rel_error:.1e}",
-                              highlight=False)
-                console.print(f"  params {params}")
-                console.print(f"  templates {r.template_hash}, autoconv {r.autoconv_version}, {r.created}", style="dim",
-                              highlight=False)
-            statuses = Counter(m["status"] for m in measured)
-            console.print("  measured configs: " + ", ".join(f"{n} {s}" for s, n in statuses.most_common()))
+            for r in sorted(mine, key=lambda r: r.median_ms):
+                default = f", default {r.default_ms:.3f} ms" if r.default_ms else ""
+                console.print(f"  {r.algorithm}: best {r.median_ms:.3f} ms ({r.gflops:.1f} GFLOP/s){default}, "
+                              f"{r.trials} trials, rel. error {r.rel_error:.1e}")
+                console.print(f"    params {r.params.describe() or '(none)'}")
+                console.print(f"    templates {r.template_hash}, autoconv {r.autoconv_version}, {r.created}", style="dim")
+            for name in sorted({m["algorithm"] for m in measured}):
+                statuses = Counter(m["status"] for m in measured if m["algorithm"] == name)
+                console.print(f"  {name} measured configs: " + ", ".join(f"{n} {s}" for s, n in statuses.most_common()))
         if not found:
             errors.print(f"{spec} has no results in {database.path}")
             raise typer.Exit(1)
@@ -113,7 +123,7 @@ def merge(
 ) -> None:
     """Merge databases into one, keeping the best verified result per key."""
     from autoconv.errors import TuningDBError
-    from autoconv.tuning_db import TuningDB
+    from autoconv.store import SQLiteStore
 
     target_path = db_path_option(db)
     for source in sources:
@@ -123,9 +133,9 @@ def merge(
             raise TuningDBError(f"{source} does not exist")
         if source.resolve() == target_path.resolve():
             raise TuningDBError(f"{source} is the target database itself")
-    with TuningDB(target_path) as target:
+    with SQLiteStore(target_path) as target:
         for source in sources:
-            with TuningDB(source, readonly=True) as other:
+            with SQLiteStore(source, readonly=True) as other:
                 stored, kept = target.merge_from(other)
             console.print(f"{source}: {stored} result(s) merged, {kept} kept (already as good or better)")
 

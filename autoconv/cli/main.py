@@ -12,8 +12,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from autoconv.cli_db import db_app
-from autoconv.cli_common import (
+from autoconv.cli.db import db_app
+from autoconv.cli.common import (
     DB_HELP,
     DEVICE_HELP,
     console,
@@ -26,12 +26,14 @@ from autoconv.cli_common import (
 )
 
 app = typer.Typer(
-    help="Generate, run and compare im2col + GEMM convolution kernels on your own device.",
+    help="Generate, tune, run and compare convolution kernels (im2col + GEMM, implicit GEMM, direct) on your own device.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,  # help texts such as "autoconv[onnx]" are shown literally
 )
 app.add_typer(db_app, name="db")
+
+
 def _print_device(info) -> None:
     console.print(Text.assemble("device: ", (info.name, "bold"), f" ({info.platform}, driver {info.driver})"))
 
@@ -80,6 +82,7 @@ def _layers(layer: List[str], model: Optional[str], batch: Optional[int], onnx: 
     return chosen
 
 
+ALGORITHM_HELP = "force one algorithm: im2col_gemm, implicit_gemm, direct or im2col_blas (default: the fastest tuned)"
 MODEL_HELP = "every layer of a built-in model: alexnet, vgg16, resnet18, resnet50, mobilenet_v2"
 LAYER_HELP = "MODEL/NAME (e.g. resnet50/res2_3x3) or key=value pairs (e.g. n=1,c=64,h=56,w=56,k=64,r=3,s=3,pad=1)"
 
@@ -92,10 +95,13 @@ def compare(
     batch: Optional[int] = typer.Option(None, help="batch size (overrides n)"),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     repeats: int = typer.Option(5, min=1, help="timed runs per method (the median is reported)"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP + "; tuned params of each algorithm come from it"),
 ) -> None:
-    """Direct loops vs im2col + numpy BLAS vs im2col + generated GEMM: time, GFLOP/s, memory."""
+    """Every algorithm on each layer (direct loops, im2col + BLAS, im2col + generated GEMM, implicit
+    GEMM): time, GFLOP/s, extra memory, error, and the plan autoconv serves."""
     from autoconv.backends import get_backend
     from autoconv.compare import compare_layer
+    from autoconv.serve.api import choose_plan
 
     layers = _layers(layer or [], model, batch)
     backend = get_backend("opencl", device_option(device))
@@ -103,18 +109,21 @@ def compare(
     for named in layers:
         spec = named.spec
         with console.status(f"measuring {named.label} ..."):
-            rows = compare_layer(spec, backend, repeats=repeats)
-        direct_ms = rows[0].median_ms
+            rows = compare_layer(spec, backend, repeats=repeats, db=db)
+        direct_ms = next((row.median_ms for row in rows if row.algorithm == "direct"), None)
         table = Table(title=f"{named.label}: {spec}  ({spec.flops / 1e9:.3f} GFLOP)", title_justify="left")
         for column in ("method", "ms", "GFLOP/s", "vs direct", "extra memory", "rel. error"):
             table.add_column(column, justify="left" if column == "method" else "right")
         for row in rows:
-            extra = f"{row.scratch_bytes / 2**20:.1f} MiB ({spec.im2col_overhead:.1f}x input)" if row.scratch_bytes else "none"
+            extra = "none"
+            if row.scratch_bytes:
+                extra = f"{row.scratch_bytes / 2**20:.1f} MiB ({row.scratch_bytes / spec.input_bytes:.1f}x input)"
             check = Text(f"{row.rel_error:.1e}") if row.verified else Text(f"{row.rel_error:.1e} WRONG", style="red")
-            table.add_row(row.method, f"{row.median_ms:.3f}", f"{row.gflops:.1f}", f"{direct_ms / row.median_ms:.1f}x",
-                          extra, check)
+            table.add_row(row.method, f"{row.median_ms:.3f}", f"{row.gflops:.1f}",
+                          f"{direct_ms / row.median_ms:.1f}x" if direct_ms else "-", extra, check)
         console.print(table)
-        console.print(f"  generated GEMM plan: {rows[2].plan}", style="dim")
+        served = choose_plan(spec, backend, db)
+        console.print(f"  served plan: {served.describe()}", style="dim")
 
 
 @app.command()
@@ -126,16 +135,21 @@ def run(
     repeats: int = typer.Option(10, min=1, help="timed runs (the median is reported)"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     backend_name: str = typer.Option("opencl", "--backend", help="opencl or cuda"),
+    algorithm: Optional[str] = typer.Option(None, help=ALGORITHM_HELP),
 ) -> None:
     """Run one layer with autoconv's plan for it, check it against the float64 reference, time it."""
-    from autoconv.api import backend_for, choose_plan
+    from autoconv.algorithms import get_algorithm
     from autoconv.backends import get_backend
-    from autoconv.compare import TOLERANCE, measure, random_operands, reference_output
+    from autoconv.compare import measure
+    from autoconv.serve.api import backend_for, choose_plan
+    from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output
 
     (named,) = _layers([layer], None, batch)
     spec = named.spec
+    if algorithm is not None:
+        get_algorithm(algorithm)
     backend = get_backend(backend_name, device_option(device))
-    plan = choose_plan(spec, backend, db_path_option(db) if db is not None else None)
+    plan = choose_plan(spec, backend, db, algorithm=algorithm)
     runner = backend_for(plan, backend)
     conv = runner.prepare(spec, plan)  # checks the device's limits before any host array is made
     operands = random_operands(spec)
@@ -165,20 +179,28 @@ def tune(
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     repeats: int = typer.Option(7, min=1, help="timed runs per config (the median counts)"),
     seed: int = typer.Option(0, help="sampler and data seed"),
+    algorithm: List[str] = typer.Option(None, "--algorithm", help="tune only these algorithms (repeatable; "
+                                        "default: every one that supports the layer)", show_default=False),
 ) -> None:
-    """Autotune the generated GEMM per layer with Optuna; winners and the BLAS baseline go to the DB.
+    """Autotune every algorithm per layer with Optuna; each algorithm's best goes to the DB, and the
+    fastest is what autoconv serves.
 
-    Interrupted runs resume where they stopped: run the same command again.
+    Each algorithm's default is measured first; then the trials (--trials per layer) go in turn
+    to the tunable algorithms within 2x of the best time so far. Interrupted runs resume where
+    they stopped: run the same command again.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from autoconv.algorithms import get_algorithm
     from autoconv.backends import get_backend
-    from autoconv.cli_common import parse_duration, speedup
-    from autoconv.tuner import LayerReport, tune_layers
-    from autoconv.tuning_db import TuningDB
+    from autoconv.cli.common import parse_duration, speedup
+    from autoconv.store import SQLiteStore
+    from autoconv.tuning.tuner import LayerReport, tune_layers
 
     if backend_name not in ("opencl", "cuda"):
         raise typer.BadParameter(f"expected opencl or cuda, got {backend_name!r}", param_hint="--backend")
+    for name in algorithm or []:
+        get_algorithm(name)
     budget_s = parse_duration(time_budget) if time_budget is not None else None
     if trials is None and budget_s is None:
         trials = 60
@@ -195,37 +217,34 @@ def tune(
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[best]}", markup=False), TimeElapsedColumn())
     tasks: dict[str, int] = {}
-    with TuningDB(path) as database, Progress(*columns, console=console, transient=False) as bar:
+    with SQLiteStore(path) as database, Progress(*columns, console=console, transient=False) as bar:
         def start(label: str, spec: object) -> None:
-            tasks[label] = bar.add_task(label, total=trials, best="baseline ...")
+            tasks[label] = bar.add_task(label, total=trials, best="defaults ...")
 
         def update(report: LayerReport, total: int) -> None:
             best = report.best
-            text = "no verified config yet"
-            if best is not None and best.params is not None:
-                text = f"best {best.median_ms:.3f} ms, {speedup(best.baseline_ms, best.median_ms)} vs {best.baseline}"
+            text = "no verified config yet" if best is None else f"best {best.algorithm} {best.median_ms:.3f} ms"
             bar.update(tasks[report.label], completed=report.trials, best=text)
 
         reports = tune_layers(chosen, backend, database, trials=trials, time_budget_s=budget_s, seed=seed,
-                              repeats=repeats, progress=update, on_layer_start=start)
+                              repeats=repeats, algorithms=tuple(algorithm) if algorithm else None,
+                              progress=update, on_layer_start=start)
         for report in reports:
             update(report, trials or 0)
 
     table = Table(title=f"tuned on {backend.device.name}", title_justify="left")
-    for column in ("layer", "trials", "default ms", "tuned ms", "vs default", "baseline", "baseline ms",
-                   "tuned vs baseline", "failed", "wall s"):
-        table.add_column(column, justify="left" if column in ("layer", "baseline") else "right")
+    for column in ("layer", "trials", "fastest", "ms", "best generated", "ms", "vs its default", "baseline ms",
+                   "fastest vs baseline", "failed", "wall s"):
+        table.add_column(column, justify="left" if column in ("layer", "fastest", "best generated") else "right")
     for report in reports:
-        best = report.best
-        failed = sum(report.failures.values())
-        if best is None:
-            table.add_row(report.label, str(report.trials), "-", "-", "-", "-", "-", "-", str(failed), f"{report.wall_s:.0f}")
-            continue
-        tuned = "baseline wins" if best.params is None else f"{best.median_ms:.3f}"
-        table.add_row(report.label, str(report.trials), f"{best.default_ms:.3f}" if best.default_ms else "-", tuned,
-                      speedup(best.default_ms, best.median_ms), best.baseline,
-                      f"{best.baseline_ms:.3f}" if best.baseline_ms else "-",
-                      speedup(best.baseline_ms, best.median_ms), str(failed), f"{report.wall_s:.0f}")
+        best, generated, baseline = report.best, report.best_generated, report.baseline
+        failed = str(sum(report.failures.values()))
+        table.add_row(
+            report.label, str(report.trials), best.algorithm if best else "-", f"{best.median_ms:.3f}" if best else "-",
+            generated.algorithm if generated else "-", f"{generated.median_ms:.3f}" if generated else "-",
+            speedup(generated.default_ms, generated.median_ms) if generated else "-",
+            f"{baseline.median_ms:.3f}" if baseline else "-",
+            speedup(baseline.median_ms, best.median_ms) if baseline and best else "-", failed, f"{report.wall_s:.0f}")
     console.print(table)
 
 
@@ -242,12 +261,13 @@ def export_command(
     reference: bool = typer.Option(False, help="also write input, weight, bias and expected output per layer (float32 files)"),
 ) -> None:
     """Write tuned kernels as standalone .cl/.cu sources with manifest.json and a C header."""
+    from autoconv.algorithms import get_algorithm
     from autoconv.errors import TuningDBError
     from autoconv.export import ExportEntry, export
-    from autoconv.lookup import lookup
     from autoconv.plan import Plan
-    from autoconv.render import ALGORITHM_IM2COL_GEMM, template_hash
-    from autoconv.tuning_db import TuningDB, device_from_row
+    from autoconv.render import template_hash
+    from autoconv.serve.session import lookup
+    from autoconv.store import SQLiteStore, device_from_row, fastest
 
     path = db_path_option(db)
     device = name_filter_option(device)
@@ -257,7 +277,7 @@ def export_command(
         raise TuningDBError(f"tuning database {path} does not exist (run `autoconv tune` first, or pass --db)")
     if not all_layers and not layer and not model:
         raise typer.BadParameter("name a LAYER, --model or --all", param_hint="LAYER")
-    with TuningDB(path, readonly=True) as database:
+    with SQLiteStore(path, readonly=True) as database:
         rows = database.devices()
         if device is not None:
             rows = [r for r in rows if device.lower() in r["name"].lower() or device == r["fingerprint"]]
@@ -270,15 +290,19 @@ def export_command(
 
             info = get_backend("opencl").device
         results = [r for r in database.results(device=info.fingerprint(), template_hash=template_hash())
-                   if r.params is not None]
+                   if get_algorithm(r.algorithm).device_kernels]
     entries = []
     if all_layers:
         if not results:
             raise TuningDBError(f"{path} holds no result made with the current templates for {info.name}")
-        entries += [ExportEntry(str(r.spec), r.spec, Plan(ALGORITHM_IM2COL_GEMM, r.params, "tuned"), True)
-                    for r in results]
+        by_layer: dict = {}
+        for r in results:
+            by_layer.setdefault(r.spec, []).append(r)
+        for spec, found in by_layer.items():
+            best = fastest(found)
+            entries.append(ExportEntry(str(spec), spec, Plan(best.algorithm, best.params, "tuned"), True))
     for named in (_layers(layer or [], model, batch) if (layer or model) else []):
-        plan = lookup(named.spec, info, path, allow_baseline=False, shipped=False)
+        plan = lookup(named.spec, info, path, generated_only=True, shipped=False)
         tuned = plan.source == "tuned"
         if not tuned:
             errors.print(error_line(f"{named.label} is not tuned for {info.name}; exporting the fallback "

@@ -1,0 +1,3 @@
+from autoconv.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Serving plans: the lookup policy, the process Session, and conv2d."""

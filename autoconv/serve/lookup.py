@@ -1,0 +1,118 @@
+"""Which plan runs a ConvSpec on a device, given what the tuning databases hold: pure policy, no
+I/O and no backend (the Session reads the databases and caches the answers).
+
+In order: the layer tuned on this device (its fastest verified algorithm) → the nearest tuned
+shape of the same family on this device (its winner, if that algorithm supports the requested
+shape) → the device's most frequent winner → the most frequent winner on devices of the same
+backend, vendor and type → the built-in heuristic. Never fails for a valid spec."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from autoconv.algorithms import IM2COL_GEMM, Params, get_algorithm
+from autoconv.device import DeviceInfo
+from autoconv.errors import AutoconvError
+from autoconv.plan import Plan
+from autoconv.spec import ConvSpec
+from autoconv.store import TunedResult, fastest
+
+# What the lookup serves where nothing is tuned: the generated im2col + GEMM, heuristic params.
+DEFAULT_ALGORITHM = IM2COL_GEMM
+
+
+class UnsupportedAlgorithmError(AutoconvError, ValueError):
+    """A forced algorithm cannot compute this layer (the message says why)."""
+
+
+@dataclass(frozen=True)
+class DatabaseContents:
+    """The current-template verified results of one database and its device rows by fingerprint."""
+
+    results: tuple[TunedResult, ...] = ()
+    devices: dict[str, dict] = field(default_factory=dict)
+
+
+def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *,
+            generated_only: bool = False, algorithm: str | None = None) -> Plan:
+    """The plan for a spec on a device. generated_only: only algorithms with device kernels (what
+    export writes); algorithm: that algorithm only (its tuned params, else its heuristic)."""
+    limits = info.limits()
+    if algorithm is not None:
+        reason = get_algorithm(algorithm).supports(spec, info)
+        if reason is not None:
+            raise UnsupportedAlgorithmError(f"algorithm: {algorithm} does not support {spec}: {reason}")
+
+    def allowed(result: TunedResult) -> bool:
+        chosen = get_algorithm(result.algorithm) if _registered(result.algorithm) else None
+        return (chosen is not None and (algorithm is None or result.algorithm == algorithm)
+                and (not generated_only or chosen.device_kernels)
+                and chosen.supports(spec, info) is None and not result.params.violations(limits))
+
+    fingerprint = info.fingerprint()
+    mine = [r for contents in dbs for r in contents.results if r.device == fingerprint and allowed(r)]
+    exact = fastest([r for r in mine if r.spec == spec])
+    if exact is not None:
+        return Plan(exact.algorithm, exact.params, "tuned")
+
+    winners = _winners(mine)
+    similar = [r for r in winners if _same_family(r.spec, spec)]
+    if similar:
+        nearest = min(similar, key=lambda r: (_distance(r.spec, spec), r.spec.key()))
+        return Plan(nearest.algorithm, nearest.params, f"nearest tuned shape {nearest.spec}")
+
+    winner = _most_frequent(winners)
+    if winner is not None:
+        return Plan(*winner, "device default (most frequent tuned winner)")
+
+    peers = {fp for contents in dbs for fp, row in contents.devices.items()
+             if fp != fingerprint and row.get("backend") == info.backend and row.get("vendor") == info.vendor
+             and row.get("device_type") == info.device_type}
+    vendor = [r for contents in dbs for r in contents.results if r.device in peers and allowed(r)]
+    winner = _most_frequent(_winners(vendor))
+    if winner is not None:
+        return Plan(*winner, f"vendor default ({info.vendor} {info.device_type})")
+    chosen = algorithm or DEFAULT_ALGORITHM
+    return Plan(chosen, get_algorithm(chosen).heuristic(spec, info), "heuristic")
+
+
+def _registered(name: str) -> bool:
+    try:
+        get_algorithm(name)
+    except AutoconvError:
+        return False
+    return True
+
+
+def _winners(results: Iterable[TunedResult]) -> list[TunedResult]:
+    """The fastest result of each (device, layer)."""
+    by_layer: dict[tuple[str, ConvSpec], list[TunedResult]] = {}
+    for r in results:
+        by_layer.setdefault((r.device, r.spec), []).append(r)
+    return [best for group in by_layer.values() if (best := fastest(group)) is not None]
+
+
+def _same_family(a: ConvSpec, b: ConvSpec) -> bool:
+    """Same kernel size, stride, dilation and kind of grouping (dense, depthwise or grouped)."""
+    def grouping(spec: ConvSpec) -> str:
+        if spec.groups == 1:
+            return "dense"
+        return "depthwise" if spec.groups == spec.c else f"grouped{spec.groups}"
+
+    return (a.r, a.s, a.stride, a.dilation, grouping(a), a.dtype) == (b.r, b.s, b.stride, b.dilation, grouping(b), b.dtype)
+
+
+def _distance(a: ConvSpec, b: ConvSpec) -> float:
+    """Log-ratio distance over the GEMM's dimensions: what the best tiles depend on."""
+    return sum(abs(math.log2(x / y)) for x, y in ((a.gemm_m, b.gemm_m), (a.gemm_n, b.gemm_n), (a.gemm_k, b.gemm_k)))
+
+
+def _most_frequent(results: Iterable[TunedResult]) -> tuple[str, Params] | None:
+    counts = Counter((r.algorithm, r.params) for r in results)
+    if not counts:
+        return None
+    # Ties broken by the text of algorithm and params so the answer does not depend on row order.
+    return max(counts.items(), key=lambda item: (item[1], item[0][0], item[0][1].describe()))[0]

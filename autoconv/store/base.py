@@ -1,0 +1,104 @@
+"""The result-store contract: where tuning results and measurements live. SQLite
+(autoconv.store.sqlite) is the one implementation; tests/test_store_conformance.py runs one
+conformance class over every implementation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+from autoconv.algorithms import Params
+from autoconv.device import DeviceInfo
+from autoconv.spec import ConvSpec
+
+STATUS_OK = "ok"
+STATUS_COMPILE_FAILED = "compile_failed"
+STATUS_LAUNCH_FAILED = "launch_failed"
+STATUS_WRONG_RESULT = "wrong_result"
+STATUS_TOO_LARGE = "too_large"  # the buffers the config needs exceed the device's memory limits
+STATUSES = (STATUS_OK, STATUS_COMPILE_FAILED, STATUS_LAUNCH_FAILED, STATUS_WRONG_RESULT, STATUS_TOO_LARGE)
+
+
+@dataclass(frozen=True)
+class TunedResult:
+    """The best verified config of one algorithm for one layer on one device (one row per
+    (device, layer, dtype, algorithm, template hash)), with its spread and the default's time."""
+
+    device: str
+    spec: ConvSpec
+    algorithm: str
+    template_hash: str
+    params: Params
+    median_ms: float
+    gflops: float
+    rel_error: float
+    default_ms: float | None
+    trials: int
+    spread: float | None = None  # IQR / median of the repeats
+    repeats: int | None = None
+    autoconv_version: str = ""
+    created: str = ""
+    verified: bool = True
+
+    @property
+    def speedup_vs_default(self) -> float | None:
+        return None if not self.default_ms else self.default_ms / self.median_ms
+
+    def better_than(self, other: "TunedResult") -> bool:
+        return self.median_ms < other.median_ms
+
+
+@runtime_checkable
+class ResultStore(Protocol):
+    """Contract: writes are atomic (a result or measurement is stored whole or not at all); a
+    result is stored only if verified and faster than the stored one for its key; reads return
+    only well-formed rows (a damaged one is skipped with a warning, never returned); a store
+    opened read-only refuses writes with TuningDBError and never changes its file."""
+
+    path: Any
+    readonly: bool
+
+    def record_device(self, info: DeviceInfo) -> None:
+        ...
+
+    def record_layer(self, spec: ConvSpec) -> None:
+        ...
+
+    def record_measurement(self, device: str, spec: ConvSpec, algorithm: str, template_hash: str,
+                           params: Params | None, status: str, median_ms: float, rel_error: float,
+                           message: str = "") -> None:
+        ...
+
+    def save_result(self, result: TunedResult, *, refresh_default: bool = False) -> bool:
+        ...
+
+    def results(self, device: str | None = None, template_hash: str | None = None) -> list[TunedResult]:
+        ...
+
+    def devices(self) -> list[dict[str, Any]]:
+        ...
+
+    def device(self, fingerprint: str) -> dict[str, Any] | None:
+        ...
+
+    def measurements(self, device: str, spec: ConvSpec) -> Iterator[dict[str, Any]]:
+        ...
+
+    def merge_from(self, other: "ResultStore") -> tuple[int, int]:
+        ...
+
+    def prune(self, *, current_template_hash: str | None = None, device: str | None = None) -> int:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def best_per_algorithm(results: list[TunedResult], device: str, spec: ConvSpec) -> dict[str, TunedResult]:
+    """Each algorithm's stored best for one layer on one device."""
+    return {r.algorithm: r for r in results if r.device == device and r.spec == spec}
+
+
+def fastest(results: list[TunedResult]) -> TunedResult | None:
+    """The fastest result; ties broken by algorithm name so the answer does not depend on order."""
+    return min(results, key=lambda r: (r.median_ms, r.algorithm), default=None)

@@ -1,0 +1,314 @@
+"""The autotuner: per layer, every registered algorithm that supports it, the algorithm a tuning
+dimension as in cuDNN's and MIOpen's find mode.
+
+Per layer: each supporting algorithm's default is measured first (untunable ones, such as direct
+loops and the library baseline, are measured afresh by every run); then the trial budget goes,
+one trial at a time in turn, to the tunable algorithms whose best is within 2x of the best so far
+(re-judged after every trial), each in its own Optuna study. Every trial: constraints -> render ->
+compile -> verify against the float64 reference on a NaN-poisoned output -> time. Failures are
+outcomes with a status and an infinite time, never exceptions. Every measurement and every new
+best goes to the store as it is made; the studies live in a journal file beside it, so a killed
+run loses nothing and the next run resumes."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from autoconv.algorithms import BASELINE, Params, get_algorithm, list_algorithms
+from autoconv.backends.base import Backend
+from autoconv.device import DeviceInfo
+from autoconv.errors import InvalidParamsError, KernelCompileError, KernelLaunchError, ResourceLimitError, TuningDBError
+from autoconv.plan import Plan
+from autoconv.render import template_hash
+from autoconv.spec import ConvSpec
+from autoconv.store import (
+    STATUS_COMPILE_FAILED,
+    STATUS_LAUNCH_FAILED,
+    STATUS_OK,
+    STATUS_TOO_LARGE,
+    STATUS_WRONG_RESULT,
+    ResultStore,
+    TunedResult,
+    fastest,
+)
+from autoconv.tuning.study import INF, AlgorithmStudy, journal_path, journal_storage
+from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
+
+# A time is stored for an untuned config only when its spread (IQR / median) is below this: a
+# measurement taken while something else loaded the cores must not decide which plan is served.
+MAX_SPREAD = 0.10
+MEASURE_ROUNDS = 3
+# Trials go to the tunable algorithms within this factor of the best time so far.
+CANDIDATE_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What measuring one config gave: status ok with a median time, or a failure with inf."""
+
+    status: str
+    median_ms: float
+    rel_error: float = INF
+    message: str = ""
+    spread: float | None = None
+    repeats: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    @property
+    def steady(self) -> bool:
+        return self.ok and (self.spread is None or self.spread <= MAX_SPREAD)
+
+
+class Evaluator(Protocol):
+    """Measures configs of one layer on one device (replaced by a fake in the tuner's tests)."""
+
+    algorithms: tuple[str, ...]  # what it can measure
+
+    def __call__(self, algorithm: str, params: Params) -> Outcome:
+        ...
+
+
+class DeviceEvaluator:
+    """Measures configs on a real backend against the float64 reference; algorithms with host code
+    only (the library baseline on OpenCL) run on the host."""
+
+    def __init__(self, backend: Backend, spec: ConvSpec, *, repeats: int = 7, warmup: int = 2, seed: int = 0) -> None:
+        from autoconv.backends import create_backend
+
+        self.backend, self.spec, self.repeats, self.warmup = backend, spec, repeats, warmup
+        self._host = create_backend("numpy") if backend.name != "numpy" else backend
+        self.algorithms = tuple(dict.fromkeys((*backend.algorithms, *self._host.algorithms)))
+        self.operands = random_operands(spec, seed)
+        self.reference = reference_output(spec, self.operands)
+
+    def __call__(self, algorithm: str, params: Params) -> Outcome:
+        backend = self.backend if algorithm in self.backend.algorithms else self._host
+        plan = Plan(algorithm, params, "tuning")
+        try:
+            conv = backend.prepare(self.spec, plan)
+        except KernelCompileError as exc:
+            return Outcome(STATUS_COMPILE_FAILED, INF, INF, str(exc))
+        except ResourceLimitError as exc:
+            return Outcome(STATUS_TOO_LARGE, INF, INF, str(exc))
+        try:
+            error = relative_error(conv.run(*self.operands, poison=True), self.reference)
+            if not error < TOLERANCE:
+                return Outcome(STATUS_WRONG_RESULT, INF, error, f"relative error {error:.2e} >= {TOLERANCE:.0e}")
+            best = None
+            # Up to MEASURE_ROUNDS rounds until one is steady: a busy core shows as a wide spread.
+            for _ in range(MEASURE_ROUNDS):
+                timing = conv.time(*self.operands, warmup=self.warmup, repeats=max(self.repeats, 5))
+                if best is None or timing.spread < best.spread:
+                    best = timing
+                if timing.spread <= MAX_SPREAD:
+                    break
+        except KernelLaunchError as exc:
+            return Outcome(STATUS_LAUNCH_FAILED, INF, INF, str(exc))
+        except ResourceLimitError as exc:
+            return Outcome(STATUS_TOO_LARGE, INF, INF, str(exc))
+        return Outcome(STATUS_OK, best.median_ms, error, spread=best.spread, repeats=len(best.samples_ms))
+
+
+@dataclass
+class LayerReport:
+    """How tuning one layer went; `bests` is what the store now holds for it, per algorithm."""
+
+    label: str
+    spec: ConvSpec
+    bests: dict[str, TunedResult] = field(default_factory=dict)
+    trials: int = 0
+    trials_by_algorithm: dict[str, int] = field(default_factory=dict)
+    unsupported: dict[str, str] = field(default_factory=dict)
+    measured_now: int = 0
+    skipped_invalid: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    resumed: bool = False
+
+    @property
+    def best(self) -> TunedResult | None:
+        """The fastest verified algorithm of the layer."""
+        return fastest(list(self.bests.values()))
+
+    @property
+    def baseline(self) -> TunedResult | None:
+        return self.bests.get(BASELINE)
+
+    @property
+    def best_generated(self) -> TunedResult | None:
+        return fastest([r for name, r in self.bests.items() if get_algorithm(name).space.params])
+
+
+ProgressCallback = Callable[[LayerReport, int], None]
+
+
+def tunable(algorithm: str) -> bool:
+    return bool(get_algorithm(algorithm).space.params)
+
+
+def tune_layer(
+    spec: ConvSpec,
+    device: DeviceInfo,
+    evaluate: Evaluator,
+    db: ResultStore,
+    *,
+    trials: int | None = 60,
+    deadline: float | None = None,
+    label: str = "",
+    seed: int = 0,
+    storage: Any = None,
+    algorithms: tuple[str, ...] | None = None,
+    progress: ProgressCallback | None = None,
+) -> LayerReport:
+    """Tune (or resume tuning) one layer over every algorithm that supports it until the tunable
+    algorithms' studies hold `trials` measured trials together or the monotonic `deadline`
+    passes; returns the report and leaves each algorithm's best in the store."""
+    if trials is None and deadline is None:
+        raise InvalidParamsError("tuning needs a budget: a trial count or a time limit")
+    started = time.monotonic()
+    templates = template_hash()
+    fingerprint = device.fingerprint()
+    report = LayerReport(label or str(spec), spec)
+    storage = storage if storage is not None else journal_storage(Path(db.path))
+    db.record_device(device)
+    db.record_layer(spec)
+
+    chosen = []
+    for name in algorithms or list_algorithms():
+        algorithm = get_algorithm(name)
+        reason = algorithm.supports(spec, device) if name in evaluate.algorithms else "the backend cannot run it"
+        if reason is None:
+            chosen.append(name)
+        else:
+            report.unsupported[name] = reason
+
+    def record(name: str, params: Params, outcome: Outcome) -> None:
+        report.measured_now += 1
+        db.record_measurement(fingerprint, spec, name, templates, params, outcome.status, outcome.median_ms,
+                              outcome.rel_error, outcome.message)
+        if not outcome.ok:
+            report.failures[outcome.status] = report.failures.get(outcome.status, 0) + 1
+
+    def save(name: str, params: Params, ms: float, error: float, default_ms: float | None, count: int,
+             *, spread: float | None = None, repeats: int | None = None, replace: bool = False) -> None:
+        result = TunedResult(device=fingerprint, spec=spec, algorithm=name, template_hash=templates, params=params,
+                             median_ms=ms, gflops=spec.flops / (ms * 1e6), rel_error=error, default_ms=default_ms,
+                             trials=count, spread=spread, repeats=repeats)
+        db.save_result(result, refresh_default=True, replace=replace)
+
+    # Untunable algorithms: one fresh measurement per run, stored only when steady.
+    times: dict[str, float] = {}
+    for name in [n for n in chosen if not tunable(n)]:
+        params = get_algorithm(name).heuristic(spec, device)
+        outcome = evaluate(name, params)
+        record(name, params, outcome)
+        if outcome.steady:
+            save(name, params, outcome.median_ms, outcome.rel_error, None, 1,
+                 spread=outcome.spread, repeats=outcome.repeats, replace=True)
+        elif outcome.ok:
+            warnings.warn(f"autoconv: {name} on {spec} varied by {outcome.spread:.0%} over its repeats (busy "
+                          f"cores?); it is not stored", RuntimeWarning, stacklevel=2)
+        if outcome.ok:
+            times[name] = outcome.median_ms
+
+    studies = {name: AlgorithmStudy(storage, device, spec, name, templates, get_algorithm(name).heuristic(spec, device),
+                                    seed=seed) for name in chosen if tunable(name)}
+    report.resumed = any(study.resumed for study in studies.values())
+
+    def spent() -> bool:
+        if trials is not None and sum(s.completed for s in studies.values()) >= trials:
+            return True
+        return deadline is not None and time.monotonic() >= deadline
+
+    def measure_with(name: str) -> Callable[[Params], tuple[str, float, float, str]]:
+        def measure(params: Params) -> tuple[str, float, float, str]:
+            outcome = evaluate(name, params)
+            record(name, params, outcome)
+            return outcome.status, outcome.median_ms, outcome.rel_error, outcome.message
+        return measure
+
+    def step(name: str) -> bool:
+        study = studies[name]
+        before = study.best()
+        taken = study.step(measure_with(name))
+        if taken is None:
+            return False
+        best = study.best()
+        if best is not None and (before is None or best[1] < before[1]):
+            save(name, best[0], best[1], best[2], study.default_ms(), study.completed)
+        if progress is not None:
+            report.trials = sum(s.completed for s in studies.values())
+            progress(report, trials or 0)
+        return True
+
+    # Each tunable algorithm's default first (a resumed study has it already).
+    for name, study in studies.items():
+        if study.default not in study.known and not spent():
+            step(name)
+    exhausted: set[str] = set()
+    while not spent():
+        bests = {name: s.best()[1] for name, s in studies.items() if s.best() is not None}
+        overall = min([*bests.values(), *times.values()], default=INF)
+        candidates = [name for name in studies if name not in exhausted
+                      and (name not in bests or bests[name] <= CANDIDATE_FACTOR * overall)]
+        if not candidates:
+            break
+        # The candidate with the fewest trials goes next: the budget is shared in turn.
+        name = min(candidates, key=lambda n: (studies[n].completed, n))
+        if not step(name):
+            exhausted.add(name)
+
+    for name, study in studies.items():
+        best = study.best()
+        if best is not None:  # refreshes the trial count and the default time beside the winner
+            save(name, best[0], best[1], best[2], study.default_ms(), study.completed)
+        report.trials_by_algorithm[name] = study.completed
+        report.skipped_invalid += study.skipped_invalid
+    report.trials = sum(report.trials_by_algorithm.values())
+    report.bests = {r.algorithm: r for r in db.results(device=fingerprint, template_hash=templates) if r.spec == spec}
+    report.wall_s = time.monotonic() - started
+    return report
+
+
+def tune_layers(
+    layers: list[tuple[str, ConvSpec]],
+    backend: Backend,
+    db: ResultStore,
+    *,
+    trials: int | None = 60,
+    time_budget_s: float | None = None,
+    seed: int = 0,
+    repeats: int = 7,
+    algorithms: tuple[str, ...] | None = None,
+    progress: ProgressCallback | None = None,
+    on_layer_start: Callable[[str, ConvSpec], None] | None = None,
+) -> list[LayerReport]:
+    """Tune layers one after another; a time budget is shared out evenly over the layers left."""
+    storage = journal_storage(Path(db.path))
+    reports = []
+    end = None if time_budget_s is None else time.monotonic() + time_budget_s
+    for index, (label, spec) in enumerate(layers):
+        if on_layer_start is not None:
+            on_layer_start(label, spec)
+        deadline = None
+        if end is not None:
+            deadline = time.monotonic() + max(0.0, end - time.monotonic()) / (len(layers) - index)
+        evaluator = DeviceEvaluator(backend, spec, repeats=repeats, seed=seed)
+        try:
+            reports.append(tune_layer(spec, backend.device, evaluator, db, trials=trials, deadline=deadline,
+                                      label=label, seed=seed, storage=storage, algorithms=algorithms,
+                                      progress=progress))
+        except OSError as exc:  # the journal became unwritable (read-only, disk full) mid-run
+            raise TuningDBError(f"the Optuna journal {journal_path(Path(db.path))} cannot be written: "
+                                f"{exc.strerror or exc}") from None
+    return reports
+
+
+__all__ = ["DeviceEvaluator", "Evaluator", "LayerReport", "Outcome", "tune_layer", "tune_layers"]

@@ -1,0 +1,44 @@
+"""Verification shared by the tuner, export, compare and the tests: random never-zero operands,
+the float64 reference, and the relative-error check every kernel must pass."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from autoconv.algorithms.direct import direct_conv, host_working_bytes
+from autoconv.backends.base import weight_bytes
+from autoconv.resources import check_host
+from autoconv.spec import ConvSpec
+
+# Relative error a float32 result may have against the float64 reference.
+TOLERANCE = 1e-4
+
+
+def random_operands(spec: ConvSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Random, never-zero float32 input, weight and (when the spec has one) bias."""
+    # float64 draws for magnitude and sign, then the float32 arrays: about five times their size.
+    check_host(f"random operands for {spec}", 5 * (spec.input_bytes + weight_bytes(spec)))
+    rng = np.random.default_rng(seed)
+
+    def draw(shape: tuple[int, ...]) -> np.ndarray:
+        # Uniform in ±[0.5, 1.5): no zeros, so a skipped term always changes the result.
+        magnitude = rng.uniform(0.5, 1.5, size=shape)
+        return (magnitude * rng.choice((-1.0, 1.0), size=shape)).astype(np.float32)
+
+    return draw(spec.input_shape), draw(spec.weight_shape), draw((spec.k,)) if spec.bias else None
+
+
+def relative_error(result: np.ndarray, reference: np.ndarray) -> float:
+    """max |result - reference| / max |reference|; NaN anywhere (an unwritten element) is infinite."""
+    if result.shape != reference.shape or not np.all(np.isfinite(result)):
+        return float("inf")
+    scale = float(np.max(np.abs(reference))) or 1.0
+    return float(np.max(np.abs(result.astype(np.float64) - reference))) / scale
+
+
+def reference_output(spec: ConvSpec, operands: tuple) -> np.ndarray:
+    """The float64 reference result every generated kernel is checked against (direct loops in
+    float64 on the host)."""
+    check_host(f"the float64 reference of {spec}", host_working_bytes(spec, 8))
+    x, weight, bias = operands
+    return direct_conv(spec, x, weight, bias, np.float64)
