@@ -100,7 +100,8 @@ def _layer_manifest(entry: ExportEntry, device: DeviceInfo, dialect: Dialect, ve
     layer = {
         "name": entry.name, "key": spec.key(),
         "shape": {"n": spec.n, "c": spec.c, "h": spec.h, "w": spec.w, "k": spec.k, "r": spec.r, "s": spec.s,
-                  "stride": list(spec.stride), "padding": list(spec.padding), "dilation": list(spec.dilation),
+                  "stride": list(spec.stride), "padding": list(spec.padding), "padding_end": list(spec.padding_end),
+                  "dilation": list(spec.dilation),
                   "groups": spec.groups, "bias": spec.bias, "dtype": spec.dtype, "layout": spec.layout,
                   "p": spec.p, "q": spec.q},
         "tuned": entry.tuned, "plan_source": entry.plan.source, "note": entry.note,

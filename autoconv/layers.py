@@ -10,7 +10,8 @@ from importlib import resources
 from autoconv.errors import InvalidSpecError
 from autoconv.spec import ConvSpec
 
-_LAYER_FIELDS = ("n", "c", "h", "w", "k", "r", "s", "stride", "pad", "dilation", "groups", "bias")
+_LAYER_FIELDS = ("n", "c", "h", "w", "k", "r", "s", "stride", "pad", "pad_bottom", "pad_right", "dilation", "groups",
+                 "bias")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ def model_layers(model: str, batch: int = 1) -> list[NamedLayer]:
 
 
 def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
-    """A layer from "model/name" (e.g. resnet50/res2_3x3) or "n=1,c=64,h=56,w=56,k=64,r=3,s=3,pad=1"."""
+    """A layer from "model/name" (e.g. resnet50/res2_3x3) or "n=1,c=64,h=56,w=56,k=64,r=3,s=3,pad=1"
+    (pad: top and left, and bottom and right unless pad_bottom / pad_right say otherwise)."""
     text = text.strip()
     if "=" not in text:
         model, _, name = text.partition("/")
@@ -83,6 +85,7 @@ def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
     n = batch if batch is not None else values.get("n", 1)
     spec = ConvSpec(n=n, c=values["c"], h=values["h"], w=values["w"], k=values["k"], r=values["r"],
                     s=values["s"], stride=values.get("stride", 1), padding=values.get("pad", 0),
+                    padding_end=(values.get("pad_bottom", values.get("pad", 0)), values.get("pad_right", values.get("pad", 0))),
                     dilation=values.get("dilation", 1), groups=values.get("groups", 1),
                     bias=bool(values.get("bias", 0)))
     return NamedLayer("custom", str(spec), spec)

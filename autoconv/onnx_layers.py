@@ -104,12 +104,10 @@ def onnx_layers(path: str | Path, batch: int | None = None) -> tuple[list[NamedL
         except InvalidSpecError as exc:
             problems.append(f"{name}: {exc}")
             continue
-        if any(a != b for a, b in begin_end):
-            problems.append(f"{name}: asymmetric padding {begin_end} is not supported")
-            continue
         try:
             spec = ConvSpec(n=int(n), c=int(x_shape[1]), h=int(x_shape[2]), w=int(x_shape[3]), k=int(w_shape[0]),
                             r=kernel[0], s=kernel[1], stride=strides, padding=(begin_end[0][0], begin_end[1][0]),
+                            padding_end=(begin_end[0][1], begin_end[1][1]),
                             dilation=dilations, groups=int(attrs.get("group", 1)), bias=len(node.input) > 2 and bool(node.input[2]))
         except (InvalidSpecError, TypeError, ValueError) as exc:
             problems.append(f"{name}: {exc}")

@@ -41,8 +41,11 @@ def as_pair(value: IntOrPair, name: str) -> tuple[int, int]:
 class ConvSpec:
     """A 2-D convolution layer: input n×c×h×w, weight k×(c/groups)×r×s.
 
-    Validated on construction; derives the output size, the per-group GEMM view
-    (M = k/groups, N = n·p·q, K = (c/groups)·r·s), FLOPs, im2col bytes and a canonical key.
+    `padding` is the zeros before the input (top, left); `padding_end` the zeros after it (bottom,
+    right), the same as `padding` unless given (torch's asymmetric "same" puts the extra row and
+    column at the bottom and right). Validated on construction; derives the output size, the
+    per-group GEMM view (M = k/groups, N = n·p·q, K = (c/groups)·r·s), FLOPs, im2col bytes and a
+    canonical key.
     """
 
     n: int
@@ -59,6 +62,7 @@ class ConvSpec:
     bias: bool = False
     dtype: str = "float32"
     layout: str = "NCHW"
+    padding_end: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("n", "c", "h", "w", "k", "r", "s", "groups"):
@@ -76,11 +80,15 @@ class ConvSpec:
         # Normalise ints to pairs so that equal layers compare (and hash) equal.
         object.__setattr__(self, "stride", as_pair(self.stride, "stride"))
         object.__setattr__(self, "padding", as_pair(self.padding, "padding"))
+        object.__setattr__(self, "padding_end", self.padding if self.padding_end is None
+                           else as_pair(self.padding_end, "padding_end"))
         object.__setattr__(self, "dilation", as_pair(self.dilation, "dilation"))
         if min(self.stride) <= 0:
             raise InvalidSpecError(f"stride: must be positive, got {self.stride}")
         if min(self.padding) < 0:
             raise InvalidSpecError(f"padding: must be non-negative, got {self.padding}")
+        if min(self.padding_end) < 0:
+            raise InvalidSpecError(f"padding_end: must be non-negative, got {self.padding_end}")
         if min(self.dilation) <= 0:
             raise InvalidSpecError(f"dilation: must be positive, got {self.dilation}")
         if self.c % self.groups:
@@ -98,7 +106,7 @@ class ConvSpec:
         if self.p <= 0 or self.q <= 0:
             raise InvalidSpecError(
                 f"output size would be {self.p}x{self.q}: the {self.r}x{self.s} kernel with dilation "
-                f"{self.dilation} does not fit the {self.h}x{self.w} input padded by {self.padding}"
+                f"{self.dilation} does not fit the {self.h}x{self.w} input padded by {self.padding_text()}"
             )
 
     @classmethod
@@ -113,6 +121,7 @@ class ConvSpec:
         groups: int = 1,
         bias: bool = False,
         dtype: str = "float32",
+        padding_end: IntOrPair | None = None,
     ) -> "ConvSpec":
         """Build a spec from NCHW input and KCRS weight shapes (torch's conv2d convention)."""
         if len(input_shape) != 4:
@@ -135,17 +144,41 @@ class ConvSpec:
             )
         return cls(n=n, c=c, h=h, w=w, k=k, r=r, s=s, stride=as_pair(stride, "stride"),
                    padding=as_pair(padding, "padding"), dilation=as_pair(dilation, "dilation"),
-                   groups=groups, bias=bias, dtype=dtype)
+                   groups=groups, bias=bias, dtype=dtype,
+                   padding_end=None if padding_end is None else as_pair(padding_end, "padding_end"))
 
     @property
     def p(self) -> int:
         """Output height."""
-        return (self.h + 2 * self.padding[0] - self.dilation[0] * (self.r - 1) - 1) // self.stride[0] + 1
+        return (self.padded_h - self.dilation[0] * (self.r - 1) - 1) // self.stride[0] + 1
 
     @property
     def q(self) -> int:
         """Output width."""
-        return (self.w + 2 * self.padding[1] - self.dilation[1] * (self.s - 1) - 1) // self.stride[1] + 1
+        return (self.padded_w - self.dilation[1] * (self.s - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def padded_h(self) -> int:
+        """Input height with its zero rows above and below."""
+        return self.h + self.padding[0] + self.padding_end[0]
+
+    @property
+    def padded_w(self) -> int:
+        return self.w + self.padding[1] + self.padding_end[1]
+
+    @property
+    def padded(self) -> bool:
+        """Whether any tap can fall outside the input."""
+        return self.padding != (0, 0) or self.padding_end != (0, 0)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.padding == self.padding_end
+
+    def padding_text(self) -> str:
+        if self.symmetric:
+            return str(self.padding)
+        return f"(top {self.padding[0]}, bottom {self.padding_end[0]}, left {self.padding[1]}, right {self.padding_end[1]})"
 
     @property
     def c_per_group(self) -> int:
@@ -210,6 +243,8 @@ class ConvSpec:
         return (
             f"n{self.n}_c{self.c}_h{self.h}_w{self.w}_k{self.k}_r{self.r}_s{self.s}"
             f"_st{self.stride[0]}x{self.stride[1]}_pd{self.padding[0]}x{self.padding[1]}"
+            # Symmetric layers keep the key they always had; asymmetric ones add their end padding.
+            + ("" if self.symmetric else f"_pe{self.padding_end[0]}x{self.padding_end[1]}") +
             f"_dl{self.dilation[0]}x{self.dilation[1]}_g{self.groups}_b{int(self.bias)}"
             f"_{self.dtype}_{self.layout}"
         )
@@ -219,6 +254,8 @@ class ConvSpec:
 
     def replace(self, **changes: Any) -> "ConvSpec":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if "padding" in changes and "padding_end" not in changes and self.symmetric:
+            values["padding_end"] = None  # a symmetric layer stays symmetric
         values.update(changes)
         return ConvSpec(**values)
 
@@ -226,7 +263,9 @@ class ConvSpec:
         extras = []
         if self.stride != (1, 1):
             extras.append(f"stride={self.stride[0]}" if self.stride[0] == self.stride[1] else f"stride={self.stride}")
-        if self.padding != (0, 0):
+        if not self.symmetric:
+            extras.append(f"pad=({self.padding[0]},{self.padding_end[0]},{self.padding[1]},{self.padding_end[1]})")
+        elif self.padding != (0, 0):
             extras.append(f"pad={self.padding[0]}" if self.padding[0] == self.padding[1] else f"pad={self.padding}")
         if self.dilation != (1, 1):
             extras.append(f"dilation={self.dilation}")

@@ -11,13 +11,15 @@ from autoconv.spec import ConvSpec
 
 
 def as_float_array(value: Any, name: str) -> np.ndarray:
-    """A host array from numpy input (or anything with __array__); refuses non-numeric data."""
+    """A host array from numpy input (or anything with __array__); refuses anything that is not
+    floating point, as torch's conv2d refuses integer and boolean tensors."""
     try:
         array = np.asarray(value)
     except Exception as exc:  # noqa: BLE001 - any conversion failure is the caller's bad input
         raise InvalidSpecError(f"{name}: cannot be read as an array ({exc})") from None
-    if array.dtype.kind not in "fiu":
-        raise InvalidSpecError(f"{name}: expected a numeric array, got dtype {array.dtype}")
+    if array.dtype.kind != "f":
+        raise InvalidSpecError(f"{name}: expected a floating-point array (float16, float32 or float64), "
+                               f"got dtype {array.dtype}")
     return array
 
 

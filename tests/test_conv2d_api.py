@@ -45,7 +45,7 @@ def test_numpy_backend_gives_the_same_answer():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda x, w: autoconv.conv2d(x[0], w), "input"),
+        (lambda x, w: autoconv.conv2d(x[0, 0], w), "input"),
         (lambda x, w: autoconv.conv2d(x, w[0]), "weight"),
         (lambda x, w: autoconv.conv2d(x, w, groups=3), "groups"),
         (lambda x, w: autoconv.conv2d(x, w[:, :2]), "weight"),

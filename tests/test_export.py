@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autoconv import ConvSpec, default_gemm_params
+from autoconv import ConvSpec, default_gemm_params, get_algorithm
 from autoconv.cli import app
 from autoconv.render import template_hash
 from autoconv.store import SQLiteStore, TunedResult
@@ -20,6 +20,7 @@ runner = CliRunner()
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "c" / "build_and_run.sh"
 TUNED = ConvSpec(2, 6, 9, 7, 10, 3, 3, padding=1, groups=2, bias=True)
 UNTUNED = "n=1,c=8,h=10,w=10,k=12,r=1,s=1,stride=2"
+ASYMMETRIC = "n=1,c=4,h=7,w=6,k=5,r=2,s=2,pad=0,pad_bottom=1,pad_right=1"  # torch's "same" for a 2x2 kernel
 
 
 @pytest.fixture
@@ -77,10 +78,30 @@ def test_the_same_database_exports_byte_identical_files(tuned_db, tmp_path):
                     reason="needs gcc and the OpenCL headers (scripts/install_pocl.sh installs them)")
 def test_a_plain_c_program_runs_the_export_and_matches_the_reference(tuned_db, tmp_path):
     out = tmp_path / "out"
-    assert export(tuned_db, out, "--all", UNTUNED, "--reference").exit_code == 0
+    assert export(tuned_db, out, "--all", UNTUNED, ASYMMETRIC, "--reference").exit_code == 0
     run = subprocess.run(["bash", str(EXAMPLE), str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("-> OK") == 2 and "MISMATCH" not in run.stdout
+    assert run.stdout.count("-> OK") == 3 and "MISMATCH" not in run.stdout
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or not Path("/usr/include/CL/cl.h").exists(),
+                    reason="needs gcc and the OpenCL headers (scripts/install_pocl.sh installs them)")
+@pytest.mark.parametrize("algorithm", ["implicit_gemm", "direct"])
+def test_every_algorithm_with_kernels_exports_and_runs_from_c(opencl, tmp_path, algorithm):
+    path = tmp_path / "alg.db"
+    spec = ConvSpec(2, 6, 9, 7, 10, 3, 3, padding=1, groups=2, bias=True)
+    with SQLiteStore(path) as db:
+        db.record_device(opencl.device)
+        db.save_result(TunedResult(
+            device=opencl.device.fingerprint(), spec=spec, algorithm=algorithm, template_hash=template_hash(),
+            params=get_algorithm(algorithm).heuristic(spec, opencl.device), median_ms=1.0, gflops=1.0,
+            rel_error=1e-6, default_ms=None, trials=1))
+    out = tmp_path / "out"
+    assert export(path, out, "--all", "--reference").exit_code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layers"][0]["algorithm"] == algorithm
+    run = subprocess.run(["bash", str(EXAMPLE), str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.count("-> OK") == 1, run.stdout + run.stderr
 
 
 @pytest.mark.parametrize("case", ["missing", "foreign", "empty", "out_is_a_file", "out_not_an_export", "no_layers",

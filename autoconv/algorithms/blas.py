@@ -28,7 +28,7 @@ def im2col(spec: ConvSpec, x: np.ndarray, dtype: type = np.float32) -> np.ndarra
 
 def im2col_blas_conv(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """im2col, then one BLAS SGEMM per group through numpy.matmul."""
-    if (spec.r, spec.s, spec.stride, spec.padding) == (1, 1, (1, 1), (0, 0)) and spec.n == 1:
+    if (spec.r, spec.s, spec.stride) == (1, 1, (1, 1)) and not spec.padded and spec.n == 1:
         cols = x.astype(np.float32, copy=False).reshape(spec.groups, spec.gemm_k, spec.gemm_n)  # no copy needed
     else:
         cols = im2col(spec, x)

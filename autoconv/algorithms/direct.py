@@ -12,8 +12,8 @@ from autoconv.spec import ConvSpec
 
 
 def _padded(x: np.ndarray, spec: ConvSpec, dtype: type) -> np.ndarray:
-    ph, pw = spec.padding
-    return np.pad(x.astype(dtype, copy=False), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    (top, left), (bottom, right) = spec.padding, spec.padding_end
+    return np.pad(x.astype(dtype, copy=False), ((0, 0), (0, 0), (top, bottom), (left, right)))
 
 
 def window(xp: np.ndarray, spec: ConvSpec, r: int, s: int) -> np.ndarray:
@@ -48,7 +48,7 @@ def direct_conv(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.ndar
 
 def host_working_bytes(spec: ConvSpec, itemsize: int) -> int:
     """Host memory a direct run allocates: the padded input, the output and temporaries."""
-    padded = spec.n * spec.c * (spec.h + 2 * spec.padding[0]) * (spec.w + 2 * spec.padding[1])
+    padded = spec.n * spec.c * spec.padded_h * spec.padded_w
     return itemsize * (padded + 3 * spec.n * spec.k * spec.p * spec.q)
 
 

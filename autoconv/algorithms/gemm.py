@@ -153,7 +153,7 @@ def render_gemm(spec: ConvSpec, params: Params, dialect: Dialect, *, b_source: K
     columns = spec.gemm_n if columns is None else columns
     text = render_template(
         "shared/gemm.j2", dialect=dialect, entry=entry, params=params.as_dict(), param_docs=params.space.params,
-        implicit=implicit, rows=rows, geometry=geometry or {}, padded=spec.padding != (0, 0),
+        implicit=implicit, rows=rows, geometry=geometry or {}, padded=spec.padded,
         b_transposed=params.get("B_TRANSPOSED", 0))
     local_n, local_m = local_size(params)
     ldn = ceil_to(columns, params.NWG)

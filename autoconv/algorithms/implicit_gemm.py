@@ -5,13 +5,14 @@ different B source; the layer's geometry is baked in as constants so the patch a
 arithmetic on constants.
 
 Two ways to read B, chosen from the layer and the params:
-- row mode (unit stride along W, B not staged): the GEMM's columns are output rows padded to a
+- row mode (unit stride along W, B not staged, symmetric padding): the GEMM's columns are output rows padded to a
   whole number of accumulator vectors, so every vector of B is one contiguous load. It reads the
   input itself when no tap can fall outside it (no padding, rows a whole number of vectors);
   otherwise a zero-padded copy of the input (one cheap pass, about 1.1x the input) made by a
   first kernel. The extra columns past each row are computed and never stored.
-- gather mode (strided layers, or B staged in local memory as on GPUs): each element's address
-  computed on its own, with branch-free bounds checks only when the layer is padded."""
+- gather mode (strided layers, asymmetric padding, or B staged in local memory as on GPUs): each
+  element's address computed on its own, with branch-free bounds checks only when the layer is
+  padded."""
 
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ SPACE = ParamSpace(params=(*gemm.GEMM_TILE_PARAMS, *gemm.GEMM_STAGING_PARAMS), c
 
 
 def row_mode(spec: ConvSpec, params: Params) -> bool:
-    return spec.stride[1] == 1 and not params.SB
+    # The padded copy pads both sides alike: asymmetric padding reads the input in gather mode.
+    return spec.stride[1] == 1 and not params.SB and spec.symmetric
 
 
 def padded_copy(spec: ConvSpec, params: Params) -> bool:
     """Row mode reads a zero-padded copy unless the input itself has every vector it needs."""
-    return row_mode(spec, params) and (spec.padding != (0, 0) or spec.q % params.VWN != 0)
+    return row_mode(spec, params) and (spec.padded or spec.q % params.VWN != 0)
 
 
 def row_length(spec: ConvSpec, params: Params) -> int:
@@ -47,7 +49,7 @@ def row_length(spec: ConvSpec, params: Params) -> int:
 
 
 def copy_shape(spec: ConvSpec) -> tuple[int, int]:
-    return spec.h + 2 * spec.padding[0], spec.w + 2 * spec.padding[1]
+    return spec.padded_h, spec.padded_w
 
 
 def scratch_bytes(spec: ConvSpec, params: Params) -> int:

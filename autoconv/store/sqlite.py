@@ -105,6 +105,13 @@ def m002_one_row_per_algorithm(db: sqlite_utils.Database) -> None:
                                if_not_exists=True)
 
 
+@migrations()
+def m003_asymmetric_padding(db: sqlite_utils.Database) -> None:
+    """v3: a layer's padding after the input (bottom, right); NULL in older rows means symmetric."""
+    db["layers"].add_column("pad_bottom", int)
+    db["layers"].add_column("pad_right", int)
+
+
 SCHEMA_VERSION = len(migrations._migrations)  # noqa: SLF001 - the count of migrations is the version
 
 
@@ -158,6 +165,7 @@ def spec_row(spec: ConvSpec) -> dict[str, Any]:
         "stride_h": spec.stride[0], "stride_w": spec.stride[1], "pad_h": spec.padding[0], "pad_w": spec.padding[1],
         "dilation_h": spec.dilation[0], "dilation_w": spec.dilation[1], "groups": spec.groups,
         "bias": int(spec.bias), "dtype": spec.dtype, "layout": spec.layout,
+        "pad_bottom": spec.padding_end[0], "pad_right": spec.padding_end[1],
     }
 
 
@@ -167,7 +175,9 @@ def spec_from_row(row: dict[str, Any]) -> ConvSpec:
     return ConvSpec(n=row["n"], c=row["c"], h=row["h"], w=row["w"], k=row["k"], r=row["r"], s=row["s"],
                     stride=(row["stride_h"], row["stride_w"]), padding=(row["pad_h"], row["pad_w"]),
                     dilation=(row["dilation_h"], row["dilation_w"]), groups=row["groups"], bias=bool(row["bias"]),
-                    dtype=row["dtype"], layout=row["layout"])
+                    dtype=row["dtype"], layout=row["layout"],
+                    padding_end=None if row.get("pad_bottom") is None and row.get("pad_right") is None
+                    else (row.get("pad_bottom"), row.get("pad_right")))
 
 
 def params_json(params: Params | None) -> str:
@@ -483,7 +493,8 @@ class SQLiteStore:
         where, args = _conditions(("r.device = ?", device), ("r.template_hash = ?", template_hash))
         where.insert(0, "r.verified = 1")
         sql = ("select r.*, l.n, l.c, l.h, l.w, l.k, l.r, l.s, l.stride_h, l.stride_w, l.pad_h, l.pad_w, "
-               "l.dilation_h, l.dilation_w, l.groups, l.bias, l.layout from results r join layers l on r.layer = l.key "
+               "l.dilation_h, l.dilation_w, l.groups, l.bias, l.layout, l.pad_bottom, l.pad_right "
+               "from results r join layers l on r.layer = l.key "
                # A result of a device the file does not describe is orphaned (damage): never served.
                "join devices d on r.device = d.fingerprint "
                f"where {' and '.join(where)} order by r.device, r.layer, r.algorithm")
