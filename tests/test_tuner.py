@@ -137,7 +137,8 @@ def test_end_to_end_on_pocl(opencl, tmp_path):
     spec = ConvSpec(1, 8, 12, 12, 16, 3, 3, padding=1)
     with SQLiteStore(tmp_path / "e2e.db") as database:
         report = tune_layer(spec, opencl.device, DeviceEvaluator(opencl, spec, repeats=2), database, trials=4)
-    assert report.trials == 4 and set(report.bests) == set(ALL)
+    # The untuned references are stored only when their timing was steady (a busy machine may not be).
+    assert report.trials == 4 and {IM2COL_GEMM, IMPLICIT_GEMM} <= set(report.bests) <= set(ALL)
     for result in report.bests.values():
         assert result.verified and result.rel_error < 1e-4 and result.median_ms > 0
     plan = lookup(spec, opencl, tmp_path / "e2e.db", generated_only=True)

@@ -153,6 +153,129 @@ def tunable(algorithm: str) -> bool:
     return bool(get_algorithm(algorithm).space.params)
 
 
+class LayerTuning:
+    """One layer's tuning run, one method per job: choose the algorithms, measure the untunable
+    ones, give each tunable one its default, share the budget out, store the bests."""
+
+    def __init__(self, spec: ConvSpec, device: DeviceInfo, evaluate: Evaluator, db: ResultStore, *,
+                 storage: Any, trials: int | None, deadline: float | None, label: str, seed: int,
+                 algorithms: tuple[str, ...] | None, progress: ProgressCallback | None) -> None:
+        self.spec, self.device, self.evaluate, self.db = spec, device, evaluate, db
+        self.trials, self.deadline, self.progress = trials, deadline, progress
+        self.templates = template_hash()
+        self.fingerprint = device.fingerprint()
+        self.report = LayerReport(label or str(spec), spec)
+        self.times: dict[str, float] = {}  # the untunable algorithms' fresh times
+        db.record_device(device)
+        db.record_layer(spec)
+        chosen = self._supported(algorithms or list_algorithms())
+        self.studies = {name: AlgorithmStudy(storage, device, spec, name, self.templates,
+                                             get_algorithm(name).heuristic(spec, device), seed=seed)
+                        for name in chosen if tunable(name)}
+        self.untunable = [name for name in chosen if not tunable(name)]
+        self.report.resumed = any(study.resumed for study in self.studies.values())
+
+    def _supported(self, names: tuple[str, ...]) -> list[str]:
+        chosen = []
+        for name in names:
+            runnable = name in self.evaluate.algorithms
+            reason = get_algorithm(name).supports(self.spec, self.device) if runnable else "the backend cannot run it"
+            if reason is None:
+                chosen.append(name)
+            else:
+                self.report.unsupported[name] = reason
+        return chosen
+
+    def _record(self, name: str, params: Params, outcome: Outcome) -> None:
+        self.report.measured_now += 1
+        self.db.record_measurement(self.fingerprint, self.spec, name, self.templates, params, outcome.status,
+                                   outcome.median_ms, outcome.rel_error, outcome.message)
+        if not outcome.ok:
+            self.report.failures[outcome.status] = self.report.failures.get(outcome.status, 0) + 1
+
+    def _save(self, name: str, params: Params, ms: float, error: float, default_ms: float | None, count: int,
+              *, spread: float | None = None, repeats: int | None = None, replace: bool = False) -> None:
+        result = TunedResult(device=self.fingerprint, spec=self.spec, algorithm=name, template_hash=self.templates,
+                             params=params, median_ms=ms, gflops=self.spec.flops / (ms * 1e6), rel_error=error,
+                             default_ms=default_ms, trials=count, spread=spread, repeats=repeats)
+        self.db.save_result(result, refresh_default=True, replace=replace)
+
+    def measure_untunable(self) -> None:
+        """One fresh measurement per run, stored only when steady."""
+        for name in self.untunable:
+            params = get_algorithm(name).heuristic(self.spec, self.device)
+            outcome = self.evaluate(name, params)
+            self._record(name, params, outcome)
+            if outcome.steady:
+                self._save(name, params, outcome.median_ms, outcome.rel_error, None, 1, spread=outcome.spread,
+                           repeats=outcome.repeats, replace=True)
+            elif outcome.ok:
+                warnings.warn(f"autoconv: {name} on {self.spec} varied by {outcome.spread:.0%} over its repeats "
+                              "(busy cores?); it is not stored", RuntimeWarning, stacklevel=3)
+            if outcome.ok:
+                self.times[name] = outcome.median_ms
+
+    def spent(self) -> bool:
+        if self.trials is not None and sum(s.completed for s in self.studies.values()) >= self.trials:
+            return True
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def step(self, name: str) -> bool:
+        """One trial of an algorithm's study; False when its sampler finds no valid config."""
+        study = self.studies[name]
+        before = study.best()
+
+        def measure(params: Params) -> tuple[str, float, float, str]:
+            outcome = self.evaluate(name, params)
+            self._record(name, params, outcome)
+            return outcome.status, outcome.median_ms, outcome.rel_error, outcome.message
+
+        if study.step(measure) is None:
+            return False
+        best = study.best()
+        if best is not None and (before is None or best[1] < before[1]):
+            self._save(name, best[0], best[1], best[2], study.default_ms(), study.completed)
+        if self.progress is not None:
+            self.report.trials = sum(s.completed for s in self.studies.values())
+            self.progress(self.report, self.trials or 0)
+        return True
+
+    def measure_defaults(self) -> None:
+        """Each tunable algorithm's default first (a resumed study has it already)."""
+        for name, study in self.studies.items():
+            if study.default not in study.known and not self.spent():
+                self.step(name)
+
+    def share_budget(self) -> None:
+        """One trial at a time to the tunable algorithms within CANDIDATE_FACTOR of the best time
+        so far, the one with the fewest trials first, until the budget is spent or none is close."""
+        exhausted: set[str] = set()
+        while not self.spent():
+            bests = {name: best[1] for name, s in self.studies.items() if (best := s.best()) is not None}
+            overall = min([*bests.values(), *self.times.values()], default=INF)
+            candidates = [name for name in self.studies if name not in exhausted
+                          and (name not in bests or bests[name] <= CANDIDATE_FACTOR * overall)]
+            if not candidates:
+                break
+            name = min(candidates, key=lambda n: (self.studies[n].completed, n))
+            if not self.step(name):
+                exhausted.add(name)
+
+    def finish(self, started: float) -> LayerReport:
+        report = self.report
+        for name, study in self.studies.items():
+            best = study.best()
+            if best is not None:  # refreshes the trial count and the default time beside the winner
+                self._save(name, best[0], best[1], best[2], study.default_ms(), study.completed)
+            report.trials_by_algorithm[name] = study.completed
+            report.skipped_invalid += study.skipped_invalid
+        report.trials = sum(report.trials_by_algorithm.values())
+        report.bests = {r.algorithm: r for r in self.db.results(device=self.fingerprint, template_hash=self.templates)
+                        if r.spec == self.spec}
+        report.wall_s = time.monotonic() - started
+        return report
+
+
 def tune_layer(
     spec: ConvSpec,
     device: DeviceInfo,
@@ -173,108 +296,13 @@ def tune_layer(
     if trials is None and deadline is None:
         raise InvalidParamsError("tuning needs a budget: a trial count or a time limit")
     started = time.monotonic()
-    templates = template_hash()
-    fingerprint = device.fingerprint()
-    report = LayerReport(label or str(spec), spec)
-    storage = storage if storage is not None else journal_storage(Path(db.path))
-    db.record_device(device)
-    db.record_layer(spec)
-
-    chosen = []
-    for name in algorithms or list_algorithms():
-        algorithm = get_algorithm(name)
-        reason = algorithm.supports(spec, device) if name in evaluate.algorithms else "the backend cannot run it"
-        if reason is None:
-            chosen.append(name)
-        else:
-            report.unsupported[name] = reason
-
-    def record(name: str, params: Params, outcome: Outcome) -> None:
-        report.measured_now += 1
-        db.record_measurement(fingerprint, spec, name, templates, params, outcome.status, outcome.median_ms,
-                              outcome.rel_error, outcome.message)
-        if not outcome.ok:
-            report.failures[outcome.status] = report.failures.get(outcome.status, 0) + 1
-
-    def save(name: str, params: Params, ms: float, error: float, default_ms: float | None, count: int,
-             *, spread: float | None = None, repeats: int | None = None, replace: bool = False) -> None:
-        result = TunedResult(device=fingerprint, spec=spec, algorithm=name, template_hash=templates, params=params,
-                             median_ms=ms, gflops=spec.flops / (ms * 1e6), rel_error=error, default_ms=default_ms,
-                             trials=count, spread=spread, repeats=repeats)
-        db.save_result(result, refresh_default=True, replace=replace)
-
-    # Untunable algorithms: one fresh measurement per run, stored only when steady.
-    times: dict[str, float] = {}
-    for name in [n for n in chosen if not tunable(n)]:
-        params = get_algorithm(name).heuristic(spec, device)
-        outcome = evaluate(name, params)
-        record(name, params, outcome)
-        if outcome.steady:
-            save(name, params, outcome.median_ms, outcome.rel_error, None, 1,
-                 spread=outcome.spread, repeats=outcome.repeats, replace=True)
-        elif outcome.ok:
-            warnings.warn(f"autoconv: {name} on {spec} varied by {outcome.spread:.0%} over its repeats (busy "
-                          f"cores?); it is not stored", RuntimeWarning, stacklevel=2)
-        if outcome.ok:
-            times[name] = outcome.median_ms
-
-    studies = {name: AlgorithmStudy(storage, device, spec, name, templates, get_algorithm(name).heuristic(spec, device),
-                                    seed=seed) for name in chosen if tunable(name)}
-    report.resumed = any(study.resumed for study in studies.values())
-
-    def spent() -> bool:
-        if trials is not None and sum(s.completed for s in studies.values()) >= trials:
-            return True
-        return deadline is not None and time.monotonic() >= deadline
-
-    def measure_with(name: str) -> Callable[[Params], tuple[str, float, float, str]]:
-        def measure(params: Params) -> tuple[str, float, float, str]:
-            outcome = evaluate(name, params)
-            record(name, params, outcome)
-            return outcome.status, outcome.median_ms, outcome.rel_error, outcome.message
-        return measure
-
-    def step(name: str) -> bool:
-        study = studies[name]
-        before = study.best()
-        taken = study.step(measure_with(name))
-        if taken is None:
-            return False
-        best = study.best()
-        if best is not None and (before is None or best[1] < before[1]):
-            save(name, best[0], best[1], best[2], study.default_ms(), study.completed)
-        if progress is not None:
-            report.trials = sum(s.completed for s in studies.values())
-            progress(report, trials or 0)
-        return True
-
-    # Each tunable algorithm's default first (a resumed study has it already).
-    for name, study in studies.items():
-        if study.default not in study.known and not spent():
-            step(name)
-    exhausted: set[str] = set()
-    while not spent():
-        bests = {name: s.best()[1] for name, s in studies.items() if s.best() is not None}
-        overall = min([*bests.values(), *times.values()], default=INF)
-        candidates = [name for name in studies if name not in exhausted
-                      and (name not in bests or bests[name] <= CANDIDATE_FACTOR * overall)]
-        if not candidates:
-            break
-        # The candidate with the fewest trials goes next: the budget is shared in turn.
-        name = min(candidates, key=lambda n: (studies[n].completed, n))
-        if not step(name):
-            exhausted.add(name)
-
-    for name, study in studies.items():
-        best = study.best()
-        if best is not None:  # refreshes the trial count and the default time beside the winner
-            save(name, best[0], best[1], best[2], study.default_ms(), study.completed)
-        report.trials_by_algorithm[name] = study.completed
-        report.skipped_invalid += study.skipped_invalid
-    report.trials = sum(report.trials_by_algorithm.values())
-    report.bests = {r.algorithm: r for r in db.results(device=fingerprint, template_hash=templates) if r.spec == spec}
-    report.wall_s = time.monotonic() - started
-    return report
+    tuning = LayerTuning(spec, device, evaluate, db,
+                         storage=storage if storage is not None else journal_storage(Path(db.path)), trials=trials,
+                         deadline=deadline, label=label, seed=seed, algorithms=algorithms, progress=progress)
+    tuning.measure_untunable()
+    tuning.measure_defaults()
+    tuning.share_budget()
+    return tuning.finish(started)
 
 
 def tune_layers(
