@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 import autoconv
-from autoconv import ConvSpec, get_algorithm
-from autoconv.algorithms import BASELINE, DIRECT, IM2COL_GEMM, IMPLICIT_GEMM
+from autoconv import ConvSpec
+from autoconv.algorithms import DIRECT, IM2COL_GEMM, IMPLICIT_GEMM
 from autoconv.backends import get_backend
 from autoconv.compare import extra_memory
 from autoconv.layers import model_layers

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import autoconv
-from autoconv import ConvSpec, UnsupportedAlgorithmError, default_gemm_params, get_algorithm, lookup
+from autoconv import ConvSpec, UnsupportedAlgorithmError, get_algorithm, lookup
 from autoconv.algorithms import EMPTY_SPACE
 from autoconv.device import DeviceInfo
 from autoconv.render import template_hash

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import autoconv
-from autoconv import ConvSpec, InvalidSpecError, Plan, get_algorithm
+from autoconv import ConvSpec, InvalidSpecError, get_algorithm
 from autoconv.algorithms import DIRECT, IM2COL_GEMM, IMPLICIT_GEMM
 from autoconv.layers import parse_layer
-from autoconv.tuning.verify import random_operands, relative_error
+from autoconv.tuning.verify import relative_error
 
 from conftest import assert_matches_reference, heuristic_plan
 

@@ -19,7 +19,6 @@ import os
 import sqlite3
 import threading
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
