@@ -15,7 +15,6 @@ from typing import Iterable
 
 
 from autoconv.algorithms import get_algorithm
-from autoconv.backends.base import output_bytes, weight_bytes
 from autoconv.device import DeviceInfo
 from autoconv.errors import AutoconvError
 from autoconv.plan import Plan
@@ -106,8 +105,8 @@ def _layer_manifest(entry: ExportEntry, device: DeviceInfo, dialect: Dialect, ve
                   "p": spec.p, "q": spec.q},
         "tuned": entry.tuned, "plan_source": entry.plan.source, "note": entry.note,
         "algorithm": entry.plan.algorithm, "params": entry.plan.params.as_dict(),
-        "buffers": {"input": spec.input_bytes, "weight": weight_bytes(spec), "bias": spec.k * itemsize,
-                    "output": output_bytes(spec),
+        "buffers": {"input": spec.input_bytes, "weight": spec.weight_bytes, "bias": spec.k * itemsize,
+                    "output": spec.output_bytes,
                     "scratch": get_algorithm(entry.plan.algorithm).scratch_bytes(spec, entry.plan.params)},
         "kernels": kernels,
         "reference": {kind: f"reference/{stem}.{kind}.f32" for kind in ("input", "weight", "bias", "expected")

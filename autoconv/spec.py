@@ -234,6 +234,14 @@ class ConvSpec:
         return self.n * self.c * self.h * self.w * self.itemsize
 
     @property
+    def weight_bytes(self) -> int:
+        return self.k * self.c_per_group * self.r * self.s * self.itemsize
+
+    @property
+    def output_bytes(self) -> int:
+        return self.n * self.k * self.p * self.q * self.itemsize
+
+    @property
     def im2col_overhead(self) -> float:
         """How many times larger the im2col matrix is than the input it is built from."""
         return self.im2col_bytes / self.input_bytes

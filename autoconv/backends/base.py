@@ -15,18 +15,10 @@ from autoconv.resources import check_device, check_int_args
 from autoconv.spec import ConvSpec
 
 
-def weight_bytes(spec: ConvSpec) -> int:
-    return spec.k * spec.c_per_group * spec.r * spec.s * spec.itemsize
-
-
-def output_bytes(spec: ConvSpec) -> int:
-    return spec.n * spec.k * spec.p * spec.q * spec.itemsize
-
-
 def conv_buffers(spec: ConvSpec, scratch_bytes: int) -> dict[str, int]:
     """The device buffers a prepared conv allocates, by name, in bytes."""
-    return {"input": spec.input_bytes, "weight": weight_bytes(spec), "bias": spec.k * spec.itemsize,
-            "output": output_bytes(spec), **({"scratch": scratch_bytes} if scratch_bytes else {})}
+    return {"input": spec.input_bytes, "weight": spec.weight_bytes, "bias": spec.k * spec.itemsize,
+            "output": spec.output_bytes, **({"scratch": scratch_bytes} if scratch_bytes else {})}
 
 
 def check_fits(device: DeviceInfo, spec: ConvSpec, scratch_bytes: int, sources: Iterable[KernelSource] = ()) -> None:

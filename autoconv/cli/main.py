@@ -99,6 +99,7 @@ def compare(
 ) -> None:
     """Every algorithm on each layer (direct loops, im2col + BLAS, im2col + generated GEMM, implicit
     GEMM): time, GFLOP/s, extra memory, error, and the plan autoconv serves."""
+    from autoconv.algorithms import DIRECT
     from autoconv.backends import get_backend
     from autoconv.compare import compare_layer
     from autoconv.serve.api import choose_plan
@@ -110,7 +111,7 @@ def compare(
         spec = named.spec
         with console.status(f"measuring {named.label} ..."):
             rows = compare_layer(spec, backend, repeats=repeats, db=db)
-        direct_ms = next((row.median_ms for row in rows if row.algorithm == "direct"), None)
+        direct_ms = next((row.median_ms for row in rows if row.algorithm == DIRECT), None)
         table = Table(title=f"{named.label}: {spec}  ({spec.flops / 1e9:.3f} GFLOP)", title_justify="left")
         for column in ("method", "ms", "GFLOP/s", "vs direct", "extra memory", "rel. error"):
             table.add_column(column, justify="left" if column == "method" else "right")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from autoconv.algorithms.direct import direct_conv, host_working_bytes
-from autoconv.backends.base import weight_bytes
 from autoconv.resources import check_host
 from autoconv.spec import ConvSpec
 
@@ -17,7 +16,7 @@ TOLERANCE = 1e-4
 def random_operands(spec: ConvSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Random, never-zero float32 input, weight and (when the spec has one) bias."""
     # float64 draws for magnitude and sign, then the float32 arrays: about five times their size.
-    check_host(f"random operands for {spec}", 5 * (spec.input_bytes + weight_bytes(spec)))
+    check_host(f"random operands for {spec}", 5 * (spec.input_bytes + spec.weight_bytes))
     rng = np.random.default_rng(seed)
 
     def draw(shape: tuple[int, ...]) -> np.ndarray:
