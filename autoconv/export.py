@@ -92,6 +92,8 @@ def _layer_manifest(entry: ExportEntry, device: DeviceInfo, dialect: Dialect, ve
         kernels.append({
             "file": name, "entry": source.entry, "global_size": list(source.global_size),
             "local_size": list(local) if local is not None else None,
+            # Depends on the weights alone (a filter transform): a caller may run it once per weights.
+            "once_per_weights": source.once_per_weights,
             "args": [{"name": a.name, "kind": a.kind, **({"value": a.value} if a.kind == "int" else {})}
                      for a in source.args],
         })

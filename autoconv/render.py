@@ -38,6 +38,7 @@ class Dialect:
     vector_load: str  # with {n}, {ptr}: n contiguous floats as a vector
     vector_make: str  # with {n}, {elems}: a vector from n comma-separated floats
     vector_lane: str  # with {expr}, {lane}: one lane of a vector
+    vector_store: str  # with {n}, {value}, {ptr}: store a vector as n contiguous floats
     max_vector_width: int
 
 
@@ -59,6 +60,7 @@ OPENCL = Dialect(
     vector_load="vload{n}(0, {ptr})",
     vector_make="(float{n})({elems})",
     vector_lane="({expr}).s{lane:x}",
+    vector_store="vstore{n}({value}, 0, {ptr})",
     max_vector_width=16,
 )
 
@@ -83,6 +85,7 @@ CUDA = Dialect(
     vector_load="",
     vector_make="",
     vector_lane="",
+    vector_store="",
     max_vector_width=1,
 )
 
@@ -108,6 +111,8 @@ class KernelSource:
     one ConvSpec. Backends bind `args` and export writes them: one description for both.
 
     global_size counts work-items (OpenCL convention); local_size None lets the runtime choose.
+    once_per_weights: the kernel depends on the weights alone (a filter transform): it runs when
+    they change, not on every call; the kernels after it read what it wrote to scratch.
     """
 
     text: str
@@ -116,6 +121,7 @@ class KernelSource:
     global_size: tuple[int, int, int]
     local_size: tuple[int, int, int] | None
     args: tuple[KernelArg, ...] = ()
+    once_per_weights: bool = False
 
     @property
     def source_hash(self) -> str:

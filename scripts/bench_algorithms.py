@@ -36,7 +36,7 @@ import numpy as np
 
 import autoconv
 from autoconv import ConvSpec
-from autoconv.algorithms import DIRECT, IM2COL_GEMM, IMPLICIT_GEMM
+from autoconv.algorithms import DIRECT, IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD
 from autoconv.backends import get_backend
 from autoconv.compare import extra_memory
 from autoconv.layers import model_layers
@@ -107,14 +107,19 @@ def measure_layer(layer, backend, db_path: Path, args, threads: int) -> dict:
     x, w, b = operands = random_operands(spec, seed=1)  # not the data the tuner saw
     reference = reference_output(spec, operands)
     methods: dict[str, tuple] = {}  # name -> (sampler, extra bytes, rel error, plan text)
+    weight_stage: dict[str, tuple[float, float]] = {}  # once-per-weights kernels (Winograd's filter transform)
     session = autoconv.default_session()
     for name in autoconv.list_algorithms():
         if name == DIRECT and spec.flops / 1e9 > DIRECT_LIMIT_GFLOP:
+            continue
+        if autoconv.get_algorithm(name).supports(spec, backend.device) is not None:
             continue
         plan = session.lookup(spec, backend, db_path, algorithm=name, shipped=False)
         runner = backend_for(plan, backend)
         conv = runner.prepare(spec, plan)
         error = relative_error(conv.run(*operands, poison=True), reference)
+        if any(source.once_per_weights for source in getattr(conv, "sources", ())):
+            weight_stage[name] = stats(list(conv.time(*operands, warmup=1, repeats=args.repeats, stage="weights").samples_ms))
         methods[name] = (lambda c=conv: list(c.time(*operands, warmup=1, repeats=args.repeats, rotate=3).samples_ms),
                          extra_memory(spec, plan, runner is not backend), error, plan.describe())
     served = session.lookup(spec, backend, db_path, shipped=False)
@@ -143,7 +148,7 @@ def measure_layer(layer, backend, db_path: Path, args, threads: int) -> dict:
         for _ in range(args.rounds):
             for name, (sampler, *_) in methods.items():
                 samples[name] += sampler()
-    return {"layer": layer, "served": served, "methods": methods,
+    return {"layer": layer, "served": served, "methods": methods, "weight_stage": weight_stage,
             "times": {name: stats(values) for name, values in samples.items()}}
 
 
@@ -206,8 +211,10 @@ def main() -> int:
         f"Each layer was tuned with {args.trials} trials (all algorithms together: each default first, then the "
         "tunable algorithms within 2x of the best so far), then re-measured on fresh data: every method checked "
         f"against the float64 reference (relative error < {TOLERANCE:.0e}), then {args.rounds} interleaved rounds of "
-        f"{args.repeats} runs each. Cells: median ms ±spread (IQR / median) and (GFLOP/s). Generated kernels "
-        "(im2col_gemm, implicit_gemm, direct) are OpenCL kernel-event times; im2col_blas (numpy + OpenBLAS), "
+        f"{args.repeats} runs each. Cells: median ms ±spread (IQR / median) and (GFLOP/s, direct-convolution FLOPs "
+        "for every method, Winograd's included). Generated kernels "
+        "(im2col_gemm, implicit_gemm, winograd, direct) are OpenCL kernel-event times per call (Winograd's filter "
+        "transform, run once per weights, is timed on its own in the last column); im2col_blas (numpy + OpenBLAS), "
         "`conv2d` (autoconv.conv2d end to end: lookup, upload, kernels, download) and onnxruntime (`Conv`, "
         f"CPUExecutionProvider, intra-op threads = {threads}) are wall-clock. OpenBLAS was held to {threads} threads. "
         f"Direct loops are skipped above {DIRECT_LIMIT_GFLOP:.0f} GFLOP (10-30x slower than the rest). \"served\" "
@@ -217,18 +224,22 @@ def main() -> int:
     for batch, layer_rows in rows.items():
         lines += ["", f"## Batch {batch}", "",
                   "| layer | GFLOP | " + " | ".join(names) + " | served | conv2d wall | onnxruntime | served vs ort | "
-                  "extra memory (im2col_gemm / implicit_gemm) |",
-                  "|---|---:|" + "---:|" * len(names) + "---|---:|---:|---:|---|"]
+                  "extra memory (im2col_gemm / implicit_gemm / winograd) | winograd error | winograd filter transform |",
+                  "|---|---:|" + "---:|" * len(names) + "---|---:|---:|---:|---|---:|---:|"]
         for row in layer_rows:
             spec, times, methods = row["layer"].spec, row["times"], row["methods"]
             served = row["served"].algorithm
             served_ms = times[served][0] if served in times else math.nan
             ort_ms = times["onnxruntime"][0]
-            mem = " / ".join(f"{methods[n][1] / 2**20:.1f} MiB" if n in methods else "-" for n in (IM2COL_GEMM, IMPLICIT_GEMM))
+            mem = " / ".join(f"{methods[n][1] / 2**20:.1f} MiB" if n in methods else "-"
+                             for n in (IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD))
+            wino_error = f"{methods[WINOGRAD][2]:.1e}" if WINOGRAD in methods else "-"
+            wino_filter = (f"{row['weight_stage'][WINOGRAD][0]:.3f} ms (once per weights)"
+                           if WINOGRAD in row["weight_stage"] else "-")
             lines.append(f"| {row['layer'].label} | {spec.flops / 1e9:.3f} | "
                          + " | ".join(fmt_ms(times.get(n), spec) for n in names)
                          + f" | {served} | {fmt_ms(times['conv2d'], spec)} | {fmt_ms(times['onnxruntime'], spec)} | "
-                         f"{ort_ms / served_ms:.2f}x | {mem} |")
+                         f"{ort_ms / served_ms:.2f}x | {mem} | {wino_error} | {wino_filter} |")
         resnet = [r for r in layer_rows if r["layer"].model == "resnet50"]
         wins = [r for r in resnet if r["times"]["onnxruntime"][0] >= r["times"][r["served"].algorithm][0]]
         wins_wall = [r for r in resnet if r["times"]["onnxruntime"][0] >= r["times"]["conv2d"][0]]
@@ -241,6 +252,14 @@ def main() -> int:
         goals.append(f"- Batch {batch}: implicit GEMM vs im2col+GEMM (both tuned) on the 1x1 and stride-2 layers: "
                      + ", ".join(f"{name} {ratio:.2f}x ({extra / 2**20:.1f} MiB extra)" for name, ratio, extra in ratios)
                      + f"; at least 1.0x on {sum(r >= 1.0 for _, r, _ in ratios)} of {len(ratios)}.")
+        winograd_rows = [r for r in layer_rows if WINOGRAD in r["times"]]
+        vs_gemm = [(r["layer"].label, r["times"][IM2COL_GEMM][0] / r["times"][WINOGRAD][0],
+                    r["times"]["onnxruntime"][0] / r["times"][WINOGRAD][0]) for r in winograd_rows]
+        goals.append(f"- Batch {batch}: tuned winograd on the 3x3 stride-1 layers, vs tuned im2col+GEMM (goal 1.5x) / "
+                     "vs onnxruntime (goal 1.2x): " + ", ".join(f"{label} {g:.2f}x / {o:.2f}x" for label, g, o in vs_gemm)
+                     + f"; both goals met on {sum(g >= 1.5 and o >= 1.2 for _, g, o in vs_gemm)} of {len(vs_gemm)}"
+                     + (f" (geomean {statistics.geometric_mean([g for _, g, _ in vs_gemm]):.2f}x / "
+                        f"{statistics.geometric_mean([o for _, _, o in vs_gemm]):.2f}x)." if vs_gemm else "."))
         served_counts = {}
         for r in layer_rows:
             served_counts[r["served"].algorithm] = served_counts.get(r["served"].algorithm, 0) + 1

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from autoconv import ConvSpec, Plan, default_gemm_params, get_algorithm
-from autoconv.algorithms import DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM
+from autoconv.algorithms import DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD
 from autoconv.device import DeviceInfo
 from autoconv.errors import BackendUnavailableError
 from autoconv.render import CUDA
@@ -31,6 +31,10 @@ IMPLICIT_STRUCTURAL = [IMPLICIT_SPACE.validate(dict(MWG=32, NWG=32, WPTM=4, WPTN
                        for sa, sb, vw in itertools.product((0, 1), (0, 1), (1, 4))]
 IMPLICIT_SAMPLED = list(itertools.islice(IMPLICIT_SPACE.random_valid(H100.limits(), random.Random(5)), 8))
 POINTWISE = ConvSpec(2, 8, 8, 8, 12, 1, 1, bias=True)
+WINOGRAD_SPEC = ConvSpec(2, 6, 9, 7, 10, 3, 3, padding=(1, 0), padding_end=(2, 1), groups=2, bias=True)
+WINOGRAD_SPACE = get_algorithm(WINOGRAD).space
+WINOGRAD_STRUCTURAL = [WINOGRAD_SPACE.validate(dict(TILE=tile, MWG=32, NWG=32, WPTM=4, WPTN=4, VWN=1, SA=sa, SB=sb))
+                       for tile, sa, sb in itertools.product((2, 4), (0, 1), (0, 1))]
 nvcc = shutil.which("nvcc")
 
 
@@ -57,6 +61,10 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
     for i, params in enumerate(IMPLICIT_STRUCTURAL + IMPLICIT_SAMPLED):
         sources[f"implicit{i}"] = implicit.kernels(SPEC, params, CUDA)[0].text
         sources[f"implicit_pointwise{i}"] = implicit.kernels(POINTWISE, params, CUDA)[0].text
+    assert all(not p.violations(H100.limits(), WINOGRAD_SPEC) for p in WINOGRAD_STRUCTURAL)
+    winograd_texts = {k.text: f"winograd_{k.entry}_{i}" for i, params in enumerate(WINOGRAD_STRUCTURAL)
+                      for k in get_algorithm(WINOGRAD).kernels(WINOGRAD_SPEC, params, CUDA)}
+    sources.update({name: text for text, name in winograd_texts.items()})
     with ThreadPoolExecutor(max_workers=2) as pool:
         failures = [f for f in pool.map(lambda item: _compile(item[1], tmp_path, item[0]), sources.items()) if f]
     assert not failures, "\n".join(failures)
@@ -65,6 +73,8 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
 def test_cuda_vector_accumulators_are_refused_before_compiling():
     wide = default_gemm_params(WPTN=4, VWN=4)
     assert any("device_vector_width" in v for v in wide.violations(H100.limits()))
+    vector_transforms = WINOGRAD_SPACE.validate(dict(XV=4, VWN=1))
+    assert [v.split(":")[0] for v in vector_transforms.violations(H100.limits())] == ["transform_vector_width"]
 
 
 def test_no_cupy_or_no_device_is_a_clear_error(monkeypatch):
@@ -117,6 +127,9 @@ def test_cuda_matches_the_reference_on_a_gpu():
         assert_matches_reference(backend, POINTWISE, Plan(IMPLICIT_GEMM, params, "gpu check"))
     for algorithm in (IM2COL_GEMM, IMPLICIT_GEMM):
         assert_matches_reference(backend, SPEC, heuristic_plan(SPEC, backend.device, algorithm))
+    for params in WINOGRAD_STRUCTURAL:
+        assert_matches_reference(backend, WINOGRAD_SPEC, Plan(WINOGRAD, params, "gpu check"))
+    assert_matches_reference(backend, WINOGRAD_SPEC, heuristic_plan(WINOGRAD_SPEC, backend.device, WINOGRAD))
     assert_matches_reference(backend, SPEC, Plan(IM2COL_BLAS))
     assert_matches_reference(backend, SPEC, Plan(DIRECT))
 

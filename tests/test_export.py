@@ -86,7 +86,7 @@ def test_a_plain_c_program_runs_the_export_and_matches_the_reference(tuned_db, t
 
 @pytest.mark.skipif(shutil.which("gcc") is None or not Path("/usr/include/CL/cl.h").exists(),
                     reason="needs gcc and the OpenCL headers (scripts/install_pocl.sh installs them)")
-@pytest.mark.parametrize("algorithm", ["implicit_gemm", "direct"])
+@pytest.mark.parametrize("algorithm", ["implicit_gemm", "winograd", "direct"])
 def test_every_algorithm_with_kernels_exports_and_runs_from_c(opencl, tmp_path, algorithm):
     path = tmp_path / "alg.db"
     spec = ConvSpec(2, 6, 9, 7, 10, 3, 3, padding=1, groups=2, bias=True)
@@ -100,6 +100,8 @@ def test_every_algorithm_with_kernels_exports_and_runs_from_c(opencl, tmp_path, 
     assert export(path, out, "--all", "--reference").exit_code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["layers"][0]["algorithm"] == algorithm
+    once = [k["entry"] for k in manifest["layers"][0]["kernels"] if k["once_per_weights"]]
+    assert once == (["winograd_filter"] if algorithm == "winograd" else [])
     run = subprocess.run(["bash", str(EXAMPLE), str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.count("-> OK") == 1, run.stdout + run.stderr
 

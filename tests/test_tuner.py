@@ -11,8 +11,8 @@ import time
 import optuna
 import pytest
 
-from autoconv import ConvSpec, get_algorithm, lookup
-from autoconv.algorithms import DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM
+from autoconv import ConvSpec, get_algorithm, list_algorithms, lookup
+from autoconv.algorithms import DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD
 from autoconv.device import DeviceInfo
 from autoconv.render import template_hash
 from autoconv.store import SQLiteStore
@@ -138,7 +138,9 @@ def test_end_to_end_on_pocl(opencl, tmp_path):
     with SQLiteStore(tmp_path / "e2e.db") as database:
         report = tune_layer(spec, opencl.device, DeviceEvaluator(opencl, spec, repeats=2), database, trials=4)
     # The untuned references are stored only when their timing was steady (a busy machine may not be).
-    assert report.trials == 4 and {IM2COL_GEMM, IMPLICIT_GEMM} <= set(report.bests) <= set(ALL)
+    # Every registered algorithm that supports a 3x3 stride-1 layer is tuned: Winograd included.
+    assert report.trials == 4 and {IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD} <= set(report.bests) <= set(list_algorithms())
+    assert report.unsupported == {}
     for result in report.bests.values():
         assert result.verified and result.rel_error < 1e-4 and result.median_ms > 0
     plan = lookup(spec, opencl, tmp_path / "e2e.db", generated_only=True)

@@ -9,6 +9,7 @@ from autoconv.algorithms.base import (
     EMPTY_SPACE,
     Algorithm,
     Constraint,
+    LayerConstraint,
     ParamDecl,
     Params,
     ParamSpace,
@@ -17,10 +18,12 @@ from autoconv.algorithms.blas import Im2colBlas
 from autoconv.algorithms.direct import Direct
 from autoconv.algorithms.im2col_gemm import Im2colGemm
 from autoconv.algorithms.implicit_gemm import ImplicitGemm
+from autoconv.algorithms.winograd import Winograd
 from autoconv.errors import InvalidParamsError
 
 IM2COL_GEMM = "im2col_gemm"
 IMPLICIT_GEMM = "implicit_gemm"
+WINOGRAD = "winograd"
 DIRECT = "direct"
 IM2COL_BLAS = "im2col_blas"
 BASELINE = IM2COL_BLAS  # what every generated kernel is compared with
@@ -50,9 +53,9 @@ def list_algorithms() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-for _algorithm in (Im2colGemm(), ImplicitGemm(), Direct(), Im2colBlas()):
+for _algorithm in (Im2colGemm(), ImplicitGemm(), Winograd(), Direct(), Im2colBlas()):
     register(_algorithm)
 
 __all__ = ["Algorithm", "BASELINE", "Constraint", "DIRECT", "EMPTY_SPACE", "IM2COL_BLAS", "IM2COL_GEMM",
-           "IMPLICIT_GEMM", "ParamDecl", "ParamSpace", "Params",
+           "IMPLICIT_GEMM", "LayerConstraint", "ParamDecl", "ParamSpace", "Params", "WINOGRAD",
            "get_algorithm", "list_algorithms", "register"]

@@ -50,6 +50,16 @@ class Constraint:
     holds: Callable[["Params", DeviceLimits], bool]
 
 
+@dataclass(frozen=True)
+class LayerConstraint:
+    """A named rule a config must satisfy on a layer (an accuracy bound that depends on C, say),
+    checked with the device constraints wherever the layer is known."""
+
+    name: str
+    meaning: str
+    holds: Callable[["Params", ConvSpec], bool]
+
+
 class Params(Mapping[str, int]):
     """An algorithm's validated config: a frozen, hashable mapping of param names to ints, read as
     attributes too (params.MWG). Built only by ParamSpace.validate."""
@@ -103,9 +113,10 @@ class Params(Mapping[str, int]):
     def describe(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self._items)
 
-    def violations(self, limits: DeviceLimits) -> list[str]:
-        """Names and meanings of every constraint this config breaks on a device (empty: valid)."""
-        return self._space.violations(self, limits)
+    def violations(self, limits: DeviceLimits, spec: ConvSpec | None = None) -> list[str]:
+        """Names and meanings of every constraint this config breaks on a device, and on a layer
+        when one is given (empty: valid)."""
+        return self._space.violations(self, limits, spec)
 
     def replace(self, **changes: int) -> "Params":
         return self._space.validate({**self.as_dict(), **changes})
@@ -118,6 +129,7 @@ class ParamSpace:
 
     params: tuple[ParamDecl, ...] = ()
     constraints: tuple[Constraint, ...] = ()
+    layer_constraints: tuple[LayerConstraint, ...] = ()
     _by_name: dict[str, ParamDecl] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -156,12 +168,15 @@ class ParamSpace:
     def defaults(self, **overrides: int) -> Params:
         return self.validate(overrides)
 
-    def violations(self, params: Params, limits: DeviceLimits) -> list[str]:
-        return [f"{c.name}: {c.meaning}" for c in self.constraints if not c.holds(params, limits)]
+    def violations(self, params: Params, limits: DeviceLimits, spec: ConvSpec | None = None) -> list[str]:
+        broken = [f"{c.name}: {c.meaning}" for c in self.constraints if not c.holds(params, limits)]
+        if spec is not None:
+            broken += [f"{c.name}: {c.meaning}" for c in self.layer_constraints if not c.holds(params, spec)]
+        return broken
 
-    def check(self, params: Params, limits: DeviceLimits) -> None:
+    def check(self, params: Params, limits: DeviceLimits, spec: ConvSpec | None = None) -> None:
         """Raise InvalidParamsError naming every broken constraint; used before anything is compiled."""
-        broken = self.violations(params, limits)
+        broken = self.violations(params, limits, spec)
         if broken:
             raise InvalidParamsError(f"config {params.describe()} breaks: " + "; ".join(broken))
 
@@ -191,7 +206,7 @@ class ParamSpace:
                 values[decl.name] = trial.suggest_categorical(decl.name, self.choices_on(decl, limits))
         return self.validate(values)
 
-    def random_valid(self, limits: DeviceLimits, rng: random.Random) -> Iterator[Params]:
+    def random_valid(self, limits: DeviceLimits, rng: random.Random, spec: ConvSpec | None = None) -> Iterator[Params]:
         """An endless stream of valid configs drawn uniformly from the declared choices (the spaces
         are too large to list)."""
         if not self.params:
@@ -199,14 +214,14 @@ class ParamSpace:
                 yield self.validate({})
         while True:
             params = self.validate({d.name: rng.choice(d.choices) for d in self.params})
-            if not self.violations(params, limits):
+            if not self.violations(params, limits, spec):
                 yield params
 
-    def all_valid(self, limits: DeviceLimits) -> Iterator[Params]:
+    def all_valid(self, limits: DeviceLimits, spec: ConvSpec | None = None) -> Iterator[Params]:
         """Every valid config (small spaces and tests only)."""
         for combo in itertools.product(*(d.choices for d in self.params)):
             params = self.validate(dict(zip(self.names, combo)))
-            if not self.violations(params, limits):
+            if not self.violations(params, limits, spec):
                 yield params
 
 

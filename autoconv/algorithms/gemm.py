@@ -6,6 +6,7 @@ im2col_gemm feeds the GEMM from an im2col buffer; implicit_gemm computes B from 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from autoconv.algorithms.base import Constraint, ParamDecl, Params, ParamSpace
@@ -142,23 +143,48 @@ def padded_n(spec: ConvSpec, params: Params) -> int:
     return ceil_to(spec.gemm_n, params.NWG)
 
 
+@dataclass(frozen=True)
+class BatchedGemm:
+    """A GEMM that is not the layer's own: `batch` independent products out[b] (m x n) = A[b]
+    (m x k, row-major) x B[b] (k x ldn, ldn = n rounded up to whole NWG tiles), without bias, each
+    operand at a float offset into a scratch buffer (Winograd's products per transform point)."""
+
+    m: int
+    n: int
+    k: int
+    batch: int
+    a_offset: int
+    b_offset: int
+    out_offset: int
+
+
 def render_gemm(spec: ConvSpec, params: Params, dialect: Dialect, *, b_source: KernelArg,
                 implicit: bool, rows: bool = False, geometry: dict[str, int] | None = None,
-                columns: int | None = None, entry: str = "gemm_conv") -> KernelSource:
+                columns: int | None = None, entry: str = "gemm_conv",
+                batched: BatchedGemm | None = None) -> KernelSource:
     """The tiled GEMM for these (already validated) params, launched over every group; its B
     operand is an im2col buffer (b_source kind "scratch") or the input itself (implicit, in row or
     gather mode). `columns`: the GEMM's N when it is not the layer's (row mode's padded rows).
+    `batched`: the same kernel over scratch operands instead of the layer's weight and output.
 
     Without padding every tap of every output pixel lies inside the input: no bounds checks."""
     columns = spec.gemm_n if columns is None else columns
+    offsets = {}
+    if batched is not None:
+        offsets = {"A_OFFSET": batched.a_offset, "B_OFFSET": batched.b_offset, "OUT_OFFSET": batched.out_offset}
     text = render_template(
         "shared/gemm.j2", dialect=dialect, entry=entry, params=params.as_dict(), param_docs=params.space.params,
         implicit=implicit, rows=rows, geometry=geometry or {}, padded=spec.padded,
-        b_transposed=params.get("B_TRANSPOSED", 0))
+        b_transposed=params.get("B_TRANSPOSED", 0), offsets=offsets)
     local_n, local_m = local_size(params)
-    ldn = ceil_to(columns, params.NWG)
-    global_size = (ldn // params.WPTN, ceil_to(spec.gemm_m, params.MWG) // params.WPTM, spec.groups)
-    args = (KernelArg("A", "weight"), b_source, KernelArg("bias", "bias"), KernelArg("out", "output"),
-            *int_args(has_bias=int(spec.bias), M=spec.gemm_m, N=columns, K=spec.gemm_k, PQ=spec.p * spec.q,
-                      G=spec.groups, LDN=ldn))
+    if batched is None:
+        m, n, k, groups, pq, has_bias = spec.gemm_m, columns, spec.gemm_k, spec.groups, spec.p * spec.q, spec.bias
+        operands = (KernelArg("A", "weight"), b_source, KernelArg("bias", "bias"), KernelArg("out", "output"))
+    else:  # one "image" of n pixels: the epilogue's NCHW store is then row-major [batch][m][n]
+        m, n, k, groups, pq, has_bias = batched.m, batched.n, batched.k, batched.batch, batched.n, False
+        operands = (KernelArg("A", "scratch"), KernelArg("B", "scratch"), KernelArg("bias", "bias"),
+                    KernelArg("out", "scratch"))
+    ldn = ceil_to(n, params.NWG)
+    global_size = (ldn // params.WPTN, ceil_to(m, params.MWG) // params.WPTM, groups)
+    args = (*operands, *int_args(has_bias=int(has_bias), M=m, N=n, K=k, PQ=pq, G=groups, LDN=ldn))
     return KernelSource(text, entry, dialect.name, global_size, (local_n, local_m, 1), args)

@@ -72,8 +72,11 @@ class PreparedConv(Protocol):
         ...
 
     def time(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-             *, warmup: int = 2, repeats: int = 10, rotate: int = 3) -> Timing:
+             *, warmup: int = 2, repeats: int = 10, rotate: int = 3, stage: str = "call") -> Timing:
         """Time the computation alone (inputs already on the device): warm-up runs, then repeats.
+
+        stage="call" times what every call runs; stage="weights" what runs only when the weights
+        change (a filter transform; 0 ms where there is none).
 
         The runs take `rotate` copies of the inputs in turn, so caches warmed by one run do not
         flatter the next. Each sample is one whole run (every kernel of the plan), event-timed on

@@ -191,6 +191,8 @@ class OpenCLBackend:
     def elapsed_ms(self, enqueue: Any) -> float:
         def run() -> float:
             events = enqueue()
+            if not events:  # nothing to run (a plan without a filter transform, timed for one)
+                return 0.0
             events[-1].wait()
             # In-order queue: the run spans from the first kernel's start to the last one's end.
             return (events[-1].profile.end - events[0].profile.start) * 1e-6

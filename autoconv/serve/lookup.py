@@ -50,7 +50,7 @@ def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *
         chosen = get_algorithm(result.algorithm) if _registered(result.algorithm) else None
         return (chosen is not None and (algorithm is None or result.algorithm == algorithm)
                 and (not generated_only or chosen.device_kernels)
-                and chosen.supports(spec, info) is None and not result.params.violations(limits))
+                and chosen.supports(spec, info) is None and not result.params.violations(limits, spec))
 
     fingerprint = info.fingerprint()
     mine = [r for contents in dbs for r in contents.results if r.device == fingerprint and allowed(r)]

@@ -196,7 +196,7 @@ class AlgorithmStudy:
             trial = self.study.ask()
             trial.set_user_attr("worker", worker_identity())
             params = self.space.suggest(trial, self.limits)
-            if params.violations(self.limits):
+            if params.violations(self.limits, self.spec):
                 # Never compiled, never learned from: samplers skip FAIL trials.
                 trial.set_user_attr("status", "invalid")
                 self.study.tell(trial, state=TrialState.FAIL)
