@@ -29,6 +29,7 @@ class Measurement:
     scratch_bytes: int
     rel_error: float
     algorithm: str = ""
+    traffic_bytes: int = 0  # bytes it must move, modelled (Algorithm.traffic_bytes)
 
     @property
     def verified(self) -> bool:
@@ -42,7 +43,8 @@ def measure(method: str, backend: Backend, spec: ConvSpec, plan: Plan, operands:
     error = relative_error(conv.run(*operands, poison=True), reference)
     timing = conv.time(*operands, warmup=1, repeats=repeats)
     return Measurement(method, backend.device.name, plan.describe(), timing.median_ms, timing.gflops(spec),
-                       scratch_bytes, error, plan.algorithm)
+                       scratch_bytes, error, plan.algorithm,
+                       get_algorithm(plan.algorithm).traffic_bytes(spec, plan.params))
 
 
 def extra_memory(spec: ConvSpec, plan: Plan, host: bool) -> int:

@@ -89,3 +89,28 @@ def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
                     dilation=values.get("dilation", 1), groups=values.get("groups", 1),
                     bias=bool(values.get("bias", 0)))
     return NamedLayer("custom", str(spec), spec)
+
+
+@lru_cache(maxsize=256)
+def layer_name(spec: ConvSpec) -> str:
+    """A layer's name in the built-in models ("resnet50/res4_3x3", with " n=8" for a batch other
+    than 1), or its shape when no built-in model has it."""
+    plain = spec.replace(bias=False)
+    for model in model_names():
+        for layer in model_layers(model, spec.n):
+            if layer.spec == plain:
+                return layer.label + ("" if spec.n == 1 else f" n={spec.n}")
+    return str(spec)
+
+
+def layer_text(spec: ConvSpec) -> str | None:
+    """The key=value form parse_layer reads back as this spec, or None when it has none (stride,
+    dilation or leading padding that differ between height and width)."""
+    if len({*spec.stride}) > 1 or len({*spec.dilation}) > 1 or len({*spec.padding}) > 1:
+        return None
+    parts = [f"n={spec.n}", f"c={spec.c}", f"h={spec.h}", f"w={spec.w}", f"k={spec.k}", f"r={spec.r}", f"s={spec.s}"]
+    optional = [("stride", spec.stride[0], 1), ("pad", spec.padding[0], 0), ("pad_bottom", spec.padding_end[0], spec.padding[0]),
+                ("pad_right", spec.padding_end[1], spec.padding[1]), ("dilation", spec.dilation[0], 1),
+                ("groups", spec.groups, 1), ("bias", int(spec.bias), 0)]
+    parts += [f"{key}={value}" for key, value, default in optional if value != default]
+    return ",".join(parts)

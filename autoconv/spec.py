@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import operator
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence, Union
@@ -281,3 +283,19 @@ class ConvSpec:
             extras.append(f"groups={self.groups}")
         tail = (" " + " ".join(extras)) if extras else ""
         return f"{self.n}x{self.c}x{self.h}x{self.w} * {self.k}x{self.c_per_group}x{self.r}x{self.s}{tail}"
+
+
+def same_family(a: ConvSpec, b: ConvSpec) -> bool:
+    """Same kernel size, stride, dilation, dtype and kind of grouping (dense, depthwise or
+    grouped): layers whose best configs are worth trying on each other."""
+    def grouping(spec: ConvSpec) -> str:
+        if spec.groups == 1:
+            return "dense"
+        return "depthwise" if spec.groups == spec.c else f"grouped{spec.groups}"
+
+    return (a.r, a.s, a.stride, a.dilation, grouping(a), a.dtype) == (b.r, b.s, b.stride, b.dilation, grouping(b), b.dtype)
+
+
+def shape_distance(a: ConvSpec, b: ConvSpec) -> float:
+    """Log-ratio distance over the GEMM's dimensions: what the best tiles depend on."""
+    return sum(abs(math.log2(x / y)) for x, y in ((a.gemm_m, b.gemm_m), (a.gemm_n, b.gemm_n), (a.gemm_k, b.gemm_k)))

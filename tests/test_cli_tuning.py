@@ -32,7 +32,8 @@ def test_tune_then_list_show_merge_prune(opencl, tmp_path):
     assert listed.exit_code == 0 and "1x8x10x10 * 8x8x3x3 pad=1" in listed.output and "current" in listed.output
     for algorithm in ("im2col_gemm", "implicit_gemm"):  # (the untuned references only when steady)
         assert algorithm in listed.output
-    assert "(served)" in listed.output
+    served = [line for line in listed.output.splitlines() if " yes " in f"{line} "]
+    assert len(served) == 1  # one served algorithm per layer, marked in the served column
     shown = runner.invoke(app, ["db", "show", LAYER, "--db", str(db)], env=WIDE)
     assert shown.exit_code == 0 and "params MWG=" in shown.output and "im2col_blas measured configs: 1 ok" in shown.output
     assert "implicit_gemm measured configs:" in shown.output

@@ -256,8 +256,13 @@ def test_deeply_nested_params_are_skipped_by_list_show_and_export(opencl, tuned_
 # 4 and 5. resources are checked before anything is allocated ---------------------------------------
 
 def test_a_layer_beyond_the_devices_largest_buffer_is_one_line(opencl):
+    from autoconv.layers import parse_layer
+
+    # The smallest batch whose im2col matrix exceeds this device's largest buffer (devices differ).
+    per_image = parse_layer("vgg16/conv1_2").spec.im2col_bytes
+    batch = opencl.device.max_alloc_bytes // per_image + 1
     started = time.monotonic()
-    output = one_line_error(cli("run", "vgg16/conv1_2", "--batch", "32"))
+    output = one_line_error(cli("run", "vgg16/conv1_2", "--batch", str(batch)))
     assert "allocates at most" in output and "GiB" in output
     assert time.monotonic() - started < 30
 

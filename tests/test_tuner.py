@@ -17,7 +17,17 @@ from autoconv.device import DeviceInfo
 from autoconv.render import template_hash
 from autoconv.store import SQLiteStore
 from autoconv.tuning.study import journal_path, journal_storage, study_name
-from autoconv.tuning.tuner import DeviceEvaluator, Outcome, tune_layer
+from autoconv.store import TunedResult
+from autoconv.tuning.tuner import (
+    EARLY_STOP_GAIN,
+    EARLY_STOP_TRIALS,
+    RETIME_ROUNDS,
+    RETIME_TOP,
+    DeviceEvaluator,
+    Outcome,
+    tune_layer,
+)
+from autoconv.tuning.warm_start import TuningRecords
 
 # A small GPU-like device: many sampled configs break its limits and must never reach the evaluator.
 SMALL_GPU = DeviceInfo("opencl", "Fake CL", "fakevendor", "Fake GPU", "1.0", "gpu", 8, 16384, 64, (64, 64, 64))
@@ -63,7 +73,7 @@ def db(tmp_path):
 
 def test_defaults_first_invalid_never_measured_failures_recorded_bests_saved(db):
     fake = FakeEvaluator()
-    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=30)
+    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=30, early_stop=None, retime=False)
     assert report.trials == 30 and report.skipped_invalid > 0
     # Untunable algorithms once, then each tunable algorithm's default before anything else.
     assert [a for a, _ in fake.measured[:2]] == [DIRECT, IM2COL_BLAS]
@@ -86,7 +96,7 @@ def test_defaults_first_invalid_never_measured_failures_recorded_bests_saved(db)
 
 def test_the_budget_goes_only_to_algorithms_within_2x_of_the_best(db):
     fake = FakeEvaluator(scale={IM2COL_GEMM: 1.0, IMPLICIT_GEMM: 10.0, DIRECT: 50.0, IM2COL_BLAS: 1.5})
-    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=20)
+    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=20, early_stop=None, retime=False)
     assert report.trials_by_algorithm[IMPLICIT_GEMM] == 1  # its default only: 10x slower than the baseline
     assert report.trials_by_algorithm[IM2COL_GEMM] == 19
     assert report.best.algorithm == IM2COL_BLAS
@@ -94,20 +104,20 @@ def test_the_budget_goes_only_to_algorithms_within_2x_of_the_best(db):
 
 def test_the_budget_is_shared_in_turn_between_close_algorithms(db):
     fake = FakeEvaluator(scale={IM2COL_GEMM: 1.0, IMPLICIT_GEMM: 1.05, DIRECT: 50.0, IM2COL_BLAS: 3.0})
-    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=20)
+    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=20, early_stop=None)
     assert abs(report.trials_by_algorithm[IM2COL_GEMM] - report.trials_by_algorithm[IMPLICIT_GEMM]) <= 1
 
 
 def test_a_second_run_resumes_the_studies_instead_of_restarting(db):
     first = FakeEvaluator()
-    tune_layer(SPEC, SMALL_GPU, first, db, trials=12)
+    tune_layer(SPEC, SMALL_GPU, first, db, trials=12, retime=False)
     second = FakeEvaluator()
-    report = tune_layer(SPEC, SMALL_GPU, second, db, trials=20)
+    report = tune_layer(SPEC, SMALL_GPU, second, db, trials=20, early_stop=None, retime=False)
     assert report.resumed and report.trials == 20
     tuned_again = [m for m in second.measured if get_algorithm(m[0]).space.params]
     assert len(tuned_again) <= 8 and not set(tuned_again) & set(first.measured)
     again = FakeEvaluator()
-    assert tune_layer(SPEC, SMALL_GPU, again, db, trials=20).trials == 20
+    assert tune_layer(SPEC, SMALL_GPU, again, db, trials=20, early_stop=None, retime=False).trials == 20
     assert [a for a, _ in again.measured] == [DIRECT, IM2COL_BLAS]  # re-measured afresh each run, nothing else
 
 
@@ -123,13 +133,13 @@ def test_a_trial_left_running_by_a_killed_run_is_failed_not_retried(db):
 
 def test_a_time_budget_already_spent_measures_only_the_untuned_references(db):
     fake = FakeEvaluator()
-    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=None, deadline=time.monotonic() - 1)
+    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=None, deadline=time.monotonic() - 1, retime=False)
     assert report.trials == 0 and [a for a, _ in fake.measured] == [DIRECT, IM2COL_BLAS]
 
 
 def test_only_the_chosen_algorithms_are_tuned(db):
     fake = FakeEvaluator()
-    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=6, algorithms=(IMPLICIT_GEMM,))
+    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=6, algorithms=(IMPLICIT_GEMM,), retime=False)
     assert {a for a, _ in fake.measured} == {IMPLICIT_GEMM} and set(report.bests) == {IMPLICIT_GEMM}
 
 
@@ -180,9 +190,132 @@ def test_killed_tuning_run_resumes_and_loses_nothing(opencl, tmp_path):
     assert len(complete) == 12
     measured_after = _count(db_path)
     # Nothing measured before the kill was lost, and the second run did only what was left (plus
-    # the untuned references, measured afresh by every run, and the trial the kill interrupted).
-    assert measured_before <= measured_after <= 12 + 2 * 2 + 1
+    # the untuned references, measured afresh by every run, the trial the kill interrupted, and
+    # the re-timing of each tunable algorithm's top configs at the end).
+    retimed = len([a for a in list_algorithms() if get_algorithm(a).space.params]) * RETIME_ROUNDS * (RETIME_TOP + 1)
+    assert measured_before <= measured_after <= 12 + 2 * 2 + 1 + retimed
     with SQLiteStore(db_path, readonly=True) as database:
         results = database.results()
     assert sum(r.trials for r in results if get_algorithm(r.algorithm).space.params) == 12
     assert all(r.verified for r in results)
+
+
+class FlatEvaluator(FakeEvaluator):
+    """Every config of a tunable algorithm takes the same time: nothing left to gain."""
+
+    def outcome(self, algorithm, params):
+        return Outcome("ok", self.scale[algorithm], 1e-6, spread=0.01, repeats=7)
+
+
+def test_a_stalled_layer_stops_early_and_gives_back_its_budget(db):
+    report = tune_layer(SPEC, SMALL_GPU, FlatEvaluator(), db, trials=60, early_stop=(EARLY_STOP_TRIALS, EARLY_STOP_GAIN))
+    # Each tunable algorithm: its default, then EARLY_STOP_TRIALS trials without a 2% gain.
+    assert report.trials_by_algorithm == {IM2COL_GEMM: EARLY_STOP_TRIALS + 1, IMPLICIT_GEMM: EARLY_STOP_TRIALS + 1}
+    assert report.trials == 2 * (EARLY_STOP_TRIALS + 1) < 60
+
+
+def test_an_improving_study_is_not_stopped(db):
+    # FakeEvaluator's times depend on the tiles: TPE keeps finding better ones early on.
+    report = tune_layer(SPEC, SMALL_GPU, FakeEvaluator(), db, trials=12, early_stop=(EARLY_STOP_TRIALS, EARLY_STOP_GAIN))
+    assert report.trials == 12
+
+
+def test_warm_start_seeds_a_new_study_with_the_winners_of_similar_layers(tmp_path):
+    neighbour = ConvSpec(1, 64, 56, 56, 64, 3, 3, padding=1)  # same family as SPEC, another size
+    peer = DeviceInfo("opencl", "Fake CL", "fakevendor", "Fake GPU 2", "1.0", "gpu", 8, 16384, 64, (64, 64, 64))
+    with SQLiteStore(tmp_path / "w.db") as database:
+        tune_layer(neighbour, SMALL_GPU, FakeEvaluator(), database, trials=10, early_stop=None)
+        won_nearby = database.results(device=SMALL_GPU.fingerprint())
+        peer_params = get_algorithm(IM2COL_GEMM).space.validate(dict(MWG=16, NWG=32, WPTM=4, WPTN=4, KWG=8))
+        database.record_device(peer)
+        database.record_layer(SPEC)
+        database.save_result(TunedResult(device=peer.fingerprint(), spec=SPEC, algorithm=IM2COL_GEMM,
+                                         template_hash=template_hash(), params=peer_params, median_ms=0.5, gflops=1.0,
+                                         rel_error=1e-6, default_ms=None, trials=5))
+        records = TuningRecords.read([database.path], template_hash())
+        fake = FakeEvaluator()
+        report = tune_layer(SPEC, SMALL_GPU, fake, database, trials=8, records=records, early_stop=None, retime=False)
+    nearby = {(r.algorithm, r.params) for r in won_nearby
+              if get_algorithm(r.algorithm).space.params and r.params != default_of(r.algorithm)}
+    first_trials = fake.measured[2:2 + 2 + len(nearby) + 1]  # after the untunables and the two defaults
+    assert nearby <= set(first_trials) and (IM2COL_GEMM, peer_params) in first_trials
+    assert report.seeded == len(nearby) + 1
+
+
+def test_warm_start_skips_configs_invalid_here():
+    from autoconv.tuning.warm_start import warm_start_configs
+
+    big_gpu = DeviceInfo("opencl", "Fake CL", "fakevendor", "Big GPU", "1.0", "gpu", 80, 65536, 1024, (1024, 1024, 64))
+    huge = get_algorithm(IM2COL_GEMM).space.validate(dict(MWG=64, NWG=64, WPTM=4, WPTN=4))  # 256 work-items
+    neighbour = ConvSpec(1, 64, 14, 14, 64, 3, 3, padding=1)
+    records = TuningRecords((TunedResult(device=SMALL_GPU.fingerprint(), spec=neighbour, algorithm=IM2COL_GEMM,
+                                         template_hash="t", params=huge, median_ms=0.5, gflops=1.0, rel_error=1e-6,
+                                         default_ms=None, trials=5),), {})
+    assert huge.violations(SMALL_GPU.limits()) and not huge.violations(big_gpu.limits())
+    assert warm_start_configs(records, SMALL_GPU, SPEC, IM2COL_GEMM, default_of(IM2COL_GEMM)) == []
+
+
+def test_blas_threads_are_held_while_each_kind_of_method_is_timed(opencl, monkeypatch):
+    """One BLAS thread while a device kernel is timed, every core while the host BLAS is."""
+    from threadpoolctl import threadpool_info
+
+    from autoconv.backends.launch import LaunchedConv
+    from autoconv.backends.numpy_backend import NumpyConv
+
+    seen = {}
+
+    def spy(kind, original):
+        def timed(self, *args, **kwargs):
+            seen[kind] = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+            return original(self, *args, **kwargs)
+        return timed
+
+    monkeypatch.setattr(LaunchedConv, "time", spy("device", LaunchedConv.time))
+    monkeypatch.setattr(NumpyConv, "time", spy("host", NumpyConv.time))
+    spec = ConvSpec(1, 4, 8, 8, 4, 3, 3, padding=1)
+    evaluate = DeviceEvaluator(opencl, spec, repeats=2)
+    assert evaluate(IM2COL_GEMM, default_of(IM2COL_GEMM, opencl.device, spec)).ok
+    assert evaluate(IM2COL_BLAS, get_algorithm(IM2COL_BLAS).space.validate({})).ok
+    if not seen.get("host"):
+        pytest.skip("numpy's BLAS exposes no thread pool here")
+    assert set(seen["device"]) == {1} and set(seen["host"]) == {os.cpu_count()}
+
+
+class NoisyEvaluator(FakeEvaluator):
+    """FakeEvaluator's times with seeded noise of about +-15%: the default and the best candidates
+    are then within noise of each other unless one is much faster."""
+
+    def __init__(self, faster: float, **kwargs):
+        super().__init__(**kwargs)
+        self.faster = faster  # how much faster than the default the optimum is
+        self.rng = __import__("random").Random(7)
+
+    def outcome(self, algorithm, params):
+        base = super().outcome(algorithm, params)
+        if not base.ok or not params:
+            return base
+        default = super().outcome(algorithm, default_of(algorithm)).median_ms
+        ms = default if params == default_of(algorithm) else default / self.faster
+        return Outcome("ok", ms * self.rng.uniform(0.85, 1.15), 1e-6, spread=0.1, repeats=7)
+
+
+def test_winner_rule_keeps_the_default_within_noise_and_takes_a_clear_win():
+    from autoconv.tuning.tuner import winner_beyond_noise
+
+    default, close, clear = (default_of(IM2COL_GEMM).replace(MWG=m) for m in (16, 32, 64))
+    within_noise = {default: [1.00, 1.10, 0.92], close: [0.95, 1.04, 0.97]}
+    assert winner_beyond_noise(within_noise, default) == default
+    clear_win = {default: [1.00, 1.10, 0.92], close: [0.95, 1.04, 0.97], clear: [0.50, 0.55, 0.52]}
+    assert winner_beyond_noise(clear_win, default) == clear
+    assert winner_beyond_noise({default: [], clear: [0.5]}, default) == default
+
+
+@pytest.mark.parametrize(("faster", "default_kept"), [(1.02, True), (2.0, False)])
+def test_retiming_at_the_end_of_a_layer_decides_beyond_the_noise(db, faster, default_kept):
+    fake = NoisyEvaluator(faster, scale={IM2COL_GEMM: 1.0, IMPLICIT_GEMM: 5.0, DIRECT: 50.0, IM2COL_BLAS: 9.0})
+    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=10, early_stop=None)
+    kept, configs = report.retimed[IM2COL_GEMM]
+    assert kept is default_kept and configs >= 2
+    stored = report.bests[IM2COL_GEMM]
+    assert (stored.params == default_of(IM2COL_GEMM)) is default_kept
+    assert IMPLICIT_GEMM not in report.retimed  # 5x slower: not a contender for serving

@@ -118,3 +118,23 @@ def test_filter_transform_runs_once_per_weights(opencl, monkeypatch):
     assert launched.count("winograd_filter") == 2
     assert relative_error(changed, reference_output(spec, (x, weight, bias))) < TOLERANCE
     assert conv.time(x, weight, bias, repeats=3, stage="weights").median_ms > 0
+
+
+def test_conv2d_on_numpy_arrays_does_not_redo_the_filter_transform(opencl, monkeypatch):
+    import autoconv
+
+    spec = ConvSpec(1, 6, 10, 10, 4, 3, 3, padding=1, bias=True)
+    x, weight, bias = random_operands(spec, seed=4)
+    launched: list[str] = []
+    launch = opencl.launch
+    monkeypatch.setattr(opencl, "launch", lambda kernel, source, args: launched.append(source.entry)
+                        or launch(kernel, source, args))
+    first = autoconv.conv2d(x, weight, bias, padding=1, algorithm=WINOGRAD)
+    assert launched.count("winograd_filter") == 1
+    again = autoconv.conv2d(x.copy(), weight.copy(), bias, padding=1, algorithm=WINOGRAD)  # equal contents
+    assert launched.count("winograd_filter") == 1 and launched.count("winograd_output") == 2
+    np.testing.assert_array_equal(first, again)
+    other = weight * 2
+    doubled = autoconv.conv2d(x, other, bias, padding=1, algorithm=WINOGRAD)
+    assert launched.count("winograd_filter") == 2
+    assert relative_error(doubled, reference_output(spec, (x, other, bias))) < TOLERANCE

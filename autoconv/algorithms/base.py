@@ -242,6 +242,8 @@ class Algorithm(Protocol):
     - `kernels(spec, params, dialect)`: the rendered kernels in launch order (device algorithms);
     - `scratch_bytes(spec, params)`: the extra device memory it needs beyond input, weight and output;
     - `extra_host_bytes(spec)`: the extra host memory a host run needs;
+    - `traffic_bytes(spec, params)`: the bytes a run must move to and from memory, modelled with
+      ideal caches (each operand and intermediate once) unless the algorithm re-reads by design;
     - `run_host(spec, x, weight, bias)`: the result computed on the host (host algorithms).
     """
 
@@ -265,6 +267,9 @@ class Algorithm(Protocol):
         ...
 
     def extra_host_bytes(self, spec: ConvSpec) -> int:
+        ...
+
+    def traffic_bytes(self, spec: ConvSpec, params: Params) -> int:
         ...
 
     def run_host(self, spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -294,6 +299,10 @@ class AlgorithmDefaults:
 
     def extra_host_bytes(self, spec: ConvSpec) -> int:
         return 0
+
+    def traffic_bytes(self, spec: ConvSpec, params: Params) -> int:
+        """Input, weights and output once, and any scratch written once and read once."""
+        return spec.input_bytes + spec.weight_bytes + spec.output_bytes + 2 * self.scratch_bytes(spec, params)
 
     def run_host(self, spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError(f"{getattr(self, 'name', type(self).__name__)} has no host code")

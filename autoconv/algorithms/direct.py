@@ -68,5 +68,10 @@ class Direct(AlgorithmDefaults):
     def extra_host_bytes(self, spec: ConvSpec) -> int:
         return host_working_bytes(spec, 4)
 
+    def traffic_bytes(self, spec: ConvSpec, params: Params) -> int:
+        """No reuse by design: every output element reads its receptive field and its filter."""
+        taps = spec.c_per_group * spec.r * spec.s
+        return spec.n * spec.k * spec.p * spec.q * 2 * taps * spec.itemsize + spec.output_bytes
+
     def run_host(self, spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
         return direct_conv(spec, x, weight, bias, np.float32)

@@ -22,7 +22,7 @@ import numpy as np
 
 from autoconv.algorithms import gemm
 from autoconv.algorithms.base import AlgorithmDefaults, Constraint, LayerConstraint, ParamDecl, Params, ParamSpace
-from autoconv.device import DeviceInfo
+from autoconv.device import DeviceInfo, DeviceLimits
 from autoconv.render import Dialect, KernelArg, KernelSource, ceil_to, int_args, render_template
 from autoconv.spec import ConvSpec
 
@@ -42,6 +42,10 @@ TRANSFORMS: dict[int, tuple[list[list[Fraction]], list[list[Fraction]], list[lis
          [_F(1, 24), _F(1, 12), _F(1, 6)], [_F(1, 24), _F(-1, 12), _F(1, 6)], [0, 0, 1]],
         [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
 }
+
+# Limits that hold any config (the heuristic for no particular device checks only layer constraints).
+_NO_LIMITS = DeviceLimits(max_work_group_size=1 << 20, max_work_item_sizes=(1 << 20, 1 << 20, 1 << 20),
+                          local_mem_bytes=1 << 30, max_vector_width=16)
 
 # Scratch regions start on 64-byte boundaries.
 ALIGN_FLOATS = 16
@@ -97,6 +101,38 @@ class Layout:
                     U_OFFSET=self.u_offset, V_OFFSET=self.v_offset, M_OFFSET=self.m_offset)
 
 
+# Roughly where CPUs and GPUs turn compute-bound: a FLOP costs about a tenth of a byte moved.
+FLOPS_PER_BYTE = 10
+
+
+def estimated_cost(spec: ConvSpec, params: Params) -> float:
+    """Bytes moved plus GEMM FLOPs at FLOPS_PER_BYTE: the transformed filter (read every call),
+    the transformed input and the products (each written and read), and the batched GEMM. F(4x4)
+    does fewer multiplies, but its filter transform is 36/9 the weights: on layers with few
+    tiles and many channels (ResNet's res5 at batch 1) that traffic outweighs the saving."""
+    layout = Layout(spec, params)
+    u = layout.points * spec.k * spec.c_per_group
+    v = layout.points * spec.c * layout.ldn
+    m = layout.points * spec.k * layout.tiles
+    flops = 2 * layout.points * spec.k * spec.c_per_group * layout.ldn
+    return 4 * (u + 2 * v + 2 * m) + flops / FLOPS_PER_BYTE
+
+
+def _narrow_columns(spec: ConvSpec, params: Params, device: DeviceInfo | None) -> Params:
+    """The widest N tile that pads the GEMM's columns (the tiles) by at most an eighth: a 7x7 layer
+    has 4 tiles of 4x4, which a 64-wide tile would pad sixteenfold."""
+    tiles = Layout(spec, params).tiles
+    for width in (128, 64, 32, 16):
+        if width > params.NWG:
+            continue
+        if (ceil_to(tiles, width) - tiles) * 8 <= ceil_to(tiles, width) or width == 16:
+            wptn = min(params.WPTN, width)
+            narrowed = params.replace(NWG=width, WPTN=wptn, VWN=min(params.VWN, wptn), VW=min(params.VW, width))
+            if device is None or not narrowed.violations(device.limits()):
+                return narrowed
+    return params
+
+
 class Winograd(AlgorithmDefaults):
     name = "winograd"
     title = "Winograd F(m x m, 3 x 3)"
@@ -113,10 +149,15 @@ class Winograd(AlgorithmDefaults):
         return None
 
     def heuristic(self, spec: ConvSpec, device: DeviceInfo | None) -> Params:
-        tile = 4 if spec.c_per_group <= WINOGRAD4_MAX_CHANNELS else 2
         # Four tiles per transform work-item where vectors exist (measured best on PoCL's CPU device).
         vector = 4 if device is None or device.limits().max_vector_width >= 4 else 1
-        return gemm.heuristic(SPACE, spec, device, TILE=tile, XV=vector)
+        choices = []
+        for tile in (4, 2):
+            params = gemm.heuristic(SPACE, spec, device, TILE=tile, XV=vector)
+            params = _narrow_columns(spec, params, device)
+            if not params.violations(device.limits() if device is not None else _NO_LIMITS, spec):
+                choices.append((estimated_cost(spec, params), -tile, params))
+        return min(choices, key=lambda item: item[:2])[2] if choices else gemm.heuristic(SPACE, spec, device, TILE=2)
 
     def kernels(self, spec: ConvSpec, params: Params, dialect: Dialect) -> list[KernelSource]:
         layout = Layout(spec, params)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from autoconv.backends.base import select_index
+from autoconv.backends.compiler_output import captured_stderr
 from autoconv.backends.launch import LaunchedConv, prepare_on, runtime_algorithms
 from autoconv.device import DeviceInfo, normalise_vendor
 from autoconv.errors import BackendUnavailableError, InvalidParamsError, KernelCompileError, KernelLaunchError
@@ -68,7 +69,8 @@ def _probe(cl: Any, device: Any) -> str:
     try:
         context = cl.Context([device])
         queue = cl.CommandQueue(context)
-        program = cl.Program(context, _PROBE_SOURCE).build()
+        with captured_stderr():
+            program = cl.Program(context, _PROBE_SOURCE).build()
         host = np.zeros(4, dtype=np.float32)
         buffer = cl.Buffer(context, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=host)
         program.probe(queue, (4,), None, buffer)
@@ -143,6 +145,7 @@ class OpenCLBackend:
         self._programs: dict[tuple[str, str], Any] = {}
         self._programs_lock = threading.Lock()
         self.lock = threading.RLock()
+        self.compiler_output: list[tuple[str, str]] = []  # (kernel entry, what its build printed)
         self.algorithms = runtime_algorithms(self.has_library_gemm)
 
     def kernel(self, source: KernelSource) -> Any:
@@ -151,13 +154,20 @@ class OpenCLBackend:
         with self._programs_lock:
             program = self._programs.get(key)
             if program is None:
+                chatter: list[str] = []
                 try:
-                    with warnings.catch_warnings():
-                        # Build-log chatter (unused variables and the like) is not the user's concern.
+                    with warnings.catch_warnings(), captured_stderr() as chatter:
+                        # Build-log chatter (unused variables and the like) is not the user's concern
+                        # unless they ask (--verbose) or the build fails.
                         warnings.simplefilter("ignore", self._cl.CompilerWarning)
                         program = self._cl.Program(self.context, source.text).build(options=["-cl-mad-enable"])
                 except self._cl.Error as exc:
-                    raise KernelCompileError(f"{source.entry} failed to compile on {self.device.name}:\n{exc}") from None
+                    output = "".join(chatter).strip()
+                    raise KernelCompileError(f"{source.entry} failed to compile on {self.device.name}:\n{exc}"
+                                             + (f"\ncompiler output:\n{output}" if output else "")) from None
+                output = "".join(chatter).strip()
+                if output:
+                    self.compiler_output.append((source.entry, output))
                 self._programs[key] = program
         # A fresh kernel object per caller: each binds its own arguments.
         return self._cl.Kernel(program, source.entry)

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
-from autoconv.cli.common import DB_HELP, console, db_path_option, errors, name_filter_option, reports_errors, speedup
+from autoconv.cli.common import DB_HELP, console, db_path_option, errors, name_filter_option, reports_errors
+from autoconv.cli.output import CSV_OPTION, JSON_OPTION, Field, emit, ms, one_decimal, output_format, percent, ratio, scientific
 
 db_app = typer.Typer(help="List, show, merge and prune tuning databases.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -39,42 +39,70 @@ def _device_rows(database, device: Optional[str]) -> list[dict]:
     return rows
 
 
+LIST_FIELDS = [
+    Field("layer", "layer"), Field("algorithm", "algorithm"), Field("served", "served", lambda v: "yes" if v else ""),
+    Field("ms", "ms", ms, numeric=True), Field("spread", "spread", percent, numeric=True),
+    Field("gflops", "GFLOP/s", one_decimal, numeric=True), Field("vs_default", "vs default", ratio, numeric=True),
+    Field("vs_baseline", "vs baseline", ratio, numeric=True), Field("trials", "trials", numeric=True),
+    Field("templates", "templates"),
+]
+
+
 @db_app.command("list")
 @reports_errors
 def list_results(
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     device: Optional[str] = typer.Option(None, help="only devices whose name contains this"),
+    json_flag: bool = JSON_OPTION,
+    csv_flag: bool = CSV_OPTION,
 ) -> None:
-    """Tuned layers per device: each algorithm's best (the served one marked), GFLOP/s, speed-up over
-    its default config and over the library baseline, trials, and whether the templates are current."""
+    """Tuned layers per device: each algorithm's best (the served one marked), its spread, GFLOP/s,
+    speed-up over its default config and over the library baseline, trials, and whether the
+    templates are current."""
     from autoconv.algorithms import BASELINE
+    from autoconv.layers import layer_name
     from autoconv.render import template_hash
     from autoconv.store import fastest
 
+    fmt = output_format(json_flag, csv_flag)
     current = template_hash()
+    records: list[dict] = []
     with _open_existing(db) as database:
         results = database.results()
         for row in _device_rows(database, device):
             mine = [r for r in results if r.device == row["fingerprint"]]
-            table = Table(title=f"{row['name']} ({row['platform']}, driver {row['driver']})", title_justify="left")
-            for column in ("layer", "algorithm", "ms", "GFLOP/s", "vs default", "vs baseline", "trials", "templates"):
-                table.add_column(column, justify="left" if column in ("layer", "algorithm", "templates") else "right")
             layers: dict = {}
             for r in mine:
                 layers.setdefault((r.spec, r.template_hash), []).append(r)
+            device_records = []
             for (spec, templates), found in layers.items():
                 served = fastest(found)
                 baseline = next((r for r in found if r.algorithm == BASELINE), None)
                 for r in sorted(found, key=lambda r: r.median_ms):
-                    name = Text(r.algorithm + (" (served)" if r is served and templates == current else ""),
-                                style="bold" if r is served else "")
-                    table.add_row(str(spec), name, f"{r.median_ms:.3f}", f"{r.gflops:.1f}",
-                                  speedup(r.default_ms, r.median_ms),
-                                  speedup(baseline.median_ms, r.median_ms) if baseline else "-", str(r.trials),
-                                  "current" if templates == current else Text("stale", style="yellow"))
-            console.print(table)
-            if not mine:
-                console.print("  no verified results", style="dim")
+                    device_records.append({
+                        "device": row["name"], "layer": layer_name(spec), "key": spec.key(), "algorithm": r.algorithm,
+                        "served": r is served and templates == current, "ms": r.median_ms, "spread": r.spread,
+                        "repeats": r.repeats, "gflops": r.gflops, "vs_default": r.speedup_vs_default,
+                        "vs_baseline": baseline.median_ms / r.median_ms if baseline else None, "trials": r.trials,
+                        "params": r.params.as_dict(), "templates": "current" if templates == current else "stale"})
+            if fmt == "table":
+                emit(console, fmt, f"{row['name']} ({row['platform']}, driver {row['driver']})", LIST_FIELDS,
+                     device_records, styles=lambda r, f: "bold" if r["served"] else
+                     ("yellow" if f.key == "templates" and r["templates"] == "stale" else ""))
+                if not device_records:
+                    console.print("  no verified results", style="dim")
+            records += device_records
+    if fmt != "table":
+        emit(console, fmt, None, [Field("device", "device"), Field("key", "key"), *LIST_FIELDS,
+                                  Field("repeats", "repeats"), Field("params", "params")], records)
+
+
+SHOW_FIELDS = [
+    Field("algorithm", "algorithm"), Field("rank", "#", numeric=True), Field("status", "status"),
+    Field("ms", "ms", ms, numeric=True), Field("spread", "spread", percent, numeric=True),
+    Field("rel_error", "rel. error", scientific, numeric=True), Field("best", "best", lambda v: "yes" if v else ""),
+    Field("params", "params", lambda p: " ".join(f"{k}={v}" for k, v in p.items()) or "(none)"),
+]
 
 
 @db_app.command()
@@ -84,13 +112,20 @@ def show(
     batch: Optional[int] = typer.Option(None, help="batch size (overrides n)"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     device: Optional[str] = typer.Option(None, help="only devices whose name contains this"),
+    top: int = typer.Option(5, min=0, help="measured configs listed per algorithm, fastest first (0: none)"),
+    json_flag: bool = JSON_OPTION,
+    csv_flag: bool = CSV_OPTION,
 ) -> None:
-    """One layer: each algorithm's best params per device and what every measured config came to."""
+    """One layer: each algorithm's best params per device, then its fastest measured configs with
+    params, median, spread and status, and how many configs ended in each status."""
+    import json
     from collections import Counter
 
     from autoconv.layers import parse_layer
 
+    fmt = output_format(json_flag, csv_flag)
     spec = parse_layer(layer, batch).spec
+    records: list[dict] = []
     with _open_existing(db) as database:
         results = [r for r in database.results() if r.spec == spec]
         found = False
@@ -100,19 +135,88 @@ def show(
             if not measured and not mine:
                 continue
             found = True
-            console.print(Text.assemble((row["name"], "bold"), f" ({row['platform']}, driver {row['driver']})"))
-            for r in sorted(mine, key=lambda r: r.median_ms):
-                default = f", default {r.default_ms:.3f} ms" if r.default_ms else ""
-                console.print(f"  {r.algorithm}: best {r.median_ms:.3f} ms ({r.gflops:.1f} GFLOP/s){default}, "
-                              f"{r.trials} trials, rel. error {r.rel_error:.1e}")
-                console.print(f"    params {r.params.describe() or '(none)'}")
-                console.print(f"    templates {r.template_hash}, autoconv {r.autoconv_version}, {r.created}", style="dim")
-            for name in sorted({m["algorithm"] for m in measured}):
-                statuses = Counter(m["status"] for m in measured if m["algorithm"] == name)
-                console.print(f"  {name} measured configs: " + ", ".join(f"{n} {s}" for s, n in statuses.most_common()))
+            device_records = []
+            for name in sorted({m["algorithm"] for m in measured} | {r.algorithm for r in mine}):
+                best = next((r for r in mine if r.algorithm == name), None)
+                ranked = sorted((m for m in measured if m["algorithm"] == name),
+                                key=lambda m: (m["status"] != "ok", m["median_ms"] if m["median_ms"] is not None
+                                               else float("inf")))
+                best_params = best.params.as_dict() if best else None
+                for rank, m in enumerate(ranked[:top], 1):
+                    try:
+                        params = json.loads(m["params"]) if m["params"] else {}
+                    except (TypeError, ValueError):
+                        params = {}
+                    device_records.append({
+                        "device": row["name"], "layer": str(spec), "algorithm": name, "rank": rank,
+                        "status": m["status"], "ms": m["median_ms"], "spread": m.get("spread"),
+                        "repeats": m.get("repeats"), "rel_error": m["rel_error"],
+                        "best": params == best_params and m["status"] == "ok", "params": params})
+                if not ranked[:top] and best is not None:  # a stored best whose measurements were pruned (shipped DBs)
+                    device_records.append({
+                        "device": row["name"], "layer": str(spec), "algorithm": name, "rank": 1, "status": "ok",
+                        "ms": best.median_ms, "spread": best.spread, "repeats": best.repeats,
+                        "rel_error": best.rel_error, "best": True, "params": best.params.as_dict()})
+            records += device_records
+            if fmt == "table":
+                console.print(Text.assemble((row["name"], "bold"), f" ({row['platform']}, driver {row['driver']})"))
+                for r in sorted(mine, key=lambda r: r.median_ms):
+                    default = f", default {r.default_ms:.3f} ms" if r.default_ms else ""
+                    spread = f" ±{r.spread * 100:.0f}%" if r.spread is not None else ""
+                    console.print(f"  {r.algorithm}: best {r.median_ms:.3f} ms{spread} ({r.gflops:.1f} GFLOP/s){default}, "
+                                  f"{r.trials} trials, rel. error {r.rel_error:.1e}")
+                    console.print(f"    params {r.params.describe() or '(none)'}")
+                    console.print(f"    templates {r.template_hash}, autoconv {r.autoconv_version}, {r.created}",
+                                  style="dim")
+                for name in sorted({m["algorithm"] for m in measured}):
+                    statuses = Counter(m["status"] for m in measured if m["algorithm"] == name)
+                    console.print(f"  {name} measured configs: "
+                                  + ", ".join(f"{n} {s}" for s, n in statuses.most_common()))
+                if top and device_records:
+                    emit(console, fmt, f"  fastest {top} measured configs per algorithm", SHOW_FIELDS, device_records,
+                         styles=lambda r, f: "bold" if r["best"] else ("red" if r["status"] != "ok" else ""))
         if not found:
             errors.print(f"{spec} has no results in {database.path}")
             raise typer.Exit(1)
+    if fmt != "table":
+        emit(console, fmt, None, [Field("device", "device"), Field("layer", "layer"), *SHOW_FIELDS,
+                                  Field("repeats", "repeats")], records)
+
+
+@db_app.command("plot")
+@reports_errors
+def plot_curves(
+    out: Path = typer.Argument(..., help="the PNG or SVG file to write"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    device: Optional[str] = typer.Option(None, help="only devices whose name contains this"),
+) -> None:
+    """Tuning curves: the best time so far against the trial index, per layer and algorithm, from
+    the measurements the tuner recorded (needs autoconv[plot])."""
+    import math
+
+    from autoconv.layers import layer_name
+    from autoconv.plots import check_plot_path, tuning_curves_figure
+
+    check_plot_path(out)
+    curves: dict[str, list[float]] = {}
+    with _open_existing(db) as database:
+        rows = _device_rows(database, device)
+        layers = {r.spec for r in database.results()}
+        for row in rows:
+            for spec in sorted(layers, key=lambda s: s.key()):
+                by_algorithm: dict[str, list[float]] = {}
+                for m in database.measurements(row["fingerprint"], spec):
+                    value = m["median_ms"] if m["status"] == "ok" and m["median_ms"] is not None else math.inf
+                    by_algorithm.setdefault(m["algorithm"], []).append(value)
+                for name, times in by_algorithm.items():
+                    if len(times) > 1:  # a single measurement (an untunable method) is no curve
+                        label = layer_name(spec) + f" {name}" + (f" ({row['name']})" if len(rows) > 1 else "")
+                        curves[label] = times
+    if not curves:
+        errors.print(f"no tuning measurements in {db_path_option(db)} to plot (shipped databases keep none)")
+        raise typer.Exit(1)
+    tuning_curves_figure(curves, "Tuning curves: best time so far per layer and algorithm", out)
+    console.print(f"{len(curves)} curve(s) written to {out}", soft_wrap=True)
 
 
 @db_app.command()

@@ -5,11 +5,13 @@ Library errors (AutoconvError) become one red line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Iterator, List, Optional
 
 import typer
-from rich.table import Table
+from rich.console import Console
 from rich.text import Text
 
 from autoconv.cli.db import db_app
@@ -24,6 +26,18 @@ from autoconv.cli.common import (
     name_filter_option,
     reports_errors,
 )
+from autoconv.cli.output import (
+    CSV_OPTION,
+    JSON_OPTION,
+    Field,
+    emit,
+    ms,
+    one_decimal,
+    output_format,
+    ratio,
+    scientific,
+    write_json,
+)
 
 app = typer.Typer(
     help="Generate, tune, run and compare convolution kernels (im2col + GEMM, implicit GEMM, direct) on your own device.",
@@ -34,32 +48,103 @@ app = typer.Typer(
 app.add_typer(db_app, name="db")
 
 
-def _print_device(info) -> None:
-    console.print(Text.assemble("device: ", (info.name, "bold"), f" ({info.platform}, driver {info.driver})"))
+def _show_version(value: bool) -> None:
+    if value:
+        from autoconv import __version__
+
+        console.print(f"autoconv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                      help="print autoconv's version and exit")) -> None:
+    """Generate, tune, run and compare convolution kernels (im2col + GEMM, implicit GEMM, Winograd,
+    direct) on your own device."""
+
+
+def _print_device(out: Console, info) -> None:
+    out.print(Text.assemble("device: ", (info.name, "bold"), f" ({info.platform}, driver {info.driver})"))
+
+
+def _info_console(fmt: str) -> Console:
+    """Where a command's notes go: stdout beside a table, stderr when stdout carries JSON/CSV."""
+    return console if fmt == "table" else errors
+
+
+@contextlib.contextmanager
+def _status(text: str) -> Iterator[None]:
+    """A spinner on a terminal's stderr; nothing when stderr is piped (no partial-line noise)."""
+    if errors.is_terminal:
+        with errors.status(text):
+            yield
+    else:
+        yield
+
+
+VERBOSE_OPTION = typer.Option(False, "--verbose", help="also print what the kernel compiler said (warnings)")
+
+
+def _print_compiler_output(backends: list, verbose: bool) -> None:
+    if not verbose:
+        return
+    for backend in backends:
+        for entry, text in getattr(backend, "compiler_output", []):
+            errors.print(Text(f"compiler output for {entry}:", style="dim"))
+            errors.print(text, soft_wrap=True)
+
+
+def _tune_argument(named: Any) -> str | None:
+    """How `autoconv tune` is told this layer: MODEL/NAME (with --batch), or its key=value form."""
+    from autoconv.layers import layer_text
+
+    if named.model != "custom":
+        return named.label + ("" if named.spec.n == 1 else f" --batch {named.spec.n}")
+    text = layer_text(named.spec)
+    return None if text is None else f"'{text}'"
+
+
+def _fallback_hint(untuned: list[tuple[Any, str]], device_name: str, db: Optional[Path]) -> None:
+    """Said once per command: which layers run a fallback plan here, and the command that tunes them."""
+    if not untuned:
+        return
+    labels = [named.label for named, _ in untuned]
+    shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+    sources = sorted({source for _, source in untuned})
+    db_part = f" --db {db}" if db is not None else ""
+    commands = [f"autoconv tune {argument}{db_part}" for named, _ in untuned[:3]
+                if (argument := _tune_argument(named)) is not None]
+    how = "; ".join(commands) if commands else "autoconv tune with the layer as key=value pairs"
+    errors.print(error_line(f"{shown}: not tuned on {device_name}; served a fallback plan ({'; '.join(sources)}). "
+                            f"Tune with: {how}", "hint:", "cyan"), soft_wrap=True)
 
 
 @app.command()
 @reports_errors
-def devices() -> None:
+def devices(json_flag: bool = JSON_OPTION, csv_flag: bool = CSV_OPTION) -> None:
     """List the OpenCL devices found, whether each can build kernels, and which is the default."""
     from autoconv.backends.opencl import list_devices, select_device
 
+    fmt = output_format(json_flag, csv_flag)
     found = list_devices()
     if not found:
         errors.print("no OpenCL device found: run `bash scripts/install_pocl.sh` for the CPU (PoCL)")
         raise typer.Exit(1)
     default_index = select_device(None)[0].index if any(d.usable for d in found) else -1
-    table = Table(title="OpenCL devices")
-    for column in ("#", "platform", "device", "type", "driver", "CUs", "local mem", "max WG", "status"):
-        table.add_column(column)
-    for entry in found:
-        info = entry.info
-        status = Text("ok" + (" (default)" if entry.index == default_index else ""), style="green") if entry.usable \
-            else Text(f"unusable: {entry.problem}", style="red")
-        table.add_row(str(entry.index), info.platform, info.name, info.device_type, info.driver,
-                      str(info.compute_units), f"{info.local_mem_bytes // 1024} KiB",
-                      str(info.max_work_group_size), status)
-    console.print(table)
+    records = [{"index": entry.index, "platform": entry.info.platform, "device": entry.info.name,
+                "type": entry.info.device_type, "driver": entry.info.driver,
+                "compute_units": entry.info.compute_units, "local_mem_kib": entry.info.local_mem_bytes // 1024,
+                "max_work_group": entry.info.max_work_group_size, "usable": entry.usable,
+                "default": entry.index == default_index, "problem": entry.problem or None} for entry in found]
+    fields = [Field("index", "#", numeric=True), Field("platform", "platform"), Field("device", "device"),
+              Field("type", "type"), Field("driver", "driver"), Field("compute_units", "CUs", numeric=True),
+              Field("local_mem_kib", "local mem KiB", numeric=True), Field("max_work_group", "max WG", numeric=True),
+              Field("usable", "status", show=lambda usable: "ok" if usable else "unusable"),
+              Field("default", "default", show=lambda d: "yes" if d else ""), Field("problem", "problem")]
+    if all(r["problem"] is None for r in records):
+        fields.pop()
+    emit(console, fmt, "OpenCL devices", fields, records,
+         styles=lambda r, f: ("green" if r["usable"] else "red") if f.key == "usable" else "")
 
 
 def _layers(layer: List[str], model: Optional[str], batch: Optional[int], onnx: Optional[Path] = None) -> list:
@@ -82,9 +167,47 @@ def _layers(layer: List[str], model: Optional[str], batch: Optional[int], onnx: 
     return chosen
 
 
-ALGORITHM_HELP = "force one algorithm: im2col_gemm, implicit_gemm, direct or im2col_blas (default: the fastest tuned)"
+ALGORITHM_HELP = ("force one algorithm: im2col_gemm, implicit_gemm, winograd, direct or im2col_blas "
+                  "(default: the fastest tuned)")
 MODEL_HELP = "every layer of a built-in model: alexnet, vgg16, resnet18, resnet50, mobilenet_v2"
 LAYER_HELP = "MODEL/NAME (e.g. resnet50/res2_3x3) or key=value pairs (e.g. n=1,c=64,h=56,w=56,k=64,r=3,s=3,pad=1)"
+
+COMPARE_FIELDS = [
+    Field("algorithm", "algorithm"), Field("ms", "ms", ms, numeric=True), Field("gflops", "GFLOP/s", one_decimal, numeric=True),
+    Field("vs_direct", "vs direct", ratio, numeric=True), Field("extra_mib", "extra MiB", lambda v: f"{v:.1f}", numeric=True),
+    Field("extra_vs_input", "x input", lambda v: f"{v:.1f}x", numeric=True),
+    Field("rel_error", "rel. error", scientific, numeric=True), Field("served", "served", lambda v: "yes" if v else ""),
+]
+ROLLUP_FIELDS = [
+    Field("algorithm", "algorithm"), Field("layers", "layers", numeric=True), Field("total_ms", "total ms", ms, numeric=True),
+    Field("geomean_vs_direct", "geomean vs direct", ratio, numeric=True),
+    Field("geomean_vs_baseline", "geomean vs im2col_blas", ratio, numeric=True),
+    Field("served_on", "served on", numeric=True),
+]
+
+
+def _geomean(values: list[float]) -> float | None:
+    return statistics.geometric_mean(values) if values else None
+
+
+def compare_rollup(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per algorithm over the layers: how many it ran, total ms, geomean speed-ups, times served."""
+    from autoconv.algorithms import BASELINE, DIRECT
+
+    by_layer: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in records:
+        by_layer.setdefault(r["layer"], {})[r["algorithm"]] = r
+    rollup = []
+    for name in dict.fromkeys(r["algorithm"] for r in records):
+        mine = [layer[name] for layer in by_layer.values() if name in layer]
+        vs_direct = [layer[DIRECT]["ms"] / layer[name]["ms"] for layer in by_layer.values()
+                     if name in layer and DIRECT in layer]
+        vs_baseline = [layer[BASELINE]["ms"] / layer[name]["ms"] for layer in by_layer.values()
+                       if name in layer and BASELINE in layer]
+        rollup.append({"algorithm": name, "layers": len(mine), "total_ms": sum(r["ms"] for r in mine),
+                       "geomean_vs_direct": _geomean(vs_direct), "geomean_vs_baseline": _geomean(vs_baseline),
+                       "served_on": sum(1 for r in mine if r["served"])})
+    return rollup
 
 
 @app.command()
@@ -96,35 +219,88 @@ def compare(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     repeats: int = typer.Option(5, min=1, help="timed runs per method (the median is reported)"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP + "; tuned params of each algorithm come from it"),
+    plot: Optional[Path] = typer.Option(None, help="also draw time per method and the roofline to this PNG or SVG "
+                                        "(needs autoconv[plot])"),
+    json_flag: bool = JSON_OPTION,
+    csv_flag: bool = CSV_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Every algorithm on each layer (direct loops, im2col + BLAS, im2col + generated GEMM, implicit
-    GEMM): time, GFLOP/s, extra memory, error, and the plan autoconv serves."""
-    from autoconv.algorithms import DIRECT
+    GEMM, Winograd): time, GFLOP/s, extra memory, error, and the plan autoconv serves; with several
+    layers, a roll-up (total time per algorithm, geomean speed-ups, what each layer is served)."""
     from autoconv.backends import get_backend
+
+    fmt = output_format(json_flag, csv_flag)
+    out = _info_console(fmt)
+    plot_path = None
+    if plot is not None:
+        from autoconv.plots import check_plot_path
+
+        plot_path = check_plot_path(plot)
+    layers = _layers(layer or [], model, batch)
+    backend = get_backend("opencl", device_option(device))
+    _print_device(out, backend.device)
+    records, served_rows, untuned = [], [], []
+    for named in layers:
+        with _status(f"measuring {named.label} ..."):
+            layer_records, served = measure_layer_methods(named.label, named.spec, backend, repeats, db)
+        if served.source != "tuned":
+            untuned.append((named, served.source))
+        served_rows.append({"layer": named.label, "algorithm": served.algorithm, "plan": served.describe(),
+                            "source": served.source})
+        records += layer_records
+        if fmt == "table":
+            spec = named.spec
+            emit(console, fmt, f"{named.label}: {spec}  ({spec.flops / 1e9:.3f} GFLOP)", COMPARE_FIELDS, layer_records,
+                 styles=lambda r, f: "red" if f.key == "rel_error" and not r["verified"] else
+                 ("bold" if r["served"] else ""))
+            legend = "; ".join(f"{r['algorithm']} = {r['method']}" for r in layer_records)
+            console.print(Text(f"  {legend}", style="dim"))
+            console.print(Text(f"  served plan: {served.describe()}", style="dim"))
+    rollup = compare_rollup(records) if len(layers) > 1 else []
+    if fmt == "json":
+        write_json({"device": backend.device.name, "measurements": records, "rollup": rollup, "served": served_rows})
+    elif fmt == "csv":
+        emit(console, fmt, None, [Field("layer", "layer"), Field("method", "method"), *COMPARE_FIELDS,
+                                  Field("verified", "verified"), Field("traffic_bytes", "traffic bytes")], records)
+    elif rollup:
+        emit(console, fmt, f"all {len(layers)} layers", ROLLUP_FIELDS, rollup)
+    if plot_path is not None:
+        _compare_plot(records, backend, plot_path)
+        out.print(f"plot written to {plot_path}", soft_wrap=True)
+    _fallback_hint(untuned, backend.device.name, db)
+    _print_compiler_output([backend], verbose)
+
+
+def measure_layer_methods(label: str, spec: Any, backend: Any, repeats: int,
+                          db: Optional[Path]) -> tuple[list[dict[str, Any]], Any]:
+    """compare_layer's measurements of one layer as records, and the plan autoconv serves it."""
+    from autoconv.algorithms import DIRECT
     from autoconv.compare import compare_layer
     from autoconv.serve.api import choose_plan
 
-    layers = _layers(layer or [], model, batch)
-    backend = get_backend("opencl", device_option(device))
-    _print_device(backend.device)
-    for named in layers:
-        spec = named.spec
-        with console.status(f"measuring {named.label} ..."):
-            rows = compare_layer(spec, backend, repeats=repeats, db=db)
-        direct_ms = next((row.median_ms for row in rows if row.algorithm == DIRECT), None)
-        table = Table(title=f"{named.label}: {spec}  ({spec.flops / 1e9:.3f} GFLOP)", title_justify="left")
-        for column in ("method", "ms", "GFLOP/s", "vs direct", "extra memory", "rel. error"):
-            table.add_column(column, justify="left" if column == "method" else "right")
-        for row in rows:
-            extra = "none"
-            if row.scratch_bytes:
-                extra = f"{row.scratch_bytes / 2**20:.1f} MiB ({row.scratch_bytes / spec.input_bytes:.1f}x input)"
-            check = Text(f"{row.rel_error:.1e}") if row.verified else Text(f"{row.rel_error:.1e} WRONG", style="red")
-            table.add_row(row.method, f"{row.median_ms:.3f}", f"{row.gflops:.1f}",
-                          f"{direct_ms / row.median_ms:.1f}x" if direct_ms else "-", extra, check)
-        console.print(table)
-        served = choose_plan(spec, backend, db)
-        console.print(f"  served plan: {served.describe()}", style="dim")
+    rows = compare_layer(spec, backend, repeats=repeats, db=db)
+    served = choose_plan(spec, backend, db)
+    direct_ms = next((row.median_ms for row in rows if row.algorithm == DIRECT), None)
+    records = [{"layer": label, "shape": str(spec), "method": row.method, "algorithm": row.algorithm,
+                "plan": row.plan, "ms": row.median_ms, "gflops": row.gflops,
+                "vs_direct": direct_ms / row.median_ms if direct_ms else None,
+                "extra_mib": row.scratch_bytes / 2**20, "extra_vs_input": row.scratch_bytes / spec.input_bytes,
+                "rel_error": row.rel_error, "verified": row.verified, "served": row.algorithm == served.algorithm,
+                "traffic_bytes": row.traffic_bytes, "intensity": spec.flops / row.traffic_bytes if row.traffic_bytes else None}
+               for row in rows]
+    return records, served
+
+
+def _compare_plot(records: list[dict[str, Any]], backend: Any, path: Path, roofs: Any = None) -> bytes:
+    from autoconv.plots import MethodPoint, compare_figure
+    from autoconv.roofline import measure_roofs
+
+    with _status("measuring the device's peak and bandwidth ..."):
+        roofs = roofs or measure_roofs(backend)
+    points = [MethodPoint(r["layer"], r["algorithm"], r["ms"], r["gflops"], r["intensity"]) for r in records
+              if r["intensity"]]
+    return compare_figure(points, roofs, f"{backend.device.name}: time per call and roofline", path)
 
 
 @app.command()
@@ -137,6 +313,9 @@ def run(
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     backend_name: str = typer.Option("opencl", "--backend", help="opencl or cuda"),
     algorithm: Optional[str] = typer.Option(None, help=ALGORITHM_HELP),
+    json_flag: bool = JSON_OPTION,
+    csv_flag: bool = CSV_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Run one layer with autoconv's plan for it, check it against the float64 reference, time it."""
     from autoconv.algorithms import get_algorithm
@@ -145,6 +324,7 @@ def run(
     from autoconv.serve.api import backend_for, choose_plan
     from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output
 
+    fmt = output_format(json_flag, csv_flag)
     (named,) = _layers([layer], None, batch)
     spec = named.spec
     if algorithm is not None:
@@ -156,13 +336,44 @@ def run(
     operands = random_operands(spec)
     result = measure("autoconv", runner, spec, plan, operands, reference_output(spec, operands), repeats=repeats,
                      conv=conv)
-    console.print(f"{named.label}: {spec}")
-    console.print(f"  device  {result.device}\n  plan    {result.plan}")
-    console.print(f"  time    {result.median_ms:.3f} ms (median of {repeats})  {result.gflops:.1f} GFLOP/s")
-    console.print(f"  check   relative error {result.rel_error:.1e} vs float64 reference (limit {TOLERANCE:.0e})")
+    record = {"layer": named.label, "shape": str(spec), "device": result.device, "algorithm": plan.algorithm,
+              "plan": result.plan, "plan_source": plan.source, "ms": result.median_ms, "repeats": repeats,
+              "gflops": result.gflops, "rel_error": result.rel_error, "limit": TOLERANCE, "verified": result.verified}
+    if fmt == "table":
+        console.print(f"{named.label}: {spec}")
+        console.print(f"  device  {result.device}\n  plan    {result.plan}")
+        console.print(f"  time    {result.median_ms:.3f} ms (median of {repeats})  {result.gflops:.1f} GFLOP/s")
+        console.print(f"  check   relative error {result.rel_error:.1e} vs float64 reference (limit {TOLERANCE:.0e})")
+    else:
+        emit(console, fmt, None, [Field(key, key) for key in record], [record])
+    if plan.source not in ("tuned", "host") and algorithm is None:
+        _fallback_hint([(named, plan.source)], backend.device.name, db)
+    _print_compiler_output([backend], verbose)
     if not result.verified:
         errors.print(error_line("the result does not match the reference"))
         raise typer.Exit(1)
+
+
+TUNE_FIELDS = [
+    Field("layer", "layer"), Field("trials", "trials", numeric=True), Field("fastest", "fastest"),
+    Field("fastest_ms", "ms", ms, numeric=True), Field("best_generated", "best generated"),
+    Field("best_generated_ms", "ms ", ms, numeric=True), Field("vs_default", "vs its default", ratio, numeric=True),
+    Field("baseline_ms", "baseline ms", ms, numeric=True), Field("vs_baseline", "fastest vs baseline", ratio, numeric=True),
+    Field("failed", "failed", numeric=True), Field("wall_s", "wall s", lambda v: f"{v:.0f}", numeric=True),
+]
+
+
+def tune_record(report: Any) -> dict[str, Any]:
+    best, generated, baseline = report.best, report.best_generated, report.baseline
+    return {"layer": report.label, "shape": str(report.spec), "trials": report.trials,
+            "fastest": best.algorithm if best else None, "fastest_ms": best.median_ms if best else None,
+            "best_generated": generated.algorithm if generated else None,
+            "best_generated_ms": generated.median_ms if generated else None,
+            "vs_default": generated.default_ms / generated.median_ms if generated and generated.default_ms else None,
+            "baseline_ms": baseline.median_ms if baseline else None,
+            "vs_baseline": baseline.median_ms / best.median_ms if baseline and best else None,
+            "failed": sum(report.failures.values()), "wall_s": report.wall_s, "seeded": report.seeded,
+            "trials_by_algorithm": dict(report.trials_by_algorithm)}
 
 
 @app.command()
@@ -182,22 +393,32 @@ def tune(
     seed: int = typer.Option(0, help="sampler and data seed"),
     algorithm: List[str] = typer.Option(None, "--algorithm", help="tune only these algorithms (repeatable; "
                                         "default: every one that supports the layer)", show_default=False),
+    warm_start: bool = typer.Option(True, help="seed each new study with the winners of similar tuned layers "
+                                    "(this database and the shipped ones)"),
+    early_stop: bool = typer.Option(True, help="stop tuning an algorithm on a layer once it has stalled "
+                                    "(no 2% gain in 12 trials), leaving the time to other layers"),
+    json_flag: bool = JSON_OPTION,
+    csv_flag: bool = CSV_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Autotune every algorithm per layer with Optuna; each algorithm's best goes to the DB, and the
     fastest is what autoconv serves.
 
     Each algorithm's default is measured first; then the trials (--trials per layer) go in turn
     to the tunable algorithms within 2x of the best time so far. Interrupted runs resume where
-    they stopped: run the same command again.
+    they stopped: run the same command again. Progress goes to stderr: a bar per layer on a
+    terminal, else one line per layer as it finishes.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from autoconv.algorithms import get_algorithm
     from autoconv.backends import get_backend
-    from autoconv.cli.common import parse_duration, speedup
+    from autoconv.cli.common import parse_duration
     from autoconv.store import SQLiteStore
-    from autoconv.tuning.tuner import LayerReport, tune_layers
+    from autoconv.tuning.tuner import EARLY_STOP_GAIN, EARLY_STOP_TRIALS, LayerReport, tune_layers
 
+    fmt = output_format(json_flag, csv_flag)
+    out = _info_console(fmt)
     if backend_name not in ("opencl", "cuda"):
         raise typer.BadParameter(f"expected opencl or cuda, got {backend_name!r}", param_hint="--backend")
     for name in algorithm or []:
@@ -212,41 +433,162 @@ def tune(
     chosen = [(label, spec) for spec, label in unique.items()]
     backend = get_backend(backend_name, device_option(device))
     path = db_path_option(db)
-    _print_device(backend.device)
-    console.print(f"tuning {len(chosen)} layer(s) into {path}")
+    _print_device(out, backend.device)
+    out.print(f"tuning {len(chosen)} layer(s) into {path}", soft_wrap=True)
+
+    def summary(report: LayerReport) -> str:
+        best = report.best
+        text = "no verified config" if best is None else f"best {best.algorithm} {best.median_ms:.3f} ms"
+        return f"{report.trials} trials, {text}, {report.wall_s:.0f} s"
 
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[best]}", markup=False), TimeElapsedColumn())
     tasks: dict[str, int] = {}
-    with SQLiteStore(path) as database, Progress(*columns, console=console, transient=False) as bar:
+    live = errors.is_terminal
+    bar = Progress(*columns, console=errors, transient=False) if live else None
+    with SQLiteStore(path) as database, (bar if bar is not None else contextlib.nullcontext()):
         def start(label: str, spec: object) -> None:
-            tasks[label] = bar.add_task(label, total=trials, best="defaults ...")
+            if bar is not None:
+                tasks[label] = bar.add_task(label, total=trials, best="defaults ...")
 
         def update(report: LayerReport, total: int) -> None:
+            if bar is None:
+                return
             best = report.best
             text = "no verified config yet" if best is None else f"best {best.algorithm} {best.median_ms:.3f} ms"
             bar.update(tasks[report.label], completed=report.trials, best=text)
 
+        def finished(report: LayerReport) -> None:
+            if bar is not None:  # the layer's timer stops with it
+                bar.update(tasks[report.label], completed=report.trials, total=max(report.trials, 1),
+                           best=summary(report))
+                bar.stop_task(tasks[report.label])
+            else:
+                errors.print(f"{report.label}: {summary(report)}", soft_wrap=True)
+
         reports = tune_layers(chosen, backend, database, trials=trials, time_budget_s=budget_s, seed=seed,
                               repeats=repeats, algorithms=tuple(algorithm) if algorithm else None,
-                              progress=update, on_layer_start=start)
-        for report in reports:
-            update(report, trials or 0)
+                              progress=update, on_layer_start=start, on_layer_end=finished, warm_start=warm_start,
+                              early_stop=(EARLY_STOP_TRIALS, EARLY_STOP_GAIN) if early_stop else None)
+    emit(console, fmt, f"tuned on {backend.device.name}", TUNE_FIELDS, [tune_record(r) for r in reports])
+    _print_compiler_output([backend], verbose)
 
-    table = Table(title=f"tuned on {backend.device.name}", title_justify="left")
-    for column in ("layer", "trials", "fastest", "ms", "best generated", "ms", "vs its default", "baseline ms",
-                   "fastest vs baseline", "failed", "wall s"):
-        table.add_column(column, justify="left" if column in ("layer", "fastest", "best generated") else "right")
-    for report in reports:
-        best, generated, baseline = report.best, report.best_generated, report.baseline
-        failed = str(sum(report.failures.values()))
-        table.add_row(
-            report.label, str(report.trials), best.algorithm if best else "-", f"{best.median_ms:.3f}" if best else "-",
-            generated.algorithm if generated else "-", f"{generated.median_ms:.3f}" if generated else "-",
-            speedup(generated.default_ms, generated.median_ms) if generated else "-",
-            f"{baseline.median_ms:.3f}" if baseline else "-",
-            speedup(baseline.median_ms, best.median_ms) if baseline and best else "-", failed, f"{report.wall_s:.0f}")
-    console.print(table)
+
+def explain_report(label: str, spec: Any, records: list[dict[str, Any]], served: Any, roofs: Any,
+                   tuned: list[Any], tune_command: str) -> list[str]:
+    """The explain text: what the layer costs, what each method moves and reaches, what is served and why."""
+    from autoconv.algorithms import DIRECT
+
+    lines = [f"{label}: {spec}",
+             f"  work: {spec.flops / 1e9:.3f} GFLOP (direct-convolution count); input {spec.input_bytes / 2**20:.2f} MiB, "
+             f"weights {spec.weight_bytes / 2**20:.2f} MiB, output {spec.output_bytes / 2**20:.2f} MiB",
+             f"  device limits (measured): {roofs.peak_gflops:.0f} GFLOP/s GEMM peak, {roofs.bandwidth_gbs:.1f} GB/s copy "
+             f"bandwidth; a kernel needs at least {roofs.ridge:.1f} FLOP/byte to be compute-bound", ""]
+    lines.append("  method                          ms   GFLOP/s  bytes moved  FLOP/byte  roof GFLOP/s  % of roof")
+    for r in sorted(records, key=lambda r: r["ms"]):
+        bound = roofs.bound(r["intensity"])
+        lines.append(f"  {r['algorithm']:<26} {r['ms']:>9.3f} {r['gflops']:>9.1f} {r['traffic_bytes'] / 2**20:>8.1f} MiB "
+                     f"{r['intensity']:>10.1f} {bound:>13.0f} {100 * r['gflops'] / bound:>9.0f}%")
+    by_name = {r["algorithm"]: r for r in records}
+    fastest = min(records, key=lambda r: r["ms"])
+    lines.append("")
+    if DIRECT in by_name and fastest["algorithm"] != DIRECT:
+        d = by_name[DIRECT]
+        lines.append(f"  Direct loops re-read every input pixel and weight for each output: {d['traffic_bytes'] / 2**20:.0f} MiB "
+                     f"at {d['intensity']:.1f} FLOP/byte, so memory caps them at {roofs.bound(d['intensity']):.0f} GFLOP/s; "
+                     f"{fastest['algorithm']} moves {fastest['traffic_bytes'] / 2**20:.1f} MiB "
+                     f"({fastest['intensity']:.0f} FLOP/byte) and ran {d['ms'] / fastest['ms']:.1f}x faster.")
+    gemm = by_name.get("im2col_gemm")
+    if gemm is not None and gemm["extra_mib"]:
+        lines.append(f"  im2col's price: a {gemm['extra_mib']:.1f} MiB buffer ({gemm['extra_vs_input']:.1f}x the input) "
+                     "written, then read by the GEMM.")
+    plan_line = f"  served: {served.describe()}"
+    if served.source == "tuned":
+        mine = sorted(tuned, key=lambda r: r.median_ms)
+        why = f"the fastest of the {len(mine)} algorithms `autoconv tune` measured for this layer on this device"
+        if len(mine) > 1:
+            why += (f" ({mine[0].median_ms:.3f} ms vs {mine[1].algorithm} {mine[1].median_ms:.3f} ms in the database; "
+                    "the times above are this run's)")
+        lines += [plan_line, f"  why: {why}."]
+    else:
+        lines += [plan_line, f"  why: not tuned on this device, so a fallback ({served.source}); "
+                  f"`{tune_command}` measures every algorithm here."]
+    return lines
+
+
+@app.command()
+@reports_errors
+def explain(
+    layer: str = typer.Argument(..., help=LAYER_HELP),
+    batch: Optional[int] = typer.Option(None, help="batch size (overrides n)"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    repeats: int = typer.Option(5, min=1, help="timed runs per method (the median is reported)"),
+    html: Optional[Path] = typer.Option(None, help="also write the report with its plots to this HTML file "
+                                        "(needs autoconv[plot])"),
+) -> None:
+    """Why this layer runs the way it does on this device: FLOPs, the bytes each method must move,
+    arithmetic intensity against the measured compute and memory limits, measured times, and the
+    served plan with the reason it won."""
+    from autoconv.backends import get_backend
+    from autoconv.render import template_hash
+    from autoconv.roofline import measure_roofs
+    from autoconv.store import SQLiteStore
+
+    if html is not None:
+        if html.suffix.lower() not in (".html", ".htm"):
+            raise typer.BadParameter(f"{html} must end in .html", param_hint="--html")
+        if not html.parent.is_dir():
+            raise typer.BadParameter(f"the directory {html.parent} does not exist", param_hint="--html")
+        from autoconv.plots import _pyplot
+
+        _pyplot()  # matplotlib present, before measuring anything
+    (named,) = _layers([layer], None, batch)
+    backend = get_backend("opencl", device_option(device))
+    with _status(f"measuring {named.label} ..."):
+        records, served = measure_layer_methods(named.label, named.spec, backend, repeats, db)
+        roofs = measure_roofs(backend)
+    from autoconv.serve.session import default_session
+
+    tuned = []  # what the databases the lookup read hold for this layer here (the user's, then shipped)
+    for path in default_session().database_paths(db):
+        store = SQLiteStore.open_for_lookup(path)
+        if store is not None:
+            with store:
+                found = [r for r in store.results(device=backend.device.fingerprint(), template_hash=template_hash())
+                         if r.spec == named.spec]
+            if found:
+                tuned = found
+                break
+    lines = [f"device: {backend.device.name} ({backend.device.platform}, driver {backend.device.driver})",
+             *explain_report(named.label, named.spec, records, served, roofs, tuned,
+                             f"autoconv tune {_tune_argument(named) or 'LAYER'}" + (f" --db {db}" if db else ""))]
+    for line in lines:
+        console.print(line, soft_wrap=True)
+    if html is not None:
+        _write_html(html, lines, _compare_plot(records, backend, None, roofs))
+        console.print(f"report written to {html}", soft_wrap=True)
+
+
+def _write_html(path: Path, lines: list[str], png: bytes) -> None:
+    """The report as one self-contained HTML file (the plot embedded), written whole."""
+    import base64
+    import html as html_text
+    import os
+    import tempfile
+
+    body = (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>autoconv explain</title></head><body>\n"
+            f"<pre>{html_text.escape(chr(10).join(lines))}</pre>\n"
+            f"<img alt='time per method and roofline' src='data:image/png;base64,{base64.b64encode(png).decode()}'>\n"
+            "</body></html>\n")
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(body)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @app.command("export")

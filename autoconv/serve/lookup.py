@@ -8,7 +8,6 @@ backend, vendor and type → the built-in heuristic. Never fails for a valid spe
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -17,7 +16,7 @@ from autoconv.algorithms import IM2COL_GEMM, Params, get_algorithm
 from autoconv.device import DeviceInfo
 from autoconv.errors import AutoconvError
 from autoconv.plan import Plan
-from autoconv.spec import ConvSpec
+from autoconv.spec import ConvSpec, same_family, shape_distance
 from autoconv.store import TunedResult, fastest
 
 # What the lookup serves where nothing is tuned: the generated im2col + GEMM, heuristic params.
@@ -59,9 +58,9 @@ def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *
         return Plan(exact.algorithm, exact.params, "tuned")
 
     winners = _winners(mine)
-    similar = [r for r in winners if _same_family(r.spec, spec)]
+    similar = [r for r in winners if same_family(r.spec, spec)]
     if similar:
-        nearest = min(similar, key=lambda r: (_distance(r.spec, spec), r.spec.key()))
+        nearest = min(similar, key=lambda r: (shape_distance(r.spec, spec), r.spec.key()))
         return Plan(nearest.algorithm, nearest.params, f"nearest tuned shape {nearest.spec}")
 
     winner = _most_frequent(winners)
@@ -93,21 +92,6 @@ def _winners(results: Iterable[TunedResult]) -> list[TunedResult]:
     for r in results:
         by_layer.setdefault((r.device, r.spec), []).append(r)
     return [best for group in by_layer.values() if (best := fastest(group)) is not None]
-
-
-def _same_family(a: ConvSpec, b: ConvSpec) -> bool:
-    """Same kernel size, stride, dilation and kind of grouping (dense, depthwise or grouped)."""
-    def grouping(spec: ConvSpec) -> str:
-        if spec.groups == 1:
-            return "dense"
-        return "depthwise" if spec.groups == spec.c else f"grouped{spec.groups}"
-
-    return (a.r, a.s, a.stride, a.dilation, grouping(a), a.dtype) == (b.r, b.s, b.stride, b.dilation, grouping(b), b.dtype)
-
-
-def _distance(a: ConvSpec, b: ConvSpec) -> float:
-    """Log-ratio distance over the GEMM's dimensions: what the best tiles depend on."""
-    return sum(abs(math.log2(x / y)) for x, y in ((a.gemm_m, b.gemm_m), (a.gemm_n, b.gemm_n), (a.gemm_k, b.gemm_k)))
 
 
 def _most_frequent(results: Iterable[TunedResult]) -> tuple[str, Params] | None:

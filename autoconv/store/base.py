@@ -66,7 +66,7 @@ class ResultStore(Protocol):
 
     def record_measurement(self, device: str, spec: ConvSpec, algorithm: str, template_hash: str,
                            params: Params | None, status: str, median_ms: float, rel_error: float,
-                           message: str = "") -> None:
+                           message: str = "", *, spread: float | None = None, repeats: int | None = None) -> None:
         ...
 
     def save_result(self, result: TunedResult, *, refresh_default: bool = False) -> bool:

@@ -111,6 +111,13 @@ def m003_asymmetric_padding(db: sqlite_utils.Database) -> None:
     db["layers"].add_column("pad_right", int)
 
 
+@migrations()
+def m004_measurement_spread(db: sqlite_utils.Database) -> None:
+    """v4: every measurement keeps its spread (IQR / median) and repeat count, as results do."""
+    db["measurements"].add_column("spread", float)
+    db["measurements"].add_column("repeats", int)
+
+
 SCHEMA_VERSION = len(migrations._migrations)  # noqa: SLF001 - the count of migrations is the version
 
 
@@ -428,7 +435,7 @@ class SQLiteStore:
 
     def record_measurement(self, device: str, spec: ConvSpec, algorithm: str, template_hash: str,
                            params: Params | None, status: str, median_ms: float, rel_error: float,
-                           message: str = "") -> None:
+                           message: str = "", *, spread: float | None = None, repeats: int | None = None) -> None:
         if status not in STATUSES:
             raise ValueError(f"status: {status!r} is not one of {STATUSES}")
         with self._writing():
@@ -438,6 +445,7 @@ class SQLiteStore:
                 "median_ms": median_ms if median_ms != float("inf") else None,
                 "rel_error": rel_error if rel_error != float("inf") else None,
                 "message": message[:2000], "created": _now(),
+                "spread": spread if spread is not None and math.isfinite(spread) else None, "repeats": repeats,
             })
 
     def save_result(self, result: TunedResult, *, refresh_default: bool = False, replace: bool = False) -> bool:

@@ -12,7 +12,7 @@ import os
 import socket
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from autoconv.algorithms import Params, get_algorithm
 from autoconv.device import DeviceInfo
@@ -130,7 +130,7 @@ class AlgorithmStudy:
     """The study of one tunable algorithm on one layer: resume, default first, then TPE."""
 
     def __init__(self, storage: Any, device: DeviceInfo, spec: ConvSpec, algorithm: str, templates: str,
-                 default: Params, *, seed: int = 0) -> None:
+                 default: Params, *, seed: int = 0, seeds: Sequence[Params] = ()) -> None:
         import optuna
         from optuna.trial import TrialState
 
@@ -176,7 +176,29 @@ class AlgorithmStudy:
         # "tuned vs default" is never silently missing.
         if self.default not in self.known and not pending and killed < DEFAULT_ATTEMPTS:
             self.study.enqueue_trial(self.space.sampled_values(self.default), user_attrs={"default": True})
+        # A new study starts from the winners of similar layers (warm start), right after its default.
+        self.seeded = 0
+        if not self.resumed:
+            for params in seeds:
+                self.study.enqueue_trial(self.space.sampled_values(params), user_attrs={"warm_start": True})
+                self.seeded += 1
+        # Best time after each completed trial, in order: what early stopping judges.
+        self.best_after: list[float] = []
+        running = INF
+        for t in sorted(previous, key=lambda t: t.number):
+            if t.state == TrialState.COMPLETE and isinstance(t.value, (int, float)) and math.isfinite(t.value):
+                running = min(running, t.value)
+            if t.state == TrialState.COMPLETE:
+                self.best_after.append(running)
         self.skipped_invalid = 0
+
+    def stalled(self, window: int, min_gain: float) -> bool:
+        """True when the last `window` trials improved the best by no more than `min_gain` (a
+        fraction): the study has converged and its budget is better spent elsewhere."""
+        if len(self.best_after) <= window:
+            return False
+        before, now = self.best_after[-window - 1], self.best_after[-1]
+        return math.isfinite(before) and now >= before * (1 - min_gain)
 
     def default_ms(self) -> float | None:
         status, ms, _ = self.known.get(self.default, ("", INF, INF))
@@ -216,5 +238,7 @@ class AlgorithmStudy:
             except (RuntimeError, ValueError):
                 pass  # another process judged this trial dead and failed it; the measurement is in the DB
             self.completed += 1
+            self.best_after.append(min(self.best_after[-1] if self.best_after else INF,
+                                       ms if status == "ok" and math.isfinite(ms) else INF))
             return params, status, ms, error, message, measured_now
         return None

@@ -12,6 +12,8 @@ run loses nothing and the next run resumes."""
 
 from __future__ import annotations
 
+import random
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from autoconv.store import (
     fastest,
 )
 from autoconv.tuning.study import INF, AlgorithmStudy, journal_path, journal_storage
+from autoconv.tuning.warm_start import TuningRecords, warm_start_configs
 from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
 
 # A time is stored for an untuned config only when its spread (IQR / median) is below this: a
@@ -44,6 +47,20 @@ MAX_SPREAD = 0.10
 MEASURE_ROUNDS = 3
 # Trials go to the tunable algorithms within this factor of the best time so far.
 CANDIDATE_FACTOR = 2.0
+# Early stopping: an algorithm whose best improved by at most EARLY_STOP_GAIN over its last
+# EARLY_STOP_TRIALS trials gets no more; a layer whose algorithms all stalled ends, and a time
+# budget flows to the layers still improving.
+EARLY_STOP_TRIALS = 12
+EARLY_STOP_GAIN = 0.02
+# At the end of a layer, each contending algorithm's RETIME_TOP fastest configs and its default
+# are timed again, RETIME_ROUNDS interleaved rounds (ABCABC...), and a candidate replaces the
+# default only when faster beyond the noise (winner_beyond_noise). Contenders: within
+# RETIME_FACTOR of the layer's best time.
+RETIME_TOP = 2
+RETIME_ROUNDS = 3
+RETIME_FACTOR = 1.25
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_QUANTILE = 0.05
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,37 @@ class Evaluator(Protocol):
         ...
 
 
+def winner_beyond_noise(samples: dict[Params, list[float]], default: Params, seed: int = 0) -> Params:
+    """The default, unless a candidate is faster beyond the noise: the 5th percentile of the
+    bootstrap distribution of median(default) / median(candidate), resampling each one's round
+    times, is above 1. Among such candidates the fastest by median wins."""
+    rng = random.Random(seed)
+    base = samples.get(default) or []
+    if not base:
+        return default
+    beating = []
+    for params, times in samples.items():
+        if params == default or not times:
+            continue
+        ratios = sorted(statistics.median(rng.choices(base, k=len(base))) / statistics.median(rng.choices(times, k=len(times)))
+                        for _ in range(BOOTSTRAP_RESAMPLES))
+        if ratios[int(BOOTSTRAP_QUANTILE * len(ratios))] > 1.0:
+            beating.append((statistics.median(times), params.describe(), params))
+    return min(beating)[2] if beating else default
+
+
+def host_threads_for(backend: Backend) -> Any:
+    """The BLAS thread pools while one backend is timed: one thread while a device kernel runs
+    (OpenBLAS's idle threads spin for a while after a call and would take the cores a CPU device
+    like PoCL runs on), every core while the host BLAS itself is timed. Every method of a study
+    is timed under the same rule."""
+    import os
+
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=(os.cpu_count() or 1) if backend.name == "numpy" else 1, user_api="blas")
+
+
 class DeviceEvaluator:
     """Measures configs on a real backend against the float64 reference; algorithms with host code
     only (the library baseline on OpenCL) run on the host."""
@@ -104,7 +152,8 @@ class DeviceEvaluator:
             best = None
             # Up to MEASURE_ROUNDS rounds until one is steady: a busy core shows as a wide spread.
             for _ in range(MEASURE_ROUNDS):
-                timing = conv.time(*self.operands, warmup=self.warmup, repeats=max(self.repeats, 5))
+                with host_threads_for(backend):
+                    timing = conv.time(*self.operands, warmup=self.warmup, repeats=max(self.repeats, 5))
                 if best is None or timing.spread < best.spread:
                     best = timing
                 if timing.spread <= MAX_SPREAD:
@@ -131,6 +180,8 @@ class LayerReport:
     failures: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     resumed: bool = False
+    seeded: int = 0  # warm-start configs enqueued from similar layers
+    retimed: dict[str, tuple[bool, int]] = field(default_factory=dict)  # algorithm -> (default kept, configs)
 
     @property
     def best(self) -> TunedResult | None:
@@ -159,9 +210,10 @@ class LayerTuning:
 
     def __init__(self, spec: ConvSpec, device: DeviceInfo, evaluate: Evaluator, db: ResultStore, *,
                  storage: Any, trials: int | None, deadline: float | None, label: str, seed: int,
-                 algorithms: tuple[str, ...] | None, progress: ProgressCallback | None) -> None:
+                 algorithms: tuple[str, ...] | None, progress: ProgressCallback | None,
+                 records: TuningRecords | None = None, early_stop: tuple[int, float] | None = None) -> None:
         self.spec, self.device, self.evaluate, self.db = spec, device, evaluate, db
-        self.trials, self.deadline, self.progress = trials, deadline, progress
+        self.trials, self.deadline, self.progress, self.early_stop = trials, deadline, progress, early_stop
         self.templates = template_hash()
         self.fingerprint = device.fingerprint()
         self.report = LayerReport(label or str(spec), spec)
@@ -169,9 +221,15 @@ class LayerTuning:
         db.record_device(device)
         db.record_layer(spec)
         chosen = self._supported(algorithms or list_algorithms())
-        self.studies = {name: AlgorithmStudy(storage, device, spec, name, self.templates,
-                                             get_algorithm(name).heuristic(spec, device), seed=seed)
-                        for name in chosen if tunable(name)}
+        self.studies = {}
+        for name in chosen:
+            if tunable(name):
+                default = get_algorithm(name).heuristic(spec, device)
+                seeds = warm_start_configs(records, device, spec, name, get_algorithm(name).space.canonical(default)) \
+                    if records is not None else []
+                self.studies[name] = AlgorithmStudy(storage, device, spec, name, self.templates, default, seed=seed,
+                                                    seeds=seeds)
+        self.report.seeded = sum(study.seeded for study in self.studies.values())
         self.untunable = [name for name in chosen if not tunable(name)]
         self.report.resumed = any(study.resumed for study in self.studies.values())
 
@@ -189,7 +247,8 @@ class LayerTuning:
     def _record(self, name: str, params: Params, outcome: Outcome) -> None:
         self.report.measured_now += 1
         self.db.record_measurement(self.fingerprint, self.spec, name, self.templates, params, outcome.status,
-                                   outcome.median_ms, outcome.rel_error, outcome.message)
+                                   outcome.median_ms, outcome.rel_error, outcome.message, spread=outcome.spread,
+                                   repeats=outcome.repeats)
         if not outcome.ok:
             self.report.failures[outcome.status] = self.report.failures.get(outcome.status, 0) + 1
 
@@ -254,19 +313,54 @@ class LayerTuning:
             bests = {name: best[1] for name, s in self.studies.items() if (best := s.best()) is not None}
             overall = min([*bests.values(), *self.times.values()], default=INF)
             candidates = [name for name in self.studies if name not in exhausted
-                          and (name not in bests or bests[name] <= CANDIDATE_FACTOR * overall)]
+                          and (name not in bests or bests[name] <= CANDIDATE_FACTOR * overall)
+                          and not (self.early_stop and self.studies[name].stalled(*self.early_stop))]
             if not candidates:
                 break
             name = min(candidates, key=lambda n: (self.studies[n].completed, n))
             if not self.step(name):
                 exhausted.add(name)
 
-    def finish(self, started: float) -> LayerReport:
+    def retime(self) -> None:
+        """Time the contending algorithms' top configs and defaults again, interleaved, and store
+        each one's winner by the beyond-the-noise rule with its re-measured time."""
+        bests = {name: best[1] for name, study in self.studies.items() if (best := study.best()) is not None}
+        overall = min([*bests.values(), *self.times.values()], default=INF)
+        for name, study in self.studies.items():
+            if name not in bests or bests[name] > RETIME_FACTOR * overall or study.default_ms() is None:
+                continue
+            ranked = sorted((ms, params.describe(), params) for params, (status, ms, _) in study.known.items()
+                            if status == STATUS_OK and ms < INF)
+            candidates = [params for _, _, params in ranked[:RETIME_TOP] if params != study.default]
+            if not candidates:
+                continue
+            configs = [study.default, *candidates]
+            rounds: dict[Params, list[float]] = {params: [] for params in configs}
+            outcomes: dict[Params, Outcome] = {}
+            for _ in range(RETIME_ROUNDS):
+                for params in configs:  # interleaved, so drift hits every config alike
+                    outcome = self.evaluate(name, params)
+                    self._record(name, params, outcome)
+                    if outcome.ok:
+                        rounds[params].append(outcome.median_ms)
+                        outcomes[params] = outcome
+            winner = winner_beyond_noise(rounds, study.default)
+            if not rounds[winner]:
+                continue
+            self.report.retimed[name] = (winner == study.default, len(configs))
+            default_ms = statistics.median(rounds[study.default]) if rounds[study.default] else study.default_ms()
+            self._save(name, winner, statistics.median(rounds[winner]), outcomes[winner].rel_error, default_ms,
+                       study.completed, spread=outcomes[winner].spread, repeats=outcomes[winner].repeats, replace=True)
+
+    def finish(self, started: float, retime: bool = True) -> LayerReport:
         report = self.report
         for name, study in self.studies.items():
             best = study.best()
             if best is not None:  # refreshes the trial count and the default time beside the winner
                 self._save(name, best[0], best[1], best[2], study.default_ms(), study.completed)
+        if retime:
+            self.retime()
+        for name, study in self.studies.items():
             report.trials_by_algorithm[name] = study.completed
             report.skipped_invalid += study.skipped_invalid
         report.trials = sum(report.trials_by_algorithm.values())
@@ -289,20 +383,26 @@ def tune_layer(
     storage: Any = None,
     algorithms: tuple[str, ...] | None = None,
     progress: ProgressCallback | None = None,
+    records: TuningRecords | None = None,
+    early_stop: tuple[int, float] | None = (EARLY_STOP_TRIALS, EARLY_STOP_GAIN),
+    retime: bool = True,
 ) -> LayerReport:
     """Tune (or resume tuning) one layer over every algorithm that supports it until the tunable
-    algorithms' studies hold `trials` measured trials together or the monotonic `deadline`
-    passes; returns the report and leaves each algorithm's best in the store."""
+    algorithms' studies hold `trials` measured trials together, the monotonic `deadline` passes,
+    or every study has stalled (`early_stop`: (trials, gain), None to spend the whole budget);
+    new studies are seeded with the winners in `records` of similar layers (warm start). Returns
+    the report and leaves each algorithm's best in the store."""
     if trials is None and deadline is None:
         raise InvalidParamsError("tuning needs a budget: a trial count or a time limit")
     started = time.monotonic()
     tuning = LayerTuning(spec, device, evaluate, db,
                          storage=storage if storage is not None else journal_storage(Path(db.path)), trials=trials,
-                         deadline=deadline, label=label, seed=seed, algorithms=algorithms, progress=progress)
+                         deadline=deadline, label=label, seed=seed, algorithms=algorithms, progress=progress,
+                         records=records, early_stop=early_stop)
     tuning.measure_untunable()
     tuning.measure_defaults()
     tuning.share_budget()
-    return tuning.finish(started)
+    return tuning.finish(started, retime=retime)
 
 
 def tune_layers(
@@ -317,8 +417,16 @@ def tune_layers(
     algorithms: tuple[str, ...] | None = None,
     progress: ProgressCallback | None = None,
     on_layer_start: Callable[[str, ConvSpec], None] | None = None,
+    on_layer_end: Callable[[LayerReport], None] | None = None,
+    warm_start: bool = True,
+    early_stop: tuple[int, float] | None = (EARLY_STOP_TRIALS, EARLY_STOP_GAIN),
 ) -> list[LayerReport]:
-    """Tune layers one after another; a time budget is shared out evenly over the layers left."""
+    """Tune layers one after another; a time budget is shared out evenly over the layers left.
+    With warm_start, each new study is seeded from this database's and the shipped databases'
+    winners on similar layers (read again before each layer: earlier layers of the run count)."""
+    from autoconv.settings import settings
+    from autoconv.tuning.warm_start import seed_sources
+
     storage = journal_storage(Path(db.path))
     reports = []
     end = None if time_budget_s is None else time.monotonic() + time_budget_s
@@ -329,13 +437,17 @@ def tune_layers(
         if end is not None:
             deadline = time.monotonic() + max(0.0, end - time.monotonic()) / (len(layers) - index)
         evaluator = DeviceEvaluator(backend, spec, repeats=repeats, seed=seed)
+        records = TuningRecords.read(seed_sources(Path(db.path), settings().shipped_dbs), template_hash()) \
+            if warm_start else None
         try:
             reports.append(tune_layer(spec, backend.device, evaluator, db, trials=trials, deadline=deadline,
                                       label=label, seed=seed, storage=storage, algorithms=algorithms,
-                                      progress=progress))
+                                      progress=progress, records=records, early_stop=early_stop))
         except OSError as exc:  # the journal became unwritable (read-only, disk full) mid-run
             raise TuningDBError(f"the Optuna journal {journal_path(Path(db.path))} cannot be written: "
                                 f"{exc.strerror or exc}") from None
+        if on_layer_end is not None:
+            on_layer_end(reports[-1])
     return reports
 
 

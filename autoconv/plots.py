@@ -1,0 +1,156 @@
+"""The pictures behind `autoconv compare --plot`, `autoconv db plot` and `autoconv explain --html`:
+time per method per layer, the roofline (why im2col beats direct loops, and what it costs), and
+tuning curves. matplotlib is an optional extra (`pip install 'autoconv[plot]'`); a figure goes to
+PNG or SVG by the file's suffix and is written whole (a temporary file renamed into place)."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from autoconv.errors import AutoconvError
+from autoconv.roofline import DeviceRoofs
+
+FIGURE_DPI = 100
+COMPARE_SIZE_IN = (14.0, 6.0)  # 1400 x 600 pixels
+CURVES_SIZE_IN = (10.0, 6.0)  # 1000 x 600 pixels
+SUFFIXES = (".png", ".svg")
+
+
+class PlotError(AutoconvError):
+    """A plot cannot be made: matplotlib missing, or an unusable file name."""
+
+
+@dataclass(frozen=True)
+class MethodPoint:
+    """One method measured on one layer."""
+
+    layer: str
+    method: str
+    ms: float
+    gflops: float
+    intensity: float  # FLOP per byte moved
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, never a window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotError("plots need matplotlib: pip install 'autoconv[plot]'") from None
+    return plt
+
+
+def check_plot_path(path: Path) -> Path:
+    """A PNG or SVG file name whose directory exists; checked before any measuring starts."""
+    if path.suffix.lower() not in SUFFIXES:
+        raise PlotError(f"--plot: {path} must end in .png or .svg")
+    if not path.parent.is_dir():
+        raise PlotError(f"--plot: the directory {path.parent} does not exist")
+    if path.is_dir():
+        raise PlotError(f"--plot: {path} is a directory")
+    _pyplot()
+    return path
+
+
+def _save(figure: Any, path: Path | None) -> bytes:
+    """Write the figure to `path` atomically (PNG or SVG by suffix); return the PNG bytes when no path."""
+    plt = _pyplot()
+    try:
+        if path is None:
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
+            return buffer.getvalue()
+        fmt = path.suffix.lower().lstrip(".")
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                figure.savefig(stream, format=fmt, dpi=FIGURE_DPI)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return b""
+    except OSError as exc:
+        raise PlotError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(figure)
+
+
+def compare_figure(points: Sequence[MethodPoint], roofs: DeviceRoofs | None, device: str,
+                   path: Path | None = None) -> bytes:
+    """Left: ms per method for each layer (log scale). Right: the roofline with every (layer,
+    method) at its arithmetic intensity and measured GFLOP/s."""
+    plt = _pyplot()
+    layers = list(dict.fromkeys(p.layer for p in points))
+    methods = list(dict.fromkeys(p.method for p in points))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    markers = "osD^v<>pP*X"
+    figure, (bars, roof) = plt.subplots(1, 2, figsize=COMPARE_SIZE_IN, dpi=FIGURE_DPI)
+    width = 0.8 / max(1, len(methods))
+    by_key = {(p.layer, p.method): p for p in points}
+    for j, method in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i, layer in enumerate(layers) if (layer, method) in by_key]
+        ys = [by_key[(layer, method)].ms for layer in layers if (layer, method) in by_key]
+        bars.bar(xs, ys, width, label=method, color=colours[method])
+    bars.set_yscale("log")
+    bars.set_xticks(range(len(layers)))
+    bars.set_xticklabels(layers, rotation=30 if len(layers) > 3 else 0, ha="right" if len(layers) > 3 else "center",
+                         fontsize=8)
+    bars.set_ylabel("time per call (ms, log scale; lower is better)")
+    bars.set_title("Time per layer and method")
+    bars.legend(fontsize=8)
+    bars.grid(axis="y", which="both", alpha=0.3)
+
+    for j, method in enumerate(methods):
+        mine = [p for p in points if p.method == method]
+        roof.scatter([p.intensity for p in mine], [p.gflops for p in mine], label=method, color=colours[method],
+                     marker=markers[j % len(markers)], s=40, zorder=3)
+    intensities = [p.intensity for p in points] or [1.0]
+    low, high = min(intensities) / 2, max(intensities) * 2
+    if roofs is not None:
+        low, high = min(low, roofs.ridge / 4), max(high, roofs.ridge * 4)
+        xs = [low * (high / low) ** (i / 200) for i in range(201)]
+        roof.plot(xs, [roofs.bound(x) for x in xs], color="black", linewidth=1.5,
+                  label=f"roof: {roofs.bandwidth_gbs:.0f} GB/s copy, {roofs.peak_gflops:.0f} GFLOP/s GEMM")
+    roof.set_xscale("log")
+    roof.set_yscale("log")
+    roof.set_xlim(low, high)
+    roof.set_xlabel("arithmetic intensity (FLOP per byte moved, modelled)")
+    roof.set_ylabel("GFLOP/s (direct-convolution FLOPs)")
+    roof.set_title("Roofline: direct loops re-read memory, im2col pays its buffer once")
+    roof.legend(fontsize=8, loc="lower right")
+    roof.grid(which="both", alpha=0.3)
+    figure.suptitle(device, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def tuning_curves_figure(curves: dict[str, list[float]], title: str, path: Path | None = None) -> bytes:
+    """Best time so far against the trial index, one line per (layer, algorithm)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=CURVES_SIZE_IN, dpi=FIGURE_DPI)
+    for label, times in curves.items():
+        trials, best, running = [], [], math.inf
+        for index, value in enumerate(times, 1):
+            running = min(running, value)
+            if math.isfinite(running):  # before the first verified config there is nothing to draw
+                trials.append(index)
+                best.append(running)
+        axes.step(trials, best, where="post", label=label)
+    axes.set_xlabel("trial (measured config, in order)")
+    axes.set_ylabel("best time so far (ms, log scale)")
+    axes.set_yscale("log")
+    axes.set_title(title)
+    axes.grid(which="both", alpha=0.3)
+    if curves:
+        axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return _save(figure, path)
