@@ -48,40 +48,46 @@ def _pyplot() -> Any:
     return plt
 
 
-def check_plot_path(path: Path) -> Path:
-    """A PNG or SVG file name whose directory exists; checked before any measuring starts."""
-    if path.suffix.lower() not in SUFFIXES:
-        raise PlotError(f"--plot: {path} must end in .png or .svg")
+def check_output_path(path: Path, suffixes: tuple[str, ...] = SUFFIXES, option: str = "--plot") -> Path:
+    """A file name with one of `suffixes` whose directory exists, and matplotlib installed:
+    checked before any measuring starts."""
+    if path.suffix.lower() not in suffixes:
+        raise PlotError(f"{option}: {path} must end in {' or '.join(suffixes)}")
     if not path.parent.is_dir():
-        raise PlotError(f"--plot: the directory {path.parent} does not exist")
+        raise PlotError(f"{option}: the directory {path.parent} does not exist")
     if path.is_dir():
-        raise PlotError(f"--plot: {path} is a directory")
+        raise PlotError(f"{option}: {path} is a directory")
     _pyplot()
     return path
 
 
-def _save(figure: Any, path: Path | None) -> bytes:
-    """Write the figure to `path` atomically (PNG or SVG by suffix); return the PNG bytes when no path."""
-    plt = _pyplot()
+def write_atomically(path: Path, data: bytes) -> None:
+    """The whole file or nothing: written beside its target, then renamed into place."""
     try:
-        if path is None:
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
-            return buffer.getvalue()
-        fmt = path.suffix.lower().lstrip(".")
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as stream:
-                figure.savefig(stream, format=fmt, dpi=FIGURE_DPI)
+                stream.write(data)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return b""
     except OSError as exc:
         raise PlotError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _save(figure: Any, path: Path | None) -> bytes:
+    """The figure as PNG bytes (no path), or written to `path` as PNG or SVG by its suffix."""
+    plt = _pyplot()
+    try:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png" if path is None else path.suffix.lower().lstrip("."), dpi=FIGURE_DPI)
     finally:
         plt.close(figure)
+    if path is None:
+        return buffer.getvalue()
+    write_atomically(path, buffer.getvalue())
+    return b""
 
 
 def compare_figure(points: Sequence[MethodPoint], roofs: DeviceRoofs | None, device: str,

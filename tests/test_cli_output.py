@@ -68,7 +68,8 @@ def test_tune_json_has_the_documented_keys_and_the_path_printed_literally(opencl
     path, result = tuned_db
     records = json.loads(result.stdout)
     assert len(records) == 2 and all(set(r) == TUNE_KEYS for r in records)
-    assert all(isinstance(r["fastest_ms"], float) and r["trials"] == 4 for r in records)
+    # At most the budget: a layer where no tunable algorithm comes within 2x of the best stops early.
+    assert all(isinstance(r["fastest_ms"], float) and 1 <= r["trials"] <= 4 for r in records)
     assert str(path) in result.stderr  # "tuning 2 layer(s) into <path>": [bold] and [/] are text
     assert "warning generated" not in result.stderr and "warnings generated" not in result.stderr
 

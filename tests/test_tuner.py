@@ -27,7 +27,8 @@ from autoconv.tuning.tuner import (
     Outcome,
     tune_layer,
 )
-from autoconv.tuning.warm_start import TuningRecords
+from autoconv.serve.lookup import DatabaseContents
+from autoconv.tuning.warm_start import read_records
 
 # A small GPU-like device: many sampled configs break its limits and must never reach the evaluator.
 SMALL_GPU = DeviceInfo("opencl", "Fake CL", "fakevendor", "Fake GPU", "1.0", "gpu", 8, 16384, 64, (64, 64, 64))
@@ -232,7 +233,7 @@ def test_warm_start_seeds_a_new_study_with_the_winners_of_similar_layers(tmp_pat
         database.save_result(TunedResult(device=peer.fingerprint(), spec=SPEC, algorithm=IM2COL_GEMM,
                                          template_hash=template_hash(), params=peer_params, median_ms=0.5, gflops=1.0,
                                          rel_error=1e-6, default_ms=None, trials=5))
-        records = TuningRecords.read([database.path], template_hash())
+        records = read_records([database.path])
         fake = FakeEvaluator()
         report = tune_layer(SPEC, SMALL_GPU, fake, database, trials=8, records=records, early_stop=None, retime=False)
     nearby = {(r.algorithm, r.params) for r in won_nearby
@@ -248,9 +249,9 @@ def test_warm_start_skips_configs_invalid_here():
     big_gpu = DeviceInfo("opencl", "Fake CL", "fakevendor", "Big GPU", "1.0", "gpu", 80, 65536, 1024, (1024, 1024, 64))
     huge = get_algorithm(IM2COL_GEMM).space.validate(dict(MWG=64, NWG=64, WPTM=4, WPTN=4))  # 256 work-items
     neighbour = ConvSpec(1, 64, 14, 14, 64, 3, 3, padding=1)
-    records = TuningRecords((TunedResult(device=SMALL_GPU.fingerprint(), spec=neighbour, algorithm=IM2COL_GEMM,
+    records = [DatabaseContents((TunedResult(device=SMALL_GPU.fingerprint(), spec=neighbour, algorithm=IM2COL_GEMM,
                                          template_hash="t", params=huge, median_ms=0.5, gflops=1.0, rel_error=1e-6,
-                                         default_ms=None, trials=5),), {})
+                                         default_ms=None, trials=5),), {})]
     assert huge.violations(SMALL_GPU.limits()) and not huge.violations(big_gpu.limits())
     assert warm_start_configs(records, SMALL_GPU, SPEC, IM2COL_GEMM, default_of(IM2COL_GEMM)) == []
 

@@ -195,9 +195,9 @@ def plot_curves(
     import math
 
     from autoconv.layers import layer_name
-    from autoconv.plots import check_plot_path, tuning_curves_figure
+    from autoconv.plots import check_output_path, tuning_curves_figure
 
-    check_plot_path(out)
+    check_output_path(out)
     curves: dict[str, list[float]] = {}
     with _open_existing(db) as database:
         rows = _device_rows(database, device)

@@ -234,9 +234,9 @@ def compare(
     out = _info_console(fmt)
     plot_path = None
     if plot is not None:
-        from autoconv.plots import check_plot_path
+        from autoconv.plots import check_output_path
 
-        plot_path = check_plot_path(plot)
+        plot_path = check_output_path(plot)
     layers = _layers(layer or [], model, batch)
     backend = get_backend("opencl", device_option(device))
     _print_device(out, backend.device)
@@ -531,18 +531,12 @@ def explain(
     arithmetic intensity against the measured compute and memory limits, measured times, and the
     served plan with the reason it won."""
     from autoconv.backends import get_backend
-    from autoconv.render import template_hash
     from autoconv.roofline import measure_roofs
-    from autoconv.store import SQLiteStore
 
     if html is not None:
-        if html.suffix.lower() not in (".html", ".htm"):
-            raise typer.BadParameter(f"{html} must end in .html", param_hint="--html")
-        if not html.parent.is_dir():
-            raise typer.BadParameter(f"the directory {html.parent} does not exist", param_hint="--html")
-        from autoconv.plots import _pyplot
+        from autoconv.plots import check_output_path
 
-        _pyplot()  # matplotlib present, before measuring anything
+        check_output_path(html, (".html", ".htm"), "--html")
     (named,) = _layers([layer], None, batch)
     backend = get_backend("opencl", device_option(device))
     with _status(f"measuring {named.label} ..."):
@@ -550,16 +544,12 @@ def explain(
         roofs = measure_roofs(backend)
     from autoconv.serve.session import default_session
 
+    session, fingerprint = default_session(), backend.device.fingerprint()
     tuned = []  # what the databases the lookup read hold for this layer here (the user's, then shipped)
-    for path in default_session().database_paths(db):
-        store = SQLiteStore.open_for_lookup(path)
-        if store is not None:
-            with store:
-                found = [r for r in store.results(device=backend.device.fingerprint(), template_hash=template_hash())
-                         if r.spec == named.spec]
-            if found:
-                tuned = found
-                break
+    for path in session.database_paths(db):
+        tuned = [r for r in session.contents(path).results if r.device == fingerprint and r.spec == named.spec]
+        if tuned:
+            break
     lines = [f"device: {backend.device.name} ({backend.device.platform}, driver {backend.device.driver})",
              *explain_report(named.label, named.spec, records, served, roofs, tuned,
                              f"autoconv tune {_tune_argument(named) or 'LAYER'}" + (f" --db {db}" if db else ""))]
@@ -574,21 +564,14 @@ def _write_html(path: Path, lines: list[str], png: bytes) -> None:
     """The report as one self-contained HTML file (the plot embedded), written whole."""
     import base64
     import html as html_text
-    import os
-    import tempfile
+
+    from autoconv.plots import write_atomically
 
     body = (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>autoconv explain</title></head><body>\n"
             f"<pre>{html_text.escape(chr(10).join(lines))}</pre>\n"
             f"<img alt='time per method and roofline' src='data:image/png;base64,{base64.b64encode(png).decode()}'>\n"
             "</body></html>\n")
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(body)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, body.encode("utf-8"))
 
 
 @app.command("export")

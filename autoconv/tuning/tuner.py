@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from autoconv.algorithms import BASELINE, Params, get_algorithm, list_algorithms
 from autoconv.backends.base import Backend
@@ -38,7 +38,8 @@ from autoconv.store import (
     fastest,
 )
 from autoconv.tuning.study import INF, AlgorithmStudy, journal_path, journal_storage
-from autoconv.tuning.warm_start import TuningRecords, warm_start_configs
+from autoconv.serve.lookup import DatabaseContents
+from autoconv.tuning.warm_start import read_records, warm_start_configs
 from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
 
 # A time is stored for an untuned config only when its spread (IQR / median) is below this: a
@@ -211,7 +212,7 @@ class LayerTuning:
     def __init__(self, spec: ConvSpec, device: DeviceInfo, evaluate: Evaluator, db: ResultStore, *,
                  storage: Any, trials: int | None, deadline: float | None, label: str, seed: int,
                  algorithms: tuple[str, ...] | None, progress: ProgressCallback | None,
-                 records: TuningRecords | None = None, early_stop: tuple[int, float] | None = None) -> None:
+                 records: Sequence[DatabaseContents] | None = None, early_stop: tuple[int, float] | None = None) -> None:
         self.spec, self.device, self.evaluate, self.db = spec, device, evaluate, db
         self.trials, self.deadline, self.progress, self.early_stop = trials, deadline, progress, early_stop
         self.templates = template_hash()
@@ -383,7 +384,7 @@ def tune_layer(
     storage: Any = None,
     algorithms: tuple[str, ...] | None = None,
     progress: ProgressCallback | None = None,
-    records: TuningRecords | None = None,
+    records: Sequence[DatabaseContents] | None = None,
     early_stop: tuple[int, float] | None = (EARLY_STOP_TRIALS, EARLY_STOP_GAIN),
     retime: bool = True,
 ) -> LayerReport:
@@ -437,8 +438,7 @@ def tune_layers(
         if end is not None:
             deadline = time.monotonic() + max(0.0, end - time.monotonic()) / (len(layers) - index)
         evaluator = DeviceEvaluator(backend, spec, repeats=repeats, seed=seed)
-        records = TuningRecords.read(seed_sources(Path(db.path), settings().shipped_dbs), template_hash()) \
-            if warm_start else None
+        records = read_records(seed_sources(Path(db.path), settings().shipped_dbs)) if warm_start else None
         try:
             reports.append(tune_layer(spec, backend.device, evaluator, db, trials=trials, deadline=deadline,
                                       label=label, seed=seed, storage=storage, algorithms=algorithms,

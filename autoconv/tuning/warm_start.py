@@ -8,51 +8,35 @@ vendor and type. Only configs valid on this device and layer, each once, the def
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from autoconv.algorithms import Params, get_algorithm
 from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidParamsError
+from autoconv.serve.lookup import DatabaseContents
+from autoconv.serve.session import read_contents
 from autoconv.spec import ConvSpec, same_family, shape_distance
-from autoconv.store import SQLiteStore, TunedResult
 
 # How many nearby shapes' winners seed a study (beyond them TPE does better on its own).
 NEAREST_SHAPES = 3
 
 
-@dataclass(frozen=True)
-class TuningRecords:
-    """Verified results (current templates) and the device rows that describe them."""
-
-    results: tuple[TunedResult, ...] = ()
-    devices: dict[str, dict] = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, paths: Iterable[Path], template_hash: str) -> "TuningRecords":
-        """The records of several databases; an unreadable one contributes nothing."""
-        results: list[TunedResult] = []
-        devices: dict[str, dict] = {}
-        for path in paths:
-            store = SQLiteStore.open_for_lookup(path)
-            if store is None:
-                continue
-            with store:
-                results += store.results(template_hash=template_hash)
-                devices.update({row["fingerprint"]: row for row in store.devices()})
-        return cls(tuple(results), devices)
+def read_records(paths: Iterable[Path]) -> list[DatabaseContents]:
+    """The current-template results and device rows of each database (an unreadable one is empty)."""
+    return [read_contents(path) for path in paths]
 
 
-def warm_start_configs(records: TuningRecords, device: DeviceInfo, spec: ConvSpec, algorithm: str,
+def warm_start_configs(records: Sequence[DatabaseContents], device: DeviceInfo, spec: ConvSpec, algorithm: str,
                        default: Params, limit: int = NEAREST_SHAPES) -> list[Params]:
     """The seeds, in the order to try them."""
     space = get_algorithm(algorithm).space
     fingerprint = device.fingerprint()
-    mine = [r for r in records.results if r.algorithm == algorithm]
+    mine = [r for contents in records for r in contents.results if r.algorithm == algorithm]
+    devices = {fp: row for contents in records for fp, row in contents.devices.items()}
     nearby = sorted((r for r in mine if r.device == fingerprint and r.spec != spec and same_family(r.spec, spec)),
                     key=lambda r: (shape_distance(r.spec, spec), r.spec.key()))
-    peers = {fp for fp, row in records.devices.items()
+    peers = {fp for fp, row in devices.items()
              if fp != fingerprint and row.get("backend") == device.backend and row.get("vendor") == device.vendor
              and row.get("device_type") == device.device_type}
     same_shape = sorted((r for r in mine if r.device in peers and r.spec == spec), key=lambda r: r.median_ms)
