@@ -6,7 +6,6 @@ Library errors (AutoconvError) become one red line on stderr and exit code 2.
 from __future__ import annotations
 
 import contextlib
-import statistics
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
@@ -186,30 +185,6 @@ ROLLUP_FIELDS = [
 ]
 
 
-def _geomean(values: list[float]) -> float | None:
-    return statistics.geometric_mean(values) if values else None
-
-
-def compare_rollup(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per algorithm over the layers: how many it ran, total ms, geomean speed-ups, times served."""
-    from autoconv.algorithms import BASELINE, DIRECT
-
-    by_layer: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in records:
-        by_layer.setdefault(r["layer"], {})[r["algorithm"]] = r
-    rollup = []
-    for name in dict.fromkeys(r["algorithm"] for r in records):
-        mine = [layer[name] for layer in by_layer.values() if name in layer]
-        vs_direct = [layer[DIRECT]["ms"] / layer[name]["ms"] for layer in by_layer.values()
-                     if name in layer and DIRECT in layer]
-        vs_baseline = [layer[BASELINE]["ms"] / layer[name]["ms"] for layer in by_layer.values()
-                       if name in layer and BASELINE in layer]
-        rollup.append({"algorithm": name, "layers": len(mine), "total_ms": sum(r["ms"] for r in mine),
-                       "geomean_vs_direct": _geomean(vs_direct), "geomean_vs_baseline": _geomean(vs_baseline),
-                       "served_on": sum(1 for r in mine if r["served"])})
-    return rollup
-
-
 @app.command()
 @reports_errors
 def compare(
@@ -229,6 +204,7 @@ def compare(
     GEMM, Winograd): time, GFLOP/s, extra memory, error, and the plan autoconv serves; with several
     layers, a roll-up (total time per algorithm, geomean speed-ups, what each layer is served)."""
     from autoconv.backends import get_backend
+    from autoconv.compare import layer_records
 
     fmt = output_format(json_flag, csv_flag)
     out = _info_console(fmt)
@@ -243,20 +219,22 @@ def compare(
     records, served_rows, untuned = [], [], []
     for named in layers:
         with _status(f"measuring {named.label} ..."):
-            layer_records, served = measure_layer_methods(named.label, named.spec, backend, repeats, db)
+            rows, served = layer_records(named.label, named.spec, backend, repeats, db)
         if served.source != "tuned":
             untuned.append((named, served.source))
         served_rows.append({"layer": named.label, "algorithm": served.algorithm, "plan": served.describe(),
                             "source": served.source})
-        records += layer_records
+        records += rows
         if fmt == "table":
             spec = named.spec
-            emit(console, fmt, f"{named.label}: {spec}  ({spec.flops / 1e9:.3f} GFLOP)", COMPARE_FIELDS, layer_records,
+            emit(console, fmt, f"{named.label}: {spec}  ({spec.flops / 1e9:.3f} GFLOP)", COMPARE_FIELDS, rows,
                  styles=lambda r, f: "red" if f.key == "rel_error" and not r["verified"] else
                  ("bold" if r["served"] else ""))
-            legend = "; ".join(f"{r['algorithm']} = {r['method']}" for r in layer_records)
+            legend = "; ".join(f"{r['algorithm']} = {r['method']}" for r in rows)
             console.print(Text(f"  {legend}", style="dim"))
             console.print(Text(f"  served plan: {served.describe()}", style="dim"))
+    from autoconv.compare import rollup as compare_rollup
+
     rollup = compare_rollup(records) if len(layers) > 1 else []
     if fmt == "json":
         write_json({"device": backend.device.name, "measurements": records, "rollup": rollup, "served": served_rows})
@@ -270,26 +248,6 @@ def compare(
         out.print(f"plot written to {plot_path}", soft_wrap=True)
     _fallback_hint(untuned, backend.device.name, db)
     _print_compiler_output([backend], verbose)
-
-
-def measure_layer_methods(label: str, spec: Any, backend: Any, repeats: int,
-                          db: Optional[Path]) -> tuple[list[dict[str, Any]], Any]:
-    """compare_layer's measurements of one layer as records, and the plan autoconv serves it."""
-    from autoconv.algorithms import DIRECT
-    from autoconv.compare import compare_layer
-    from autoconv.serve.api import choose_plan
-
-    rows = compare_layer(spec, backend, repeats=repeats, db=db)
-    served = choose_plan(spec, backend, db)
-    direct_ms = next((row.median_ms for row in rows if row.algorithm == DIRECT), None)
-    records = [{"layer": label, "shape": str(spec), "method": row.method, "algorithm": row.algorithm,
-                "plan": row.plan, "ms": row.median_ms, "gflops": row.gflops,
-                "vs_direct": direct_ms / row.median_ms if direct_ms else None,
-                "extra_mib": row.scratch_bytes / 2**20, "extra_vs_input": row.scratch_bytes / spec.input_bytes,
-                "rel_error": row.rel_error, "verified": row.verified, "served": row.algorithm == served.algorithm,
-                "traffic_bytes": row.traffic_bytes, "intensity": spec.flops / row.traffic_bytes if row.traffic_bytes else None}
-               for row in rows]
-    return records, served
 
 
 def _compare_plot(records: list[dict[str, Any]], backend: Any, path: Path, roofs: Any = None) -> bytes:
@@ -474,48 +432,6 @@ def tune(
     _print_compiler_output([backend], verbose)
 
 
-def explain_report(label: str, spec: Any, records: list[dict[str, Any]], served: Any, roofs: Any,
-                   tuned: list[Any], tune_command: str) -> list[str]:
-    """The explain text: what the layer costs, what each method moves and reaches, what is served and why."""
-    from autoconv.algorithms import DIRECT
-
-    lines = [f"{label}: {spec}",
-             f"  work: {spec.flops / 1e9:.3f} GFLOP (direct-convolution count); input {spec.input_bytes / 2**20:.2f} MiB, "
-             f"weights {spec.weight_bytes / 2**20:.2f} MiB, output {spec.output_bytes / 2**20:.2f} MiB",
-             f"  device limits (measured): {roofs.peak_gflops:.0f} GFLOP/s GEMM peak, {roofs.bandwidth_gbs:.1f} GB/s copy "
-             f"bandwidth; a kernel needs at least {roofs.ridge:.1f} FLOP/byte to be compute-bound", ""]
-    lines.append("  method                          ms   GFLOP/s  bytes moved  FLOP/byte  roof GFLOP/s  % of roof")
-    for r in sorted(records, key=lambda r: r["ms"]):
-        bound = roofs.bound(r["intensity"])
-        lines.append(f"  {r['algorithm']:<26} {r['ms']:>9.3f} {r['gflops']:>9.1f} {r['traffic_bytes'] / 2**20:>8.1f} MiB "
-                     f"{r['intensity']:>10.1f} {bound:>13.0f} {100 * r['gflops'] / bound:>9.0f}%")
-    by_name = {r["algorithm"]: r for r in records}
-    fastest = min(records, key=lambda r: r["ms"])
-    lines.append("")
-    if DIRECT in by_name and fastest["algorithm"] != DIRECT:
-        d = by_name[DIRECT]
-        lines.append(f"  Direct loops re-read every input pixel and weight for each output: {d['traffic_bytes'] / 2**20:.0f} MiB "
-                     f"at {d['intensity']:.1f} FLOP/byte, so memory caps them at {roofs.bound(d['intensity']):.0f} GFLOP/s; "
-                     f"{fastest['algorithm']} moves {fastest['traffic_bytes'] / 2**20:.1f} MiB "
-                     f"({fastest['intensity']:.0f} FLOP/byte) and ran {d['ms'] / fastest['ms']:.1f}x faster.")
-    gemm = by_name.get("im2col_gemm")
-    if gemm is not None and gemm["extra_mib"]:
-        lines.append(f"  im2col's price: a {gemm['extra_mib']:.1f} MiB buffer ({gemm['extra_vs_input']:.1f}x the input) "
-                     "written, then read by the GEMM.")
-    plan_line = f"  served: {served.describe()}"
-    if served.source == "tuned":
-        mine = sorted(tuned, key=lambda r: r.median_ms)
-        why = f"the fastest of the {len(mine)} algorithms `autoconv tune` measured for this layer on this device"
-        if len(mine) > 1:
-            why += (f" ({mine[0].median_ms:.3f} ms vs {mine[1].algorithm} {mine[1].median_ms:.3f} ms in the database; "
-                    "the times above are this run's)")
-        lines += [plan_line, f"  why: {why}."]
-    else:
-        lines += [plan_line, f"  why: not tuned on this device, so a fallback ({served.source}); "
-                  f"`{tune_command}` measures every algorithm here."]
-    return lines
-
-
 @app.command()
 @reports_errors
 def explain(
@@ -531,6 +447,7 @@ def explain(
     arithmetic intensity against the measured compute and memory limits, measured times, and the
     served plan with the reason it won."""
     from autoconv.backends import get_backend
+    from autoconv.compare import explanation, layer_records
     from autoconv.roofline import measure_roofs
 
     if html is not None:
@@ -540,7 +457,7 @@ def explain(
     (named,) = _layers([layer], None, batch)
     backend = get_backend("opencl", device_option(device))
     with _status(f"measuring {named.label} ..."):
-        records, served = measure_layer_methods(named.label, named.spec, backend, repeats, db)
+        records, served = layer_records(named.label, named.spec, backend, repeats, db)
         roofs = measure_roofs(backend)
     from autoconv.serve.session import default_session
 
@@ -551,7 +468,7 @@ def explain(
         if tuned:
             break
     lines = [f"device: {backend.device.name} ({backend.device.platform}, driver {backend.device.driver})",
-             *explain_report(named.label, named.spec, records, served, roofs, tuned,
+             *explanation(named.label, named.spec, records, served, roofs, tuned,
                              f"autoconv tune {_tune_argument(named) or 'LAYER'}" + (f" --db {db}" if db else ""))]
     for line in lines:
         console.print(line, soft_wrap=True)
