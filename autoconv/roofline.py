@@ -40,13 +40,6 @@ class DeviceRoofs:
         return min(self.peak_gflops, self.bandwidth_gbs * intensity)
 
 
-def intensity(spec: ConvSpec, algorithm: str, params: object = None) -> tuple[int, float]:
-    """(bytes moved, FLOP per byte) of one algorithm on a layer (direct-convolution FLOPs)."""
-    chosen = get_algorithm(algorithm)
-    moved = chosen.traffic_bytes(spec, chosen.space.validate(params or {}))
-    return moved, spec.flops / moved
-
-
 def measure_roofs(backend: Backend, repeats: int = 5) -> DeviceRoofs:
     """Time the GEMM and the copy on a device backend (one with kernels and the Runtime primitives)."""
     conv = backend.prepare(PEAK_SPEC, Plan(IMPLICIT_GEMM, get_algorithm(IMPLICIT_GEMM).heuristic(PEAK_SPEC, backend.device)))

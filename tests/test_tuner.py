@@ -28,7 +28,7 @@ from autoconv.tuning.tuner import (
     tune_layer,
 )
 from autoconv.serve.lookup import DatabaseContents
-from autoconv.tuning.warm_start import read_records
+from autoconv.serve.session import read_contents
 
 # A small GPU-like device: many sampled configs break its limits and must never reach the evaluator.
 SMALL_GPU = DeviceInfo("opencl", "Fake CL", "fakevendor", "Fake GPU", "1.0", "gpu", 8, 16384, 64, (64, 64, 64))
@@ -233,7 +233,7 @@ def test_warm_start_seeds_a_new_study_with_the_winners_of_similar_layers(tmp_pat
         database.save_result(TunedResult(device=peer.fingerprint(), spec=SPEC, algorithm=IM2COL_GEMM,
                                          template_hash=template_hash(), params=peer_params, median_ms=0.5, gflops=1.0,
                                          rel_error=1e-6, default_ms=None, trials=5))
-        records = read_records([database.path])
+        records = [read_contents(database.path)]
         fake = FakeEvaluator()
         report = tune_layer(SPEC, SMALL_GPU, fake, database, trials=8, records=records, early_stop=None, retime=False)
     nearby = {(r.algorithm, r.params) for r in won_nearby

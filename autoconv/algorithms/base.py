@@ -170,9 +170,11 @@ class ParamSpace:
 
     def violations(self, params: Params, limits: DeviceLimits, spec: ConvSpec | None = None) -> list[str]:
         broken = [f"{c.name}: {c.meaning}" for c in self.constraints if not c.holds(params, limits)]
-        if spec is not None:
-            broken += [f"{c.name}: {c.meaning}" for c in self.layer_constraints if not c.holds(params, spec)]
-        return broken
+        return broken + (self.layer_violations(params, spec) if spec is not None else [])
+
+    def layer_violations(self, params: Params, spec: ConvSpec) -> list[str]:
+        """The layer constraints alone (what a config breaks on this layer on any device)."""
+        return [f"{c.name}: {c.meaning}" for c in self.layer_constraints if not c.holds(params, spec)]
 
     def check(self, params: Params, limits: DeviceLimits, spec: ConvSpec | None = None) -> None:
         """Raise InvalidParamsError naming every broken constraint; used before anything is compiled."""

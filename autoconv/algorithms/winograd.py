@@ -22,7 +22,7 @@ import numpy as np
 
 from autoconv.algorithms import gemm
 from autoconv.algorithms.base import AlgorithmDefaults, Constraint, LayerConstraint, ParamDecl, Params, ParamSpace
-from autoconv.device import DeviceInfo, DeviceLimits
+from autoconv.device import DeviceInfo
 from autoconv.render import Dialect, KernelArg, KernelSource, ceil_to, int_args, render_template
 from autoconv.spec import ConvSpec
 
@@ -43,17 +43,13 @@ TRANSFORMS: dict[int, tuple[list[list[Fraction]], list[list[Fraction]], list[lis
         [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
 }
 
-# Limits that hold any config (the heuristic for no particular device checks only layer constraints).
-_NO_LIMITS = DeviceLimits(max_work_group_size=1 << 20, max_work_item_sizes=(1 << 20, 1 << 20, 1 << 20),
-                          local_mem_bytes=1 << 30, max_vector_width=16)
-
 # Scratch regions start on 64-byte boundaries.
 ALIGN_FLOATS = 16
 
 
 def transform_matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(B^T, G, A^T) of F(m x m, 3 x 3) as float64 arrays."""
-    return tuple(np.array([[float(v) for v in row] for row in mat]) for mat in TRANSFORMS[m])  # type: ignore[return-value]
+    return tuple(np.array(_floats(mat)) for mat in TRANSFORMS[m])  # type: ignore[return-value]
 
 
 def _floats(mat: list[list[Fraction]]) -> list[list[float]]:
@@ -151,13 +147,14 @@ class Winograd(AlgorithmDefaults):
     def heuristic(self, spec: ConvSpec, device: DeviceInfo | None) -> Params:
         # Four tiles per transform work-item where vectors exist (measured best on PoCL's CPU device).
         vector = 4 if device is None or device.limits().max_vector_width >= 4 else 1
+        # Each candidate already fits the device (gemm.heuristic, _narrow_columns); F(2x2) breaks no
+        # layer constraint, so there is always one.
         choices = []
         for tile in (4, 2):
-            params = gemm.heuristic(SPACE, spec, device, TILE=tile, XV=vector)
-            params = _narrow_columns(spec, params, device)
-            if not params.violations(device.limits() if device is not None else _NO_LIMITS, spec):
+            params = _narrow_columns(spec, gemm.heuristic(SPACE, spec, device, TILE=tile, XV=vector), device)
+            if not SPACE.layer_violations(params, spec):
                 choices.append((estimated_cost(spec, params), -tile, params))
-        return min(choices, key=lambda item: item[:2])[2] if choices else gemm.heuristic(SPACE, spec, device, TILE=2)
+        return min(choices, key=lambda item: item[:2])[2]
 
     def kernels(self, spec: ConvSpec, params: Params, dialect: Dialect) -> list[KernelSource]:
         layout = Layout(spec, params)

@@ -118,10 +118,11 @@ def show(
 ) -> None:
     """One layer: each algorithm's best params per device, then its fastest measured configs with
     params, median, spread and status, and how many configs ended in each status."""
-    import json
     from collections import Counter
 
+    from autoconv.errors import AutoconvError
     from autoconv.layers import parse_layer
+    from autoconv.store.sqlite import parse_params
 
     fmt = output_format(json_flag, csv_flag)
     spec = parse_layer(layer, batch).spec
@@ -141,17 +142,17 @@ def show(
                 ranked = sorted((m for m in measured if m["algorithm"] == name),
                                 key=lambda m: (m["status"] != "ok", m["median_ms"] if m["median_ms"] is not None
                                                else float("inf")))
-                best_params = best.params.as_dict() if best else None
                 for rank, m in enumerate(ranked[:top], 1):
-                    try:
-                        params = json.loads(m["params"]) if m["params"] else {}
-                    except (TypeError, ValueError):
-                        params = {}
+                    try:  # validated as every stored config is; a damaged one shows as {}
+                        params = parse_params(m["params"], name, f"measurement {m['id']}")
+                    except (AutoconvError, KeyError):
+                        params = None
                     device_records.append({
                         "device": row["name"], "layer": str(spec), "algorithm": name, "rank": rank,
                         "status": m["status"], "ms": m["median_ms"], "spread": m.get("spread"),
                         "repeats": m.get("repeats"), "rel_error": m["rel_error"],
-                        "best": params == best_params and m["status"] == "ok", "params": params})
+                        "best": best is not None and params == best.params and m["status"] == "ok",
+                        "params": params.as_dict() if params is not None else {}})
                 if not ranked[:top] and best is not None:  # a stored best whose measurements were pruned (shipped DBs)
                     device_records.append({
                         "device": row["name"], "layer": str(spec), "algorithm": name, "rank": 1, "status": "ok",
@@ -197,7 +198,7 @@ def plot_curves(
     from autoconv.layers import layer_name
     from autoconv.plots import check_output_path, tuning_curves_figure
 
-    check_output_path(out)
+    check_output_path(out, option="FILE")
     curves: dict[str, list[float]] = {}
     with _open_existing(db) as database:
         rows = _device_rows(database, device)

@@ -39,7 +39,7 @@ from autoconv.store import (
 )
 from autoconv.tuning.study import INF, AlgorithmStudy, journal_path, journal_storage
 from autoconv.serve.lookup import DatabaseContents
-from autoconv.tuning.warm_start import read_records, warm_start_configs
+from autoconv.tuning.warm_start import warm_start_configs
 from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
 
 # A time is stored for an untuned config only when its spread (IQR / median) is below this: a
@@ -425,9 +425,9 @@ def tune_layers(
     """Tune layers one after another; a time budget is shared out evenly over the layers left.
     With warm_start, each new study is seeded from this database's and the shipped databases'
     winners on similar layers (read again before each layer: earlier layers of the run count)."""
-    from autoconv.settings import settings
-    from autoconv.tuning.warm_start import seed_sources
+    from autoconv.serve.session import default_session
 
+    session = default_session()
     storage = journal_storage(Path(db.path))
     reports = []
     end = None if time_budget_s is None else time.monotonic() + time_budget_s
@@ -438,7 +438,8 @@ def tune_layers(
         if end is not None:
             deadline = time.monotonic() + max(0.0, end - time.monotonic()) / (len(layers) - index)
         evaluator = DeviceEvaluator(backend, spec, repeats=repeats, seed=seed)
-        records = read_records(seed_sources(Path(db.path), settings().shipped_dbs)) if warm_start else None
+        # The database being tuned into, then the shipped ones (each re-read only when it changed).
+        records = [session.contents(p) for p in session.database_paths(db.path)] if warm_start else None
         try:
             reports.append(tune_layer(spec, backend.device, evaluator, db, trials=trials, deadline=deadline,
                                       label=label, seed=seed, storage=storage, algorithms=algorithms,

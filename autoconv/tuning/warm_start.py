@@ -8,23 +8,16 @@ vendor and type. Only configs valid on this device and layer, each once, the def
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from autoconv.algorithms import Params, get_algorithm
 from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidParamsError
 from autoconv.serve.lookup import DatabaseContents
-from autoconv.serve.session import read_contents
 from autoconv.spec import ConvSpec, same_family, shape_distance
 
 # How many nearby shapes' winners seed a study (beyond them TPE does better on its own).
 NEAREST_SHAPES = 3
-
-
-def read_records(paths: Iterable[Path]) -> list[DatabaseContents]:
-    """The current-template results and device rows of each database (an unreadable one is empty)."""
-    return [read_contents(path) for path in paths]
 
 
 def warm_start_configs(records: Sequence[DatabaseContents], device: DeviceInfo, spec: ConvSpec, algorithm: str,
@@ -49,8 +42,3 @@ def warm_start_configs(records: Sequence[DatabaseContents], device: DeviceInfo, 
         if params != default and params not in seeds and not params.violations(device.limits(), spec):
             seeds.append(params)
     return seeds
-
-
-def seed_sources(db_path: Path, shipped: Sequence[Path]) -> list[Path]:
-    """The databases seeds come from: the one being tuned into, then the shipped ones."""
-    return [db_path, *(p for p in shipped if p.resolve() != db_path.resolve())]
