@@ -143,7 +143,14 @@ class OpenCLBackend:
         self.context = cl.Context([cl_device])
         self.queue = cl.CommandQueue(self.context, properties=cl.command_queue_properties.PROFILING_ENABLE)
         self._programs: dict[tuple[str, str], Any] = {}
+        # One lock per source being built: different sources build in parallel (the tuner's build
+        # pool), the same source is built once while its other callers wait.
         self._programs_lock = threading.Lock()
+        self._build_locks: dict[tuple[str, str], threading.Lock] = {}
+        # pyopencl's generic "Non-empty compiler output encountered" says nothing the captured
+        # text does not; the filter is set once, as catch_warnings() is not safe across threads.
+        warnings.filterwarnings("ignore", message="Non-empty compiler output encountered",
+                                category=cl.CompilerWarning)
         self.lock = threading.RLock()
         self.compiler_output: list[tuple[str, str]] = []  # (kernel entry, what its build printed)
         self.algorithms = runtime_algorithms(self.has_library_gemm)
@@ -153,24 +160,33 @@ class OpenCLBackend:
         key = (source.source_hash, self.device.fingerprint())
         with self._programs_lock:
             program = self._programs.get(key)
-            if program is None:
-                chatter: list[str] = []
-                try:
-                    with warnings.catch_warnings(), captured_stderr() as chatter:
-                        # Build-log chatter (unused variables and the like) is not the user's concern
-                        # unless they ask (--verbose) or the build fails.
-                        warnings.simplefilter("ignore", self._cl.CompilerWarning)
-                        program = self._cl.Program(self.context, source.text).build(options=["-cl-mad-enable"])
-                except self._cl.Error as exc:
-                    output = "".join(chatter).strip()
-                    raise KernelCompileError(f"{source.entry} failed to compile on {self.device.name}:\n{exc}"
-                                             + (f"\ncompiler output:\n{output}" if output else "")) from None
-                output = "".join(chatter).strip()
-                if output:
-                    self.compiler_output.append((source.entry, output))
-                self._programs[key] = program
+            build_lock = self._build_locks.setdefault(key, threading.Lock())
+        if program is None:
+            with build_lock:
+                program = self._programs.get(key)
+                if program is None:
+                    program = self._build(source)
+                    with self._programs_lock:
+                        self._programs[key] = program
         # A fresh kernel object per caller: each binds its own arguments.
         return self._cl.Kernel(program, source.entry)
+
+    def _build(self, source: KernelSource) -> Any:
+        # Build-log chatter (unused variables and the like) is not the user's concern unless they
+        # ask (--verbose) or the build fails.
+        chatter: list[str] = []
+        try:
+            with captured_stderr() as chatter:
+                program = self._cl.Program(self.context, source.text).build(options=["-cl-mad-enable"])
+        except self._cl.Error as exc:
+            output = "".join(chatter).strip()
+            raise KernelCompileError(f"{source.entry} failed to compile on {self.device.name}:\n{exc}"
+                                     + (f"\ncompiler output:\n{output}" if output else "")) from None
+        output = "".join(chatter).strip()
+        if output:
+            with self._programs_lock:
+                self.compiler_output.append((source.entry, output))
+        return program
 
     def prepare(self, spec: ConvSpec, plan: Plan) -> LaunchedConv:
         return prepare_on(self, self.algorithms, spec, plan)

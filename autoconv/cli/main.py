@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from autoconv.cli.db import db_app
+from autoconv.tuning.build_pool import DEFAULT_JOBS
 from autoconv.cli.common import (
     DB_HELP,
     DEVICE_HELP,
@@ -355,6 +356,11 @@ def tune(
                                     "(this database and the shipped ones)"),
     early_stop: bool = typer.Option(True, help="stop tuning an algorithm on a layer once it has stalled "
                                     "(no 2% gain in 12 trials), leaving the time to other layers"),
+    jobs: int = typer.Option(DEFAULT_JOBS, min=1, help="builder threads compiling and verifying candidates ahead "
+                             "while one is timed (1: one thing at a time)"),
+    storage: Optional[str] = typer.Option(None, help="an Optuna storage shared by several tuners: a "
+                                          "postgresql:// / mysql:// / sqlite:/// URL or a journal file path "
+                                          "(default: a journal beside --db)", show_default=False),
     json_flag: bool = JSON_OPTION,
     csv_flag: bool = CSV_OPTION,
     verbose: bool = VERBOSE_OPTION,
@@ -427,7 +433,8 @@ def tune(
         reports = tune_layers(chosen, backend, database, trials=trials, time_budget_s=budget_s, seed=seed,
                               repeats=repeats, algorithms=tuple(algorithm) if algorithm else None,
                               progress=update, on_layer_start=start, on_layer_end=finished, warm_start=warm_start,
-                              early_stop=(EARLY_STOP_TRIALS, EARLY_STOP_GAIN) if early_stop else None)
+                              early_stop=(EARLY_STOP_TRIALS, EARLY_STOP_GAIN) if early_stop else None,
+                              jobs=jobs, storage=storage)
     emit(console, fmt, f"tuned on {backend.device.name}", TUNE_FIELDS, [tune_record(r) for r in reports])
     _print_compiler_output([backend], verbose)
 

@@ -415,6 +415,10 @@ class SQLiteStore:
         with self._lock:
             try:
                 with self.db.conn:
+                    # IMMEDIATE: the write lock is taken before the reads, so another process
+                    # cannot insert the row this transaction just found missing (read-then-write).
+                    if not self.db.conn.in_transaction:
+                        self.db.conn.execute("BEGIN IMMEDIATE")
                     yield
             except sqlite3.DatabaseError as exc:
                 raise TuningDBError(f"tuning database {self.path} cannot be written: {exc}") from None

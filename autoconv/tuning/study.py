@@ -1,6 +1,7 @@
 """One algorithm's Optuna study for one layer on one device: created or resumed from a journal
-file beside the database, repaired when its tail is damaged, trials owned by a live process left
-alone, the default config measured first, invalid configs never compiled."""
+file beside the database (or any Optuna storage several workers share), repaired when its tail is
+damaged, trials owned by a live worker left alone, the default config measured first, invalid
+configs never compiled, and no config measured twice by the workers sharing the study."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import json
 import math
 import os
 import socket
+import threading
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,6 +27,15 @@ INF = float("inf")
 # The default config is measured first; a run killed while measuring it tries it again this often.
 DEFAULT_ATTEMPTS = 2
 MAX_CONSECUTIVE_INVALID = 500
+# A worker refreshes the "alive_at" stamp of its in-flight trials this often (seconds); a trial
+# owned on another host whose stamp is older than STALE_AFTER_S is judged dead (its worker was
+# killed or lost), since another host's process cannot be asked directly.
+HEARTBEAT_S = 10.0
+STALE_AFTER_S = 60.0
+# A RUNNING trial with no owner yet is a worker's trial between `ask` and the line that names its
+# owner, or one left by a worker killed in that instant (or by an older autoconv): dead only once
+# it is older than this.
+OWNERLESS_GRACE_S = 10.0
 
 
 def journal_path(db_path: Path) -> Path:
@@ -77,12 +90,53 @@ def repair_journal(path: Path) -> Path | None:
 
 def journal_storage(db_path: Path) -> Any:
     """The Optuna storage of a database's studies: its journal file, repaired first."""
+    return journal_file_storage(journal_path(db_path))
+
+
+# Optuna's RDB dialects and the package that drives each (what to install when it is missing).
+STORAGE_DRIVERS = {"postgresql": "psycopg2-binary (pip install 'autoconv[postgres]')", "mysql": "PyMySQL",
+                   "sqlite": "nothing (built in)"}
+
+
+def open_storage(storage: str) -> Any:
+    """An Optuna storage several tuners can share: a database URL (postgresql://, mysql://,
+    sqlite:///) or the path of a journal file, e.g. on a shared filesystem."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if "://" not in storage:
+        return journal_file_storage(Path(storage).expanduser())
+    scheme = storage.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in STORAGE_DRIVERS:
+        raise TuningDBError(f"--storage: expected a postgresql://, mysql:// or sqlite:/// URL or a journal file "
+                            f"path, got a {scheme}:// URL")
+    try:
+        # pool_pre_ping: a worker that waited long on a build finds a dropped connection renewed.
+        return optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
+    except ImportError as exc:
+        raise TuningDBError(f"--storage: the {scheme} driver is missing ({exc.name or exc}); install "
+                            f"{STORAGE_DRIVERS[scheme]}") from None
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy raises its own OperationalError and friends
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TuningDBError(f"--storage: cannot open the Optuna storage at {_without_password(storage)}: "
+                            f"{reason}") from None
+
+
+def _without_password(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
+def journal_file_storage(path: Path) -> Any:
+    """An Optuna journal file as a storage, repaired first."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    path = journal_path(db_path)
     try:
         repair_journal(path)
         return JournalStorage(JournalFileBackend(str(path)))
@@ -107,13 +161,18 @@ def worker_identity() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
 
 
-def owner_is_dead(worker: Any) -> bool:
+def owner_is_dead(worker: Any, alive_at: Any = None, now: float | None = None, started: Any = None) -> bool:
     """True when the process that owns a RUNNING trial is certainly gone. A trial without an owner
-    (left by an older autoconv) counts as dead; one owned on another host is never judged here."""
+    counts as dead once `started` (a datetime) is OWNERLESS_GRACE_S old. On this host the process
+    itself is asked; one on another host is dead when its heartbeat (`alive_at`, wall-clock
+    seconds) is older than STALE_AFTER_S, and never judged when it has none."""
+    now = time.time() if now is None else now
     if not isinstance(worker, dict):
-        return True
+        return not isinstance(started, _dt.datetime) or now - started.timestamp() > OWNERLESS_GRACE_S
     if worker.get("host") != socket.gethostname():
-        return False
+        if not isinstance(alive_at, (int, float)):
+            return False
+        return now - alive_at > STALE_AFTER_S
     pid = worker.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return True
@@ -126,11 +185,60 @@ def owner_is_dead(worker: Any) -> bool:
     return bool(worker.get("start")) and _process_start(pid) != worker.get("start")
 
 
+class Heartbeat:
+    """Refreshes the "alive_at" stamp of this worker's in-flight trials every HEARTBEAT_S seconds,
+    so that workers on other hosts can tell a slow trial from a dead worker's."""
+
+    def __init__(self, interval_s: float = HEARTBEAT_S) -> None:
+        self.interval_s = interval_s
+        self._trials: dict[int, Any] = {}  # id() of an in-flight optuna Trial -> the trial
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def track(self, trial: Any) -> None:
+        with self._lock:
+            self._trials[id(trial)] = trial
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._beat, name="autoconv-heartbeat", daemon=True)
+                self._thread.start()
+
+    def untrack(self, trial: Any) -> None:
+        with self._lock:
+            self._trials.pop(id(trial), None)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                trials = list(self._trials.values())
+            for trial in trials:
+                try:
+                    trial.set_user_attr("alive_at", time.time())
+                except Exception:  # noqa: BLE001 - finished meanwhile, or the storage is briefly away
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+@dataclass
+class Proposal:
+    """A trial asked of the study with its valid config; `known` is its outcome when it was
+    measured before, here or by another worker (status, ms, relative error)."""
+
+    trial: Any
+    params: Params
+    known: tuple[str, float, float] | None
+
+
 class AlgorithmStudy:
     """The study of one tunable algorithm on one layer: resume, default first, then TPE."""
 
     def __init__(self, storage: Any, device: DeviceInfo, spec: ConvSpec, algorithm: str, templates: str,
-                 default: Params, *, seed: int = 0, seeds: Sequence[Params] = ()) -> None:
+                 default: Params, *, seed: int = 0, seeds: Sequence[Params] = (),
+                 heartbeat: Heartbeat | None = None) -> None:
         import optuna
         from optuna.trial import TrialState
 
@@ -144,31 +252,24 @@ class AlgorithmStudy:
             existed = name in optuna.study.get_all_study_names(storage)
             self.study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
             previous = self.study.get_trials(deepcopy=False)
+            # constant_liar: trials asked ahead (the build pool) or by other workers, still
+            # running, count as bad so TPE proposes elsewhere.
             self.study.sampler = optuna.samplers.TPESampler(seed=seed + len(previous), multivariate=True, group=True,
-                                                            n_startup_trials=8)
+                                                            n_startup_trials=8, constant_liar=True)
         self.resumed = bool(existed and previous)
         if not self.resumed:
             self.study.set_user_attr("layer", spec.key())
             self.study.set_user_attr("algorithm", algorithm)
             self.study.set_user_attr("device", device.fingerprint())
             self.study.set_user_attr("template_hash", templates)
-        # A trial left RUNNING by a killed run is over: it may be the config that killed it, so it
-        # is failed rather than retried. A trial another live tuner is measuring is left alone.
-        for stale in [t for t in previous if t.state == TrialState.RUNNING and owner_is_dead(t.user_attrs.get("worker"))]:
-            try:
-                self.study.tell(stale.number, state=TrialState.FAIL)
-            except (RuntimeError, ValueError):
-                pass  # its owner finished it meanwhile
+        self.heartbeat = heartbeat
         self.known: dict[Params, tuple[str, float, float]] = {}
-        for t in previous:
-            if t.state == TrialState.COMPLETE and "status" in t.user_attrs:
-                try:
-                    params = self.space.validate(t.params)
-                except InvalidParamsError:
-                    continue  # a journal entry this version cannot use
-                value = t.value if isinstance(t.value, (int, float)) else INF
-                self.known[params] = (str(t.user_attrs["status"]), value, t.user_attrs.get("rel_error") or INF)
-        self.completed = sum(1 for t in previous if t.state == TrialState.COMPLETE)
+        self.completed = 0
+        # Best time after each completed trial, in order: what early stopping judges.
+        self.best_after: list[float] = []
+        self.skipped_invalid = 0
+        self.skipped_duplicate = 0
+        self._sync(previous)
         default_trials = [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("default")]
         pending = any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in default_trials)
         killed = sum(1 for t in default_trials if t.state == TrialState.FAIL)
@@ -182,15 +283,40 @@ class AlgorithmStudy:
             for params in seeds:
                 self.study.enqueue_trial(self.space.sampled_values(params), user_attrs={"warm_start": True})
                 self.seeded += 1
-        # Best time after each completed trial, in order: what early stopping judges.
-        self.best_after: list[float] = []
-        running = INF
-        for t in sorted(previous, key=lambda t: t.number):
-            if t.state == TrialState.COMPLETE and isinstance(t.value, (int, float)) and math.isfinite(t.value):
-                running = min(running, t.value)
-            if t.state == TrialState.COMPLETE:
-                self.best_after.append(running)
-        self.skipped_invalid = 0
+
+    def _sync(self, trials: Sequence[Any]) -> None:
+        """Take in the study as the storage holds it now (other workers' trials included): fail the
+        trials whose worker is dead, and recount the completed trials, the known outcomes and the
+        best-so-far curve."""
+        from optuna.trial import TrialState
+
+        now = time.time()
+        # A trial left RUNNING by a killed worker is over: it may be the config that killed it, so
+        # it is failed rather than retried. A trial a live worker is measuring is left alone.
+        for stale in [t for t in trials if t.state == TrialState.RUNNING
+                      and owner_is_dead(t.user_attrs.get("worker"), t.user_attrs.get("alive_at"), now, t.datetime_start)]:
+            try:
+                self.study.tell(stale.number, state=TrialState.FAIL)
+            except (RuntimeError, ValueError):
+                pass  # its owner finished it meanwhile
+        completed, running, best_after = 0, INF, []
+        for t in sorted(trials, key=lambda t: t.number):
+            if t.state != TrialState.COMPLETE:
+                continue
+            completed += 1
+            value = t.value if isinstance(t.value, (int, float)) else INF
+            if "status" in t.user_attrs:
+                try:
+                    params = self.space.validate(t.params)
+                except InvalidParamsError:
+                    params = None  # a journal entry this version cannot use
+                if params is not None:
+                    self.known.setdefault(params, (str(t.user_attrs["status"]), value,
+                                                   t.user_attrs.get("rel_error") or INF))
+            if math.isfinite(value):
+                running = min(running, value)
+            best_after.append(running)
+        self.completed, self.best_after = completed, best_after
 
     def stalled(self, window: int, min_gain: float) -> bool:
         """True when the last `window` trials improved the best by no more than `min_gain` (a
@@ -208,37 +334,83 @@ class AlgorithmStudy:
         ok = [(p, ms, err) for p, (status, ms, err) in self.known.items() if status == "ok" and math.isfinite(ms)]
         return min(ok, key=lambda item: item[1], default=None)
 
-    def step(self, measure: Callable[[Params], tuple[str, float, float, str]]) -> tuple[Params, str, float, float, str, bool] | None:
-        """Ask for one valid config, measure it (or reuse a known outcome), tell the study.
-        Returns (params, status, ms, rel_error, message, measured_now), or None when the sampler
-        keeps proposing invalid configs."""
+    def propose(self) -> Proposal | None:
+        """Ask the study for a valid config not being measured by another trial. Invalid configs
+        are failed unmeasured (never compiled, never learned from); a config another worker is
+        measuring right now is failed as a duplicate. None when the sampler keeps proposing such
+        configs."""
         from optuna.trial import TrialState
 
         for _ in range(MAX_CONSECUTIVE_INVALID):
             trial = self.study.ask()
             trial.set_user_attr("worker", worker_identity())
+            trial.set_user_attr("alive_at", time.time())
             params = self.space.suggest(trial, self.limits)
             if params.violations(self.limits, self.spec):
-                # Never compiled, never learned from: samplers skip FAIL trials.
                 trial.set_user_attr("status", "invalid")
                 self.study.tell(trial, state=TrialState.FAIL)
                 self.skipped_invalid += 1
                 continue
-            known = self.known.get(params)
-            measured_now = known is None
-            if known is None:
-                status, ms, error, message = measure(params)
-                self.known[params] = (status, ms, error)
-            else:
-                (status, ms, error), message = known, ""
-            try:
-                trial.set_user_attr("status", status)
-                trial.set_user_attr("rel_error", error if math.isfinite(error) else None)
-                self.study.tell(trial, ms)
-            except (RuntimeError, ValueError):
-                pass  # another process judged this trial dead and failed it; the measurement is in the DB
-            self.completed += 1
-            self.best_after.append(min(self.best_after[-1] if self.best_after else INF,
-                                       ms if status == "ok" and math.isfinite(ms) else INF))
-            return params, status, ms, error, message, measured_now
+            # Every worker writes its config before looking at the others', so of two workers
+            # proposing one config at once at least one sees the other: it is never measured twice.
+            trials = self.study.get_trials(deepcopy=False)
+            self._sync(trials)
+            if params not in self.known and any(
+                    t.number != trial.number and t.state == TrialState.RUNNING and self._params_of(t) == params
+                    for t in trials):
+                trial.set_user_attr("status", "duplicate")
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.skipped_duplicate += 1
+                continue
+            if self.heartbeat is not None:
+                self.heartbeat.track(trial)
+            return Proposal(trial, params, self.known.get(params))
         return None
+
+    def _params_of(self, trial: Any) -> Params | None:
+        try:
+            return self.space.validate(trial.params)
+        except InvalidParamsError:
+            return None  # still being suggested, or from another version
+
+    def conclude(self, proposal: Proposal, status: str, ms: float, error: float, *, measured: bool) -> None:
+        """Tell the study a proposal's outcome."""
+        if self.heartbeat is not None:
+            self.heartbeat.untrack(proposal.trial)
+        self.known.setdefault(proposal.params, (status, ms, error))
+        try:
+            proposal.trial.set_user_attr("status", status)
+            proposal.trial.set_user_attr("rel_error", error if math.isfinite(error) else None)
+            proposal.trial.set_user_attr("measured", measured)
+            self.study.tell(proposal.trial, ms)
+        except (RuntimeError, ValueError):
+            return  # another worker judged this trial dead and failed it; the measurement is in the DB
+        self.completed += 1
+        self.best_after.append(min(self.best_after[-1] if self.best_after else INF,
+                                   ms if status == "ok" and math.isfinite(ms) else INF))
+
+    def abandon(self, proposal: Proposal) -> None:
+        """Fail a proposal that will not be measured (the budget ran out while it waited)."""
+        from optuna.trial import TrialState
+
+        if self.heartbeat is not None:
+            self.heartbeat.untrack(proposal.trial)
+        try:
+            proposal.trial.set_user_attr("status", "not measured")
+            self.study.tell(proposal.trial, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):
+            pass
+
+    def step(self, measure: Callable[[Params], tuple[str, float, float, str]]) -> tuple[Params, str, float, float, str, bool] | None:
+        """Propose one config, measure it (or reuse a known outcome), tell the study. Returns
+        (params, status, ms, rel_error, message, measured_now), or None when the sampler keeps
+        proposing invalid configs."""
+        proposal = self.propose()
+        if proposal is None:
+            return None
+        if proposal.known is None:
+            status, ms, error, message = measure(proposal.params)
+        else:
+            (status, ms, error), message = proposal.known, ""
+        self.conclude(proposal, status, ms, error, measured=proposal.known is None)
+        return proposal.params, status, ms, error, message, proposal.known is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections import deque
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ from autoconv.store import (
     TunedResult,
     fastest,
 )
-from autoconv.tuning.study import INF, AlgorithmStudy, journal_path, journal_storage
+from autoconv.tuning.build_pool import BuildPool
+from autoconv.tuning.study import INF, AlgorithmStudy, Heartbeat, Proposal, journal_path, journal_storage, open_storage
 from autoconv.serve.lookup import DatabaseContents
 from autoconv.tuning.warm_start import warm_start_configs
 from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
@@ -85,12 +87,25 @@ class Outcome:
 
 
 class Evaluator(Protocol):
-    """Measures configs of one layer on one device (replaced by a fake in the tuner's tests)."""
+    """Measures configs of one layer on one device (replaced by a fake in the tuner's tests).
+    One that also has `build(algorithm, params)` (compile and verify, safe on any thread) and
+    `time(built)` (measure what build returned) has its builds done ahead by the build pool."""
 
     algorithms: tuple[str, ...]  # what it can measure
 
     def __call__(self, algorithm: str, params: Params) -> Outcome:
         ...
+
+
+@dataclass
+class Built:
+    """A config compiled and verified, ready to be timed, or the failure that stopped it."""
+
+    algorithm: str
+    params: Params
+    conv: Any = None
+    rel_error: float = INF
+    failure: Outcome | None = None
 
 
 def winner_beyond_noise(samples: dict[Params, list[float]], default: Params, seed: int = 0) -> Params:
@@ -138,23 +153,36 @@ class DeviceEvaluator:
         self.reference = reference_output(spec, self.operands)
 
     def __call__(self, algorithm: str, params: Params) -> Outcome:
+        return self.time(self.build(algorithm, params))
+
+    def build(self, algorithm: str, params: Params) -> Built:
+        """Compile the config and check it against the reference on a NaN-poisoned output."""
         backend = self.backend if algorithm in self.backend.algorithms else self._host
-        plan = Plan(algorithm, params, "tuning")
         try:
-            conv = backend.prepare(self.spec, plan)
-        except KernelCompileError as exc:
-            return Outcome(STATUS_COMPILE_FAILED, INF, INF, str(exc))
-        except ResourceLimitError as exc:
-            return Outcome(STATUS_TOO_LARGE, INF, INF, str(exc))
-        try:
+            conv = backend.prepare(self.spec, Plan(algorithm, params, "tuning"))
             error = relative_error(conv.run(*self.operands, poison=True), self.reference)
-            if not error < TOLERANCE:
-                return Outcome(STATUS_WRONG_RESULT, INF, error, f"relative error {error:.2e} >= {TOLERANCE:.0e}")
-            best = None
-            # Up to MEASURE_ROUNDS rounds until one is steady: a busy core shows as a wide spread.
+        except KernelCompileError as exc:
+            return Built(algorithm, params, failure=Outcome(STATUS_COMPILE_FAILED, INF, INF, str(exc)))
+        except KernelLaunchError as exc:
+            return Built(algorithm, params, failure=Outcome(STATUS_LAUNCH_FAILED, INF, INF, str(exc)))
+        except ResourceLimitError as exc:
+            return Built(algorithm, params, failure=Outcome(STATUS_TOO_LARGE, INF, INF, str(exc)))
+        if not error < TOLERANCE:
+            return Built(algorithm, params, failure=Outcome(STATUS_WRONG_RESULT, INF, error,
+                                                            f"relative error {error:.2e} >= {TOLERANCE:.0e}"))
+        return Built(algorithm, params, conv, error)
+
+    def time(self, built: Built) -> Outcome:
+        """Time a verified config: up to MEASURE_ROUNDS rounds until one is steady (a busy core
+        shows as a wide spread)."""
+        if built.failure is not None:
+            return built.failure
+        backend = self.backend if built.algorithm in self.backend.algorithms else self._host
+        best = None
+        try:
             for _ in range(MEASURE_ROUNDS):
                 with host_threads_for(backend):
-                    timing = conv.time(*self.operands, warmup=self.warmup, repeats=max(self.repeats, 5))
+                    timing = built.conv.time(*self.operands, warmup=self.warmup, repeats=max(self.repeats, 5))
                 if best is None or timing.spread < best.spread:
                     best = timing
                 if timing.spread <= MAX_SPREAD:
@@ -163,7 +191,7 @@ class DeviceEvaluator:
             return Outcome(STATUS_LAUNCH_FAILED, INF, INF, str(exc))
         except ResourceLimitError as exc:
             return Outcome(STATUS_TOO_LARGE, INF, INF, str(exc))
-        return Outcome(STATUS_OK, best.median_ms, error, spread=best.spread, repeats=len(best.samples_ms))
+        return Outcome(STATUS_OK, best.median_ms, built.rel_error, spread=best.spread, repeats=len(best.samples_ms))
 
 
 @dataclass
@@ -178,6 +206,7 @@ class LayerReport:
     unsupported: dict[str, str] = field(default_factory=dict)
     measured_now: int = 0
     skipped_invalid: int = 0
+    skipped_duplicate: int = 0  # configs another worker sharing the study was measuring
     failures: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     resumed: bool = False
@@ -207,13 +236,22 @@ def tunable(algorithm: str) -> bool:
 
 class LayerTuning:
     """One layer's tuning run, one method per job: choose the algorithms, measure the untunable
-    ones, give each tunable one its default, share the budget out, store the bests."""
+    ones, give each tunable one its default, share the budget out, store the bests. Trials flow
+    through a pipeline: proposed, built ahead by the build pool, measured one at a time in the
+    order proposed."""
 
     def __init__(self, spec: ConvSpec, device: DeviceInfo, evaluate: Evaluator, db: ResultStore, *,
                  storage: Any, trials: int | None, deadline: float | None, label: str, seed: int,
                  algorithms: tuple[str, ...] | None, progress: ProgressCallback | None,
-                 records: Sequence[DatabaseContents] | None = None, early_stop: tuple[int, float] | None = None) -> None:
+                 records: Sequence[DatabaseContents] | None = None, early_stop: tuple[int, float] | None = None,
+                 jobs: int = 1, heartbeat: Heartbeat | None = None) -> None:
         self.spec, self.device, self.evaluate, self.db = spec, device, evaluate, db
+        staged = callable(getattr(evaluate, "build", None)) and callable(getattr(evaluate, "time", None))
+        # A CPU device computes on the cores the builders compile on: they pause while it is timed.
+        self.pool = BuildPool(evaluate.build if staged else lambda name, params: (name, params),
+                              evaluate.time if staged else lambda built: evaluate(*built),
+                              jobs=jobs, pause_builds=device.device_type != "gpu")
+        self.pipeline: deque[tuple[str, Proposal, Any]] = deque()
         self.trials, self.deadline, self.progress, self.early_stop = trials, deadline, progress, early_stop
         self.templates = template_hash()
         self.fingerprint = device.fingerprint()
@@ -229,7 +267,7 @@ class LayerTuning:
                 seeds = warm_start_configs(records, device, spec, name, get_algorithm(name).space.canonical(default)) \
                     if records is not None else []
                 self.studies[name] = AlgorithmStudy(storage, device, spec, name, self.templates, default, seed=seed,
-                                                    seeds=seeds)
+                                                    seeds=seeds, heartbeat=heartbeat)
         self.report.seeded = sum(study.seeded for study in self.studies.values())
         self.untunable = [name for name in chosen if not tunable(name)]
         self.report.resumed = any(study.resumed for study in self.studies.values())
@@ -276,51 +314,88 @@ class LayerTuning:
                 self.times[name] = outcome.median_ms
 
     def spent(self) -> bool:
-        if self.trials is not None and sum(s.completed for s in self.studies.values()) >= self.trials:
+        """The budget is used up: trials measured and in flight reach it, or the deadline passed."""
+        in_flight = len(self.pipeline)
+        if self.trials is not None and sum(s.completed for s in self.studies.values()) + in_flight >= self.trials:
             return True
+        return self.past_deadline()
+
+    def past_deadline(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
-    def step(self, name: str) -> bool:
-        """One trial of an algorithm's study; False when its sampler finds no valid config."""
+    def _start(self, name: str) -> bool:
+        """Propose the algorithm's next config and start building it; False when its sampler
+        finds no valid config."""
+        proposal = self.studies[name].propose()
+        if proposal is None:
+            return False
+        pending = None if proposal.known is not None else self.pool.submit(name, proposal.params)
+        self.pipeline.append((name, proposal, pending))
+        return True
+
+    def _finish_oldest(self) -> None:
+        """Measure the oldest trial in flight (or reuse its known outcome), tell its study, store
+        a new best."""
+        name, proposal, pending = self.pipeline.popleft()
         study = self.studies[name]
         before = study.best()
-
-        def measure(params: Params) -> tuple[str, float, float, str]:
-            outcome = self.evaluate(name, params)
-            self._record(name, params, outcome)
-            return outcome.status, outcome.median_ms, outcome.rel_error, outcome.message
-
-        if study.step(measure) is None:
-            return False
+        if pending is None:
+            status, ms, error = proposal.known  # type: ignore[misc]
+        else:
+            outcome = self.pool.measure(pending)
+            self._record(name, proposal.params, outcome)
+            status, ms, error = outcome.status, outcome.median_ms, outcome.rel_error
+        study.conclude(proposal, status, ms, error, measured=pending is not None)
         best = study.best()
         if best is not None and (before is None or best[1] < before[1]):
             self._save(name, best[0], best[1], best[2], study.default_ms(), study.completed)
         if self.progress is not None:
             self.report.trials = sum(s.completed for s in self.studies.values())
             self.progress(self.report, self.trials or 0)
-        return True
+
+    def _run(self, choose: Callable[[set[str]], str | None]) -> None:
+        """Keep the pipeline full with the trials `choose` names (None: no more), measuring the
+        oldest in turn; at the deadline the trials still waiting are abandoned, unmeasured."""
+        exhausted: set[str] = set()
+        while True:
+            while len(self.pipeline) < self.pool.depth and not self.spent():
+                name = choose(exhausted)
+                if name is None:
+                    break
+                if not self._start(name):
+                    exhausted.add(name)
+            if not self.pipeline:
+                return
+            if self.past_deadline():
+                while self.pipeline:
+                    name, proposal, pending = self.pipeline.popleft()
+                    if pending is not None:
+                        pending.cancel()
+                    self.studies[name].abandon(proposal)
+                return
+            self._finish_oldest()
+
+    def _in_flight(self, name: str) -> int:
+        return sum(1 for entry in self.pipeline if entry[0] == name)
 
     def measure_defaults(self) -> None:
         """Each tunable algorithm's default first (a resumed study has it already)."""
-        for name, study in self.studies.items():
-            if study.default not in study.known and not self.spent():
-                self.step(name)
+        todo = [name for name, study in self.studies.items() if study.default not in study.known]
+        self._run(lambda exhausted: todo.pop(0) if todo else None)
 
     def share_budget(self) -> None:
         """One trial at a time to the tunable algorithms within CANDIDATE_FACTOR of the best time
-        so far, the one with the fewest trials first, until the budget is spent or none is close."""
-        exhausted: set[str] = set()
-        while not self.spent():
+        so far, the one with the fewest trials (measured and in flight) first, until the budget
+        is spent or none is close."""
+        def choose(exhausted: set[str]) -> str | None:
             bests = {name: best[1] for name, s in self.studies.items() if (best := s.best()) is not None}
             overall = min([*bests.values(), *self.times.values()], default=INF)
             candidates = [name for name in self.studies if name not in exhausted
                           and (name not in bests or bests[name] <= CANDIDATE_FACTOR * overall)
                           and not (self.early_stop and self.studies[name].stalled(*self.early_stop))]
-            if not candidates:
-                break
-            name = min(candidates, key=lambda n: (self.studies[n].completed, n))
-            if not self.step(name):
-                exhausted.add(name)
+            return min(candidates, key=lambda n: (self.studies[n].completed + self._in_flight(n), n), default=None)
+
+        self._run(choose)
 
     def retime(self) -> None:
         """Time the contending algorithms' top configs and defaults again, interleaved, and store
@@ -364,6 +439,7 @@ class LayerTuning:
         for name, study in self.studies.items():
             report.trials_by_algorithm[name] = study.completed
             report.skipped_invalid += study.skipped_invalid
+            report.skipped_duplicate += study.skipped_duplicate
         report.trials = sum(report.trials_by_algorithm.values())
         report.bests = {r.algorithm: r for r in self.db.results(device=self.fingerprint, template_hash=self.templates)
                         if r.spec == self.spec}
@@ -387,22 +463,29 @@ def tune_layer(
     records: Sequence[DatabaseContents] | None = None,
     early_stop: tuple[int, float] | None = (EARLY_STOP_TRIALS, EARLY_STOP_GAIN),
     retime: bool = True,
+    jobs: int = 1,
+    heartbeat: Heartbeat | None = None,
 ) -> LayerReport:
     """Tune (or resume tuning) one layer over every algorithm that supports it until the tunable
     algorithms' studies hold `trials` measured trials together, the monotonic `deadline` passes,
     or every study has stalled (`early_stop`: (trials, gain), None to spend the whole budget);
-    new studies are seeded with the winners in `records` of similar layers (warm start). Returns
-    the report and leaves each algorithm's best in the store."""
+    new studies are seeded with the winners in `records` of similar layers (warm start); `jobs`
+    builder threads compile and verify candidates ahead. The studies live in `storage` (default:
+    the journal beside the database), which other workers may share. Returns the report and
+    leaves each algorithm's best in the store."""
     if trials is None and deadline is None:
         raise InvalidParamsError("tuning needs a budget: a trial count or a time limit")
     started = time.monotonic()
     tuning = LayerTuning(spec, device, evaluate, db,
                          storage=storage if storage is not None else journal_storage(Path(db.path)), trials=trials,
                          deadline=deadline, label=label, seed=seed, algorithms=algorithms, progress=progress,
-                         records=records, early_stop=early_stop)
-    tuning.measure_untunable()
-    tuning.measure_defaults()
-    tuning.share_budget()
+                         records=records, early_stop=early_stop, jobs=jobs, heartbeat=heartbeat)
+    try:
+        tuning.measure_untunable()
+        tuning.measure_defaults()
+        tuning.share_budget()
+    finally:
+        tuning.pool.close()
     return tuning.finish(started, retime=retime)
 
 
@@ -421,34 +504,43 @@ def tune_layers(
     on_layer_end: Callable[[LayerReport], None] | None = None,
     warm_start: bool = True,
     early_stop: tuple[int, float] | None = (EARLY_STOP_TRIALS, EARLY_STOP_GAIN),
+    jobs: int = 1,
+    storage: str | None = None,
 ) -> list[LayerReport]:
     """Tune layers one after another; a time budget is shared out evenly over the layers left.
     With warm_start, each new study is seeded from this database's and the shipped databases'
-    winners on similar layers (read again before each layer: earlier layers of the run count)."""
+    winners on similar layers (read again before each layer: earlier layers of the run count).
+    `storage` (an Optuna storage URL or journal path) holds the studies when several workers
+    share them; each worker still writes its measurements and bests to its own `db`."""
     from autoconv.serve.session import default_session
 
     session = default_session()
-    storage = journal_storage(Path(db.path))
+    where = storage if storage is not None else str(journal_path(Path(db.path)))
+    studies = open_storage(storage) if storage is not None else journal_storage(Path(db.path))
+    heartbeat = Heartbeat()
     reports = []
     end = None if time_budget_s is None else time.monotonic() + time_budget_s
-    for index, (label, spec) in enumerate(layers):
-        if on_layer_start is not None:
-            on_layer_start(label, spec)
-        deadline = None
-        if end is not None:
-            deadline = time.monotonic() + max(0.0, end - time.monotonic()) / (len(layers) - index)
-        evaluator = DeviceEvaluator(backend, spec, repeats=repeats, seed=seed)
-        # The database being tuned into, then the shipped ones (each re-read only when it changed).
-        records = [session.contents(p) for p in session.database_paths(db.path)] if warm_start else None
-        try:
-            reports.append(tune_layer(spec, backend.device, evaluator, db, trials=trials, deadline=deadline,
-                                      label=label, seed=seed, storage=storage, algorithms=algorithms,
-                                      progress=progress, records=records, early_stop=early_stop))
-        except OSError as exc:  # the journal became unwritable (read-only, disk full) mid-run
-            raise TuningDBError(f"the Optuna journal {journal_path(Path(db.path))} cannot be written: "
-                                f"{exc.strerror or exc}") from None
-        if on_layer_end is not None:
-            on_layer_end(reports[-1])
+    try:
+        for index, (label, spec) in enumerate(layers):
+            if on_layer_start is not None:
+                on_layer_start(label, spec)
+            deadline = None
+            if end is not None:
+                deadline = time.monotonic() + max(0.0, end - time.monotonic()) / (len(layers) - index)
+            evaluator = DeviceEvaluator(backend, spec, repeats=repeats, seed=seed)
+            # The database being tuned into, then the shipped ones (each re-read only when it changed).
+            records = [session.contents(p) for p in session.database_paths(db.path)] if warm_start else None
+            try:
+                reports.append(tune_layer(spec, backend.device, evaluator, db, trials=trials, deadline=deadline,
+                                          label=label, seed=seed, storage=studies, algorithms=algorithms,
+                                          progress=progress, records=records, early_stop=early_stop, jobs=jobs,
+                                          heartbeat=heartbeat))
+            except OSError as exc:  # the journal became unwritable (read-only, disk full) mid-run
+                raise TuningDBError(f"the Optuna journal {where} cannot be written: {exc.strerror or exc}") from None
+            if on_layer_end is not None:
+                on_layer_end(reports[-1])
+    finally:
+        heartbeat.stop()
     return reports
 
 
