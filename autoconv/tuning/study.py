@@ -94,7 +94,8 @@ def journal_storage(db_path: Path) -> Any:
 
 
 # Optuna's RDB dialects and the package that drives each (what to install when it is missing).
-STORAGE_DRIVERS = {"postgresql": "psycopg2-binary (pip install 'autoconv[postgres]')", "mysql": "PyMySQL",
+STORAGE_OPEN_ATTEMPTS = 3
+STORAGE_DRIVERS = {"postgresql": "psycopg (pip install 'autoconv[postgres]')", "mysql": "PyMySQL",
                    "sqlite": "nothing (built in)"}
 
 
@@ -105,21 +106,32 @@ def open_storage(storage: str) -> Any:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if "://" not in storage:
-        return journal_file_storage(Path(storage).expanduser())
+        path = Path(storage).expanduser()
+        if path.is_dir():
+            raise TuningDBError(f"--storage: {path} is a directory; give the journal file's path")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TuningDBError(f"--storage: cannot create {path.parent}: {exc.strerror or exc}") from None
+        return journal_file_storage(path)
     scheme = storage.split("://", 1)[0].split("+", 1)[0].lower()
     if scheme not in STORAGE_DRIVERS:
         raise TuningDBError(f"--storage: expected a postgresql://, mysql:// or sqlite:/// URL or a journal file "
                             f"path, got a {scheme}:// URL")
-    try:
-        # pool_pre_ping: a worker that waited long on a build finds a dropped connection renewed.
-        return optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
-    except ImportError as exc:
-        raise TuningDBError(f"--storage: the {scheme} driver is missing ({exc.name or exc}); install "
-                            f"{STORAGE_DRIVERS[scheme]}") from None
-    except Exception as exc:  # noqa: BLE001 - sqlalchemy raises its own OperationalError and friends
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TuningDBError(f"--storage: cannot open the Optuna storage at {_without_password(storage)}: "
-                            f"{reason}") from None
+    failure: Exception | None = None
+    # Workers starting together on a new database race to create Optuna's tables, and all but
+    # one fail; a second try finds the tables there.
+    for attempt in range(STORAGE_OPEN_ATTEMPTS):
+        try:
+            # pool_pre_ping: a worker that waited long on a build finds a dropped connection renewed.
+            return optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
+        except ImportError:
+            raise TuningDBError(f"--storage: the {scheme} driver is missing; install {STORAGE_DRIVERS[scheme]}") from None
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy raises its own OperationalError and friends
+            failure = exc
+            time.sleep(0.5 * (attempt + 1))
+    reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+    raise TuningDBError(f"--storage: cannot open the Optuna storage at {_without_password(storage)}: {reason}")
 
 
 def _without_password(url: str) -> str:
