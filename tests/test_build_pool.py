@@ -11,9 +11,9 @@ import pytest
 from autoconv.backends.compiler_output import captured_stderr
 from autoconv.store import SQLiteStore
 from autoconv.tuning.build_pool import BuildGate, BuildPool
-from autoconv.tuning.tuner import Built, Outcome, tune_layer
+from autoconv.tuning.tuner import Built, tune_layer
 
-from test_tuner import ALL, SMALL_GPU, SPEC, FakeEvaluator
+from test_tuner import SMALL_GPU, SPEC, FakeEvaluator
 
 CPU_DEVICE = SMALL_GPU.__class__(**{**SMALL_GPU.__dict__, "device_type": "cpu", "name": "Fake CPU"})
 
