@@ -250,7 +250,7 @@ class AlgorithmStudy:
 
     def __init__(self, storage: Any, device: DeviceInfo, spec: ConvSpec, algorithm: str, templates: str,
                  default: Params, *, seed: int = 0, seeds: Sequence[Params] = (),
-                 heartbeat: Heartbeat | None = None) -> None:
+                 heartbeat: Heartbeat | None = None, sampler: str = "tpe") -> None:
         import optuna
         from optuna.trial import TrialState
 
@@ -266,8 +266,13 @@ class AlgorithmStudy:
             previous = self.study.get_trials(deepcopy=False)
             # constant_liar: trials asked ahead (the build pool) or by other workers, still
             # running, count as bad so TPE proposes elsewhere.
-            self.study.sampler = optuna.samplers.TPESampler(seed=seed + len(previous), multivariate=True, group=True,
-                                                            n_startup_trials=8, constant_liar=True)
+            if sampler == "random":  # the baseline a search strategy must beat (scripts/bench_tuning.py)
+                self.study.sampler = optuna.samplers.RandomSampler(seed=seed + len(previous))
+            elif sampler == "tpe":
+                self.study.sampler = optuna.samplers.TPESampler(seed=seed + len(previous), multivariate=True,
+                                                                group=True, n_startup_trials=8, constant_liar=True)
+            else:
+                raise InvalidParamsError(f"sampler: expected 'tpe' or 'random', got {sampler!r}")
         self.resumed = bool(existed and previous)
         if not self.resumed:
             self.study.set_user_attr("layer", spec.key())

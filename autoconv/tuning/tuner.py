@@ -244,7 +244,7 @@ class LayerTuning:
                  storage: Any, trials: int | None, deadline: float | None, label: str, seed: int,
                  algorithms: tuple[str, ...] | None, progress: ProgressCallback | None,
                  records: Sequence[DatabaseContents] | None = None, early_stop: tuple[int, float] | None = None,
-                 jobs: int = 1, heartbeat: Heartbeat | None = None) -> None:
+                 jobs: int = 1, heartbeat: Heartbeat | None = None, sampler: str = "tpe") -> None:
         self.spec, self.device, self.evaluate, self.db = spec, device, evaluate, db
         staged = callable(getattr(evaluate, "build", None)) and callable(getattr(evaluate, "time", None))
         # A CPU device computes on the cores the builders compile on: they pause while it is timed.
@@ -267,7 +267,7 @@ class LayerTuning:
                 seeds = warm_start_configs(records, device, spec, name, get_algorithm(name).space.canonical(default)) \
                     if records is not None else []
                 self.studies[name] = AlgorithmStudy(storage, device, spec, name, self.templates, default, seed=seed,
-                                                    seeds=seeds, heartbeat=heartbeat)
+                                                    seeds=seeds, heartbeat=heartbeat, sampler=sampler)
         self.report.seeded = sum(study.seeded for study in self.studies.values())
         self.untunable = [name for name in chosen if not tunable(name)]
         self.report.resumed = any(study.resumed for study in self.studies.values())
@@ -465,12 +465,14 @@ def tune_layer(
     retime: bool = True,
     jobs: int = 1,
     heartbeat: Heartbeat | None = None,
+    sampler: str = "tpe",
 ) -> LayerReport:
     """Tune (or resume tuning) one layer over every algorithm that supports it until the tunable
     algorithms' studies hold `trials` measured trials together, the monotonic `deadline` passes,
     or every study has stalled (`early_stop`: (trials, gain), None to spend the whole budget);
     new studies are seeded with the winners in `records` of similar layers (warm start); `jobs`
-    builder threads compile and verify candidates ahead. The studies live in `storage` (default:
+    builder threads compile and verify candidates ahead; `sampler` is "tpe" or "random" (new
+    studies only: a resumed one keeps how it was sampled in its trials). The studies live in `storage` (default:
     the journal beside the database), which other workers may share. Returns the report and
     leaves each algorithm's best in the store."""
     if trials is None and deadline is None:
@@ -479,7 +481,7 @@ def tune_layer(
     tuning = LayerTuning(spec, device, evaluate, db,
                          storage=storage if storage is not None else journal_storage(Path(db.path)), trials=trials,
                          deadline=deadline, label=label, seed=seed, algorithms=algorithms, progress=progress,
-                         records=records, early_stop=early_stop, jobs=jobs, heartbeat=heartbeat)
+                         records=records, early_stop=early_stop, jobs=jobs, heartbeat=heartbeat, sampler=sampler)
     try:
         tuning.measure_untunable()
         tuning.measure_defaults()
