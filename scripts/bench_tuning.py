@@ -6,7 +6,7 @@
    best. Warm start reads the shipped PoCL database leaving out the layer itself at every batch
    size, as for a model never tuned here. Early stopping and re-timing are off, so every run
    spends its whole budget; each run is a fresh in-memory study.
-2. The whole of ResNet-50 tuned as a user would (`autoconv tune --model resnet50`: the defaults,
+2. The whole of ResNet-50 tuned as a user would (`autoconv tune --model resnet50 --trials N`: the defaults otherwise,
    warm start from earlier layers of the run, early stopping, re-timing) with the build pool
    (--jobs 2) and without (--jobs 1), each in its own process with an empty PoCL kernel cache and
    no shipped database: wall time per layer, tuned vs default with the stored spreads, and the
@@ -117,7 +117,7 @@ def leave_layer_out(contents: DatabaseContents, spec) -> list[DatabaseContents]:
     return [DatabaseContents(kept, contents.devices)]
 
 
-def full_model_run(jobs: int, work: Path) -> tuple[float, list[dict], Path]:
+def full_model_run(jobs: int, trials: int, work: Path) -> tuple[float, list[dict], Path]:
     """`autoconv tune --model resnet50 --jobs N` in a fresh process with an empty PoCL kernel cache."""
     db = work / f"jobs{jobs}.db"
     cache = work / f"pocl-cache-{jobs}"
@@ -125,7 +125,7 @@ def full_model_run(jobs: int, work: Path) -> tuple[float, list[dict], Path]:
     env = {**os.environ, "POCL_CACHE_DIR": str(cache), "AUTOCONV_SHIPPED_DB_DIR": ""}
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "autoconv.cli", "tune", "--model", "resnet50", "--jobs", str(jobs),
-                           "--db", str(db), "--json"], env=env, capture_output=True, text=True)
+                           "--trials", str(trials), "--db", str(db), "--json"], env=env, capture_output=True, text=True)
     wall = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"autoconv tune --jobs {jobs} failed:\n{done.stderr}")
@@ -176,6 +176,7 @@ def main() -> int:
     parser.add_argument("--algorithm", default="im2col_gemm")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--reference-trials", type=int, default=200)
+    parser.add_argument("--model-trials", type=int, default=20, help="--trials of the whole-model runs")
     parser.add_argument("--out", default="benchmarks/tuning-pocl.md")
     args = parser.parse_args()
 
@@ -216,7 +217,7 @@ def main() -> int:
     dbs: dict[int, Path] = {}
     for jobs in (2, 1):
         print(f"autoconv tune --model resnet50 --jobs {jobs} ...", file=sys.stderr, flush=True)
-        totals[jobs], walls[jobs], dbs[jobs] = full_model_run(jobs, work)
+        totals[jobs], walls[jobs], dbs[jobs] = full_model_run(jobs, args.model_trials, work)
         print(f"  {totals[jobs]:.0f} s", file=sys.stderr, flush=True)
 
     out = Path(args.out)
@@ -231,7 +232,8 @@ def main() -> int:
         f"# Tuning the tuner — {info.name}",
         "",
         f"Measured {datetime.date.today().isoformat()} by `scripts/bench_tuning.py --layers {args.layers} "
-        f"--algorithm {args.algorithm} --trials {args.trials} --reference-trials {args.reference_trials}` "
+        f"--algorithm {args.algorithm} --trials {args.trials} --reference-trials {args.reference_trials} "
+        f"--model-trials {args.model_trials}` "
         f"(autoconv {autoconv.__version__}) on {info.platform}, driver {info.driver}, {info.compute_units} compute "
         f"units; host {platform.machine()}, {os.cpu_count()} cores; batch 1, float32. Plot: `{png.name}`.",
         "",
@@ -265,8 +267,9 @@ def main() -> int:
         "",
         "## 2. The whole of ResNet-50, as a user tunes it",
         "",
-        "`autoconv tune --model resnet50` with the defaults (60 trials per layer at most, early stopping, warm start "
-        "from the layers already tuned in the run, re-timing), each run in a fresh process with an empty PoCL "
+        f"`autoconv tune --model resnet50 --trials {args.model_trials}` (at most {args.model_trials} trials per layer; "
+        "otherwise the defaults: early stopping, warm start from the layers already tuned in the run, re-timing), "
+        "each run in a fresh process with an empty PoCL "
         "kernel cache and no shipped database, with the build pool and without.",
         "",
         "| layer | trials (jobs 2) | wall s, --jobs 2 | wall s, --jobs 1 | served | tuned ms (spread) | default ms | "
