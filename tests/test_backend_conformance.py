@@ -70,3 +70,26 @@ class TestBackendConformance:
         second = conv.run(rng.standard_normal(spec.input_shape).astype(np.float32),
                           rng.standard_normal(spec.weight_shape).astype(np.float32), bias)
         assert not np.allclose(first, second)
+
+
+def test_runs_per_sample_reaches_the_minimum_sample_time():
+    from autoconv.backends.base import MAX_RUNS_PER_SAMPLE, runs_per_sample
+
+    assert runs_per_sample(5.0, 1.0) == 1 and runs_per_sample(0.3, 0.0) == 1
+    assert runs_per_sample(0.3, 1.0) == 4 and runs_per_sample(0.01, 1.0) == 100
+    assert runs_per_sample(0.0, 1.0) == MAX_RUNS_PER_SAMPLE
+
+
+def test_a_tiny_kernels_samples_last_the_minimum_sample_time(backend):
+    import time
+
+    spec = ConvSpec(1, 4, 6, 6, 4, 1, 1)
+    conv = backend.prepare(spec, plan_for(backend, backend.algorithms[-1], spec))
+    x, w = np.ones(spec.input_shape, np.float32), np.ones(spec.weight_shape, np.float32)
+    single = conv.time(x, w, warmup=1, repeats=3)
+    started = time.perf_counter()
+    batched = conv.time(x, w, warmup=1, repeats=3, min_sample_ms=2.0)
+    took_ms = (time.perf_counter() - started) * 1e3
+    assert len(batched.samples_ms) == 3 and batched.min_ms > 0
+    if single.median_ms < 2.0:  # each of the 3 samples spanned 2 ms of back-to-back runs
+        assert took_ms >= 3 * 2.0 * 0.9

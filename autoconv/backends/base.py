@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Callable, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -28,6 +29,33 @@ def check_fits(device: DeviceInfo, spec: ConvSpec, scratch_bytes: int, sources: 
     check_int_args((f"{source.entry}.{arg.name}", arg.value) for source in sources for arg in source.args
                    if arg.kind == "int")
     check_int_args((f"{source.entry} global size", size) for source in sources for size in source.global_size)
+
+
+# At most this many back-to-back runs make one sample, however tiny the kernel.
+MAX_RUNS_PER_SAMPLE = 1000
+CALIBRATIONS = 4
+
+
+def runs_per_sample(one_run_ms: float, min_sample_ms: float) -> int:
+    """How many runs one timing sample spans so it lasts at least `min_sample_ms` (TVM's
+    min_repeat_ms): a tiny kernel timed alone is mostly timer resolution and launch jitter."""
+    if min_sample_ms <= 0 or one_run_ms >= min_sample_ms:
+        return 1
+    return min(MAX_RUNS_PER_SAMPLE, math.ceil(min_sample_ms / max(one_run_ms, min_sample_ms / MAX_RUNS_PER_SAMPLE)))
+
+
+def calibrated_runs(time_runs: Callable[[int], float], one_run_ms: float, min_sample_ms: float) -> int:
+    """runs_per_sample from a first estimate, grown until `time_runs(k)` (the ms k back-to-back
+    runs take) reaches `min_sample_ms`: a warm-up run is often slower than the runs after it."""
+    runs = runs_per_sample(one_run_ms, min_sample_ms)
+    for _ in range(CALIBRATIONS):
+        if runs == 1 or runs >= MAX_RUNS_PER_SAMPLE:
+            break
+        took = time_runs(runs)
+        if took >= min_sample_ms:
+            break
+        runs = min(MAX_RUNS_PER_SAMPLE, math.ceil(runs * 1.2 * min_sample_ms / max(took, 1e-6)))
+    return runs
 
 
 @dataclass(frozen=True)
@@ -72,7 +100,8 @@ class PreparedConv(Protocol):
         ...
 
     def time(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-             *, warmup: int = 2, repeats: int = 10, rotate: int = 3, stage: str = "call") -> Timing:
+             *, warmup: int = 2, repeats: int = 10, rotate: int = 3, stage: str = "call",
+             min_sample_ms: float = 0.0) -> Timing:
         """Time the computation alone (inputs already on the device): warm-up runs, then repeats.
 
         stage="call" times what every call runs; stage="weights" what runs only when the weights
@@ -80,7 +109,8 @@ class PreparedConv(Protocol):
 
         The runs take `rotate` copies of the inputs in turn, so caches warmed by one run do not
         flatter the next. Each sample is one whole run (every kernel of the plan), event-timed on
-        devices.
+        devices; with `min_sample_ms`, a run shorter than that is repeated back to back within a
+        sample until the sample lasts that long, and the sample is their mean.
         """
         ...
 

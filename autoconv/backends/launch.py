@@ -12,7 +12,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from autoconv.algorithms import get_algorithm
-from autoconv.backends.base import Timing, check_fits, conv_buffers
+from autoconv.backends.base import Timing, calibrated_runs, check_fits, conv_buffers
 from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidParamsError
 from autoconv.plan import Plan
@@ -147,14 +147,14 @@ class LaunchedConv:
         return out
 
     def time(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-             *, warmup: int = 2, repeats: int = 10, rotate: int = 3, stage: str = "call") -> Timing:
+             *, warmup: int = 2, repeats: int = 10, rotate: int = 3, stage: str = "call",
+             min_sample_ms: float = 0.0) -> Timing:
         if stage not in ("call", "weights"):
             raise InvalidParamsError(f"stage: expected 'call' or 'weights', got {stage!r}")
         copies_needed = max(1, rotate) - 1
         if copies_needed:  # the rotated copies of the inputs must fit beside the conv's own buffers
             check_fits(self.runtime.device, self.spec.replace(n=self.spec.n * (copies_needed + 1)),
                        self._scratch_bytes)
-        samples = []
         with self.runtime.lock:
             self._upload(x, weight, bias)
             rotations = [self.buffers]
@@ -164,9 +164,14 @@ class LaunchedConv:
                     copy[name] = self.runtime.alloc(conv_buffers(self.spec, 0)[name])
                     self.runtime.copy(copy[name], self.buffers[name])
                 rotations.append(copy)
-            for i in range(warmup):
-                self.runtime.elapsed_ms(lambda: self._enqueue(rotations[i % len(rotations)], stage))
-            for i in range(repeats):
-                buffers = rotations[i % len(rotations)]
-                samples.append(self.runtime.elapsed_ms(lambda: self._enqueue(buffers, stage)))
+            last_ms = 0.0
+            for i in range(max(1, warmup)):
+                last_ms = self.runtime.elapsed_ms(lambda: self._enqueue(rotations[i % len(rotations)], stage))
+
+            def time_runs(runs: int, first: int = 0) -> float:
+                return self.runtime.elapsed_ms(lambda: [
+                    event for j in range(runs) for event in self._enqueue(rotations[(first + j) % len(rotations)], stage)])
+
+            runs = calibrated_runs(time_runs, last_ms, min_sample_ms)
+            samples = [time_runs(runs, i * runs) / runs for i in range(repeats)]
         return Timing(tuple(samples))

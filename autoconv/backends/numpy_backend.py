@@ -9,7 +9,7 @@ import time as _time
 import numpy as np
 
 from autoconv.algorithms import get_algorithm, list_algorithms
-from autoconv.backends.base import Timing
+from autoconv.backends.base import Timing, calibrated_runs
 from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidParamsError
 from autoconv.plan import Plan
@@ -40,21 +40,27 @@ class NumpyConv:
         return result
 
     def time(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-             *, warmup: int = 2, repeats: int = 10, rotate: int = 3, stage: str = "call") -> Timing:
+             *, warmup: int = 2, repeats: int = 10, rotate: int = 3, stage: str = "call",
+             min_sample_ms: float = 0.0) -> Timing:
         check_operands(self.spec, x, weight, bias)
         if stage == "weights":  # host algorithms use the weights as given: nothing to prepare
             return Timing((0.0,))
         # Distinct copies taken in turn, so no run finds its operands in cache from the one before.
         copies = [(x.copy(), weight.copy()) for _ in range(max(1, rotate))]
-        for i in range(warmup):
-            self._compute(*copies[i % len(copies)], bias)
-        samples = []
-        for i in range(repeats):
-            operands = copies[i % len(copies)]
+        last_ms = 0.0
+        for i in range(max(1, warmup)):
             start = _time.perf_counter()
-            self._compute(*operands, bias)
-            samples.append((_time.perf_counter() - start) * 1e3)
-        return Timing(tuple(samples))
+            self._compute(*copies[i % len(copies)], bias)
+            last_ms = (_time.perf_counter() - start) * 1e3
+
+        def time_runs(runs: int, first: int = 0) -> float:
+            start = _time.perf_counter()
+            for j in range(runs):
+                self._compute(*copies[(first + j) % len(copies)], bias)
+            return (_time.perf_counter() - start) * 1e3
+
+        runs = calibrated_runs(time_runs, last_ms, min_sample_ms)
+        return Timing(tuple(time_runs(runs, i * runs) / runs for i in range(repeats)))
 
 
 class NumpyBackend:

@@ -48,6 +48,8 @@ from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output,
 # measurement taken while something else loaded the cores must not decide which plan is served.
 MAX_SPREAD = 0.10
 MEASURE_ROUNDS = 3
+# Each timing sample lasts at least this long (back-to-back runs of a tiny kernel, averaged).
+MIN_SAMPLE_MS = 1.0
 # Trials go to the tunable algorithms within this factor of the best time so far.
 CANDIDATE_FACTOR = 2.0
 # Early stopping: an algorithm whose best improved by at most EARLY_STOP_GAIN over its last
@@ -182,7 +184,8 @@ class DeviceEvaluator:
         try:
             for _ in range(MEASURE_ROUNDS):
                 with host_threads_for(backend):
-                    timing = built.conv.time(*self.operands, warmup=self.warmup, repeats=max(self.repeats, 5))
+                    timing = built.conv.time(*self.operands, warmup=self.warmup, repeats=max(self.repeats, 5),
+                                             min_sample_ms=MIN_SAMPLE_MS)
                 if best is None or timing.spread < best.spread:
                     best = timing
                 if timing.spread <= MAX_SPREAD:
