@@ -132,6 +132,21 @@ def full_model_run(jobs: int, trials: int, work: Path) -> tuple[float, list[dict
     return wall, json.loads(done.stdout), db
 
 
+# Early-stopping rules tried on the reference runs: (window in trials, minimum gain).
+STOP_WINDOWS = (6, 8, 10, 12, 16, 20, 30)
+STOP_GAINS = (0.01, 0.02, 0.05)
+
+
+def stop_index(curve: list[float], window: int, gain: float) -> int:
+    """How many trials a run with this early-stopping rule would have measured (the tuner's
+    AlgorithmStudy.stalled: no more than `gain` better over the last `window` trials)."""
+    for done in range(window + 1, len(curve) + 1):
+        before, now = curve[done - window - 1], curve[done - 1]
+        if math.isfinite(before) and now >= before * (1 - gain):
+            return done
+    return len(curve)
+
+
 def geomean(values: list[float]) -> float:
     return math.exp(statistics.fmean(math.log(v) for v in values))
 
@@ -222,6 +237,11 @@ def main() -> int:
 
     out = Path(args.out)
     png = out.with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({
+        "layers": [layer.name for layer in chosen], "algorithm": args.algorithm, "references_ms": references,
+        "curves_ms": curves, "model_runs": {str(jobs): {"total_s": totals[jobs], "layers": walls[jobs]}
+                                            for jobs in walls}}, indent=1) + "\n")
     plot(curves, references, walls, png, args.trials)
 
     def within(curve: list[float], ref: float, n: int) -> int | None:
@@ -265,6 +285,21 @@ def main() -> int:
         f"- Goal, warm-started TPE within 5% of the reference best in <= {args.trials} trials: met on {warm_ok} of "
         f"{len(chosen)} layers.",
         "",
+        "Early stopping, replayed on the reference runs: trials a study would have measured under each rule, and "
+        "how far its best then was from the reference best (mean and worst over the layers).",
+        "",
+        "| window | min gain | trials measured (mean) | best / reference best (mean) | worst |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    reference_curves = curves[f"reference TPE ({args.reference_trials} trials)"]
+    for window in STOP_WINDOWS:
+        for gain in STOP_GAINS:
+            stops = [stop_index(curve, window, gain) for curve in reference_curves]
+            losses = [curve[stop - 1] / ref for curve, stop, ref in zip(reference_curves, stops, references)]
+            lines.append(f"| {window} | {gain:.0%} | {statistics.fmean(stops):.0f} | {statistics.fmean(losses):.3f} | "
+                         f"{max(losses):.3f} |")
+    lines += [
+        "",
         "## 2. The whole of ResNet-50, as a user tunes it",
         "",
         f"`autoconv tune --model resnet50 --trials {args.model_trials}` (at most {args.model_trials} trials per layer; "
@@ -307,7 +342,6 @@ def main() -> int:
         f"10%: {'met' if baseline_spreads and max(baseline_spreads) < 0.10 else 'not met'} (a baseline whose "
         "spread is 10% or more is not stored at all)." if baseline_spreads else "- No baseline was stored.",
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
