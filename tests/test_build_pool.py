@@ -1,49 +1,52 @@
-"""The build pool: candidates built ahead on several threads and measured one at a time in the
-order proposed, builders paused while a CPU device is timed; the shared capture of fd 2 that lets
-builds run in parallel; parallel builds on the OpenCL backend."""
+"""The build pool: candidates built ahead by builders (here a logging fake on threads; on a real
+device, processes warming the driver's kernel cache) and measured one at a time in the order
+proposed, builds and measurements never overlapping on a CPU device; builder processes on PoCL;
+the shared capture of fd 2 and parallel builds on the OpenCL backend."""
 
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from autoconv.backends.compiler_output import captured_stderr
 from autoconv.store import SQLiteStore
-from autoconv.tuning.build_pool import BuildGate, BuildPool
-from autoconv.tuning.tuner import Built, tune_layer
+from autoconv.tuning.tuner import tune_layer
 
 from test_tuner import SMALL_GPU, SPEC, FakeEvaluator
 
 CPU_DEVICE = SMALL_GPU.__class__(**{**SMALL_GPU.__dict__, "device_type": "cpu", "name": "Fake CPU"})
 
 
-class StagedFake(FakeEvaluator):
-    """A fake with the build/time split: builds take a while on builder threads, and every event
-    is logged with its thread and interval."""
+class LoggedBuilds:
+    """Fake builders on threads and a fake evaluator, every build and measurement logged with its
+    interval: (kind, algorithm, params, start, end)."""
 
-    def __init__(self, device, build_s=0.02, time_s=0.01):
-        super().__init__(device=device)
+    def __init__(self, device, build_s=0.03, time_s=0.01):
+        self.fake = FakeEvaluator(device=device)
         self.build_s, self.time_s = build_s, time_s
-        self.events = []  # (kind, algorithm, params, thread, start, end)
+        self.events = []
         self.lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(8)
+        self.algorithms = self.fake.algorithms
 
-    def build(self, algorithm, params):
-        start = time.monotonic()
-        time.sleep(self.build_s)
+    def _log(self, kind, algorithm, params, start):
         with self.lock:
-            self.events.append(("build", algorithm, params, threading.current_thread().name, start, time.monotonic()))
-        return Built(algorithm, params, conv="built")
+            self.events.append((kind, algorithm, params, start, time.monotonic()))
 
-    def time(self, built):
-        assert built.conv == "built", "a config was timed before it was built"
+    def warm(self, algorithm, params):
+        def build():
+            start = time.monotonic()
+            time.sleep(self.build_s)
+            self._log("build", algorithm, params, start)
+        return self.executor.submit(build)
+
+    def __call__(self, algorithm, params):
         start = time.monotonic()
         time.sleep(self.time_s)
-        with self.lock:
-            self.events.append(("time", built.algorithm, built.params, threading.current_thread().name, start,
-                                time.monotonic()))
-        self.measured.append((built.algorithm, built.params))
-        return self.outcome(built.algorithm, built.params)
+        self._log("time", algorithm, params, start)
+        return self.fake(algorithm, params)
 
 
 @pytest.fixture
@@ -53,50 +56,44 @@ def db(tmp_path):
 
 
 def _overlaps(a, b):
-    return a[4] < b[5] and b[4] < a[5]
+    return a[3] < b[4] and b[3] < a[4]
 
 
 @pytest.mark.parametrize("device", [CPU_DEVICE, SMALL_GPU], ids=["cpu", "gpu"])
-def test_builds_run_ahead_on_threads_and_are_measured_in_order(db, device):
-    fake = StagedFake(device)
-    report = tune_layer(SPEC, device, fake, db, trials=24, early_stop=None, retime=False, jobs=3)
+def test_builds_run_ahead_and_are_measured_in_order(db, device):
+    logged = LoggedBuilds(device)
+    report = tune_layer(SPEC, device, logged, db, trials=24, early_stop=None, retime=False, jobs=3, warm=logged.warm)
     assert report.trials == 24
-    builds = [e for e in fake.events if e[0] == "build"]
-    timings = [e for e in fake.events if e[0] == "time"]
-    # Every tunable config measured was built first, on a builder thread, never on the main one.
+    builds = [e for e in logged.events if e[0] == "build"]
+    timings = [e for e in logged.events if e[0] == "time"]
     built_at = {(e[1], e[2]): e for e in builds}
     for timing in timings:
-        if timing[1] in ("im2col_gemm", "implicit_gemm"):
-            assert built_at[(timing[1], timing[2])][5] <= timing[4]
-            assert built_at[(timing[1], timing[2])][3].startswith("autoconv-build")
-        assert timing[3] == threading.current_thread().name
-    assert len(set(fake.measured)) == len(fake.measured), "a config was measured twice"
-    # Builds overlapped each other: the pool ran them in parallel.
-    assert any(_overlaps(a, b) for i, a in enumerate(builds) for b in builds[i + 1:])
+        if timing[1] in ("im2col_gemm", "implicit_gemm"):  # what has device kernels is built first
+            assert built_at[(timing[1], timing[2])][4] <= timing[3]
+    assert len(set(logged.fake.measured)) == len(logged.fake.measured), "a config was measured twice"
+    assert any(_overlaps(a, b) for i, a in enumerate(builds) for b in builds[i + 1:]), "builds never ran together"
     if device.device_type == "cpu":
         assert not any(_overlaps(b, t) for b in builds for t in timings), "a build ran while a CPU device was timed"
+    else:
+        assert any(_overlaps(b, t) for b in builds for t in timings), "a GPU waited for builds it did not need"
     # Measured in the order the study proposed them: trial numbers rise with measurement order.
     import optuna
     from autoconv.tuning.study import journal_storage
     storage = journal_storage(db.path)
-    order = []
     for summary in optuna.study.get_all_study_summaries(storage):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        for trial in study.get_trials(deepcopy=False):
-            if trial.user_attrs.get("measured"):
-                order.append((summary.study_name, trial.number, trial.datetime_complete))
-    for name in {o[0] for o in order}:
-        numbers = [n for s, n, _ in sorted(order, key=lambda o: o[2]) if s == name]
-        assert numbers == sorted(numbers)
+        measured = sorted((t.datetime_complete, t.number) for t in study.get_trials(deepcopy=False)
+                          if t.user_attrs.get("measured"))
+        assert [n for _, n in measured] == sorted(n for _, n in measured)
 
 
-def test_the_pool_gives_the_same_bests_as_one_at_a_time(tmp_path):
+def test_the_pool_finds_bests_as_good_as_one_at_a_time(tmp_path):
     reports = []
     for jobs in (1, 3):
         with SQLiteStore(tmp_path / f"{jobs}.db") as database:
-            report = tune_layer(SPEC, CPU_DEVICE, StagedFake(CPU_DEVICE, 0.0, 0.0), database, trials=40,
-                                early_stop=None, retime=False, jobs=jobs)
-            reports.append(report)
+            logged = LoggedBuilds(CPU_DEVICE, 0.0, 0.0)
+            reports.append(tune_layer(SPEC, CPU_DEVICE, logged, database, trials=40, early_stop=None, retime=False,
+                                      jobs=jobs, warm=logged.warm))
     assert reports[0].trials == reports[1].trials == 40
     # TPE asked ahead proposes other configs, so only how good the best is can be compared.
     for algorithm in ("im2col_gemm", "implicit_gemm"):
@@ -109,9 +106,9 @@ def test_a_deadline_abandons_the_configs_still_waiting(db):
 
     from autoconv.tuning.study import journal_storage
 
-    fake = StagedFake(CPU_DEVICE, build_s=0.05, time_s=0.05)
-    report = tune_layer(SPEC, CPU_DEVICE, fake, db, trials=None, deadline=time.monotonic() + 1.0, early_stop=None,
-                        retime=False, jobs=3)
+    logged = LoggedBuilds(SMALL_GPU, build_s=0.05, time_s=0.05)
+    report = tune_layer(SPEC, SMALL_GPU, logged, db, trials=None, deadline=time.monotonic() + 1.0, early_stop=None,
+                        retime=False, jobs=3, warm=logged.warm)
     storage = journal_storage(db.path)
     states = [t.state for s in optuna.study.get_all_study_summaries(storage)
               for t in optuna.load_study(study_name=s.study_name, storage=storage).get_trials(deepcopy=False)]
@@ -119,29 +116,25 @@ def test_a_deadline_abandons_the_configs_still_waiting(db):
     assert report.trials == sum(1 for s in states if s == TrialState.COMPLETE) > 0
 
 
-def test_the_gate_holds_builds_while_measuring_only_when_asked():
-    for pause in (True, False):
-        gate = BuildGate(pause_builds=pause)
-        started = threading.Event()
-        with gate.measuring():
-            def build():
-                with gate.building():
-                    started.set()
-            thread = threading.Thread(target=build)
-            thread.start()
-            assert started.wait(0.3) is (not pause)
-        thread.join(2)
-        assert started.is_set()
+def test_builder_processes_warm_the_kernel_cache_on_pocl(tmp_path):
+    pytest.importorskip("pyopencl")
+    from autoconv import ConvSpec, get_algorithm
+    from autoconv.backends import create_backend
+    from autoconv.tuning.build_pool import builder_processes, warm_kernel_cache
+    from autoconv.tuning.tuner import tune_layers
 
-
-def test_a_build_that_raises_reaches_the_measuring_thread():
-    def build(algorithm, params):
-        raise RuntimeError("builder broke")
-    pool = BuildPool(build, lambda built: built, jobs=2)
-    pending = pool.submit("a", None)
-    with pytest.raises(RuntimeError, match="builder broke"):
-        pool.measure(pending)
-    pool.close()
+    backend = create_backend("opencl")
+    spec = ConvSpec(1, 8, 10, 10, 8, 3, 3, padding=1)
+    good = get_algorithm("implicit_gemm").heuristic(spec, backend.device)
+    assert warm_kernel_cache("opencl", backend.index, spec, "implicit_gemm", dict(good)) == ""
+    strided = ConvSpec(1, 8, 10, 10, 8, 3, 3, stride=2, padding=1)  # Winograd refuses it
+    assert "does not support" in warm_kernel_cache("opencl", backend.index, strided, "winograd",
+                                                   dict(get_algorithm("winograd").heuristic(spec, backend.device)))
+    with SQLiteStore(tmp_path / "t.db") as database:
+        (report,) = tune_layers([("tiny", spec)], backend, database, trials=6, jobs=2, warm_start=False,
+                                algorithms=("implicit_gemm",))
+    assert report.trials == 6 and report.bests["implicit_gemm"].verified
+    assert builder_processes(1) is None
 
 
 def test_concurrent_captures_each_keep_their_own_text_and_restore_fd2(capfd):

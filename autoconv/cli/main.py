@@ -356,8 +356,8 @@ def tune(
                                     "(this database and the shipped ones)"),
     early_stop: bool = typer.Option(True, help="stop tuning an algorithm on a layer once it has stalled "
                                     "(no 2% gain in 12 trials), leaving the time to other layers"),
-    jobs: int = typer.Option(DEFAULT_JOBS, min=1, help="builder threads compiling and verifying candidates ahead "
-                             "while one is timed (1: one thing at a time)"),
+    jobs: int = typer.Option(DEFAULT_JOBS, min=1, help="builder processes compiling candidates ahead "
+                             "(1: everything in this process, one thing at a time)"),
     storage: Optional[str] = typer.Option(None, help="an Optuna storage shared by several tuners: a "
                                           "postgresql:// / mysql:// / sqlite:/// URL or a journal file path "
                                           "(default: a journal beside --db)", show_default=False),

@@ -1,98 +1,113 @@
-"""The tuner's build pool, AutoTVM's builder/runner split: candidates are rendered, compiled and
-verified ahead on `jobs` threads while one at a time is timed on the main thread. Where the device
-runs on the host's own cores (a CPU device, the host BLAS), builders pause while a measurement
-runs: a measurement waits for the builds under way to end, and no build starts until it is done,
-so timings stay as clean as without the pool."""
+"""The tuner's build pool, AutoTVM's builder/runner split: candidates are compiled ahead by `jobs`
+builder processes while the tuner measures one at a time.
+
+A builder compiles a candidate and runs it once (PoCL finishes compiling a kernel for its
+work-group size at the first launch), which leaves the binaries in the driver's on-disk kernel
+cache (PoCL's kcache; CuPy's kernel cache on CUDA). The tuner's own build of the candidate is then
+a cache hit, and it verifies and times the candidate as before, so nothing a builder does is
+trusted for correctness. Processes, not threads: PoCL compiles one program at a time per process.
+
+On a device that computes on the host's cores (a CPU device such as PoCL) builds and measurements
+never overlap: candidates go in batches of `jobs`, built together, then measured one by one with
+no builder running, so timings stay as clean as without the pool. On a GPU, builds run on while a
+candidate is measured."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+import multiprocessing
+import signal
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, wait
+from typing import Any, Callable
 
-# Builder threads by default: measured in benchmarks/tuning-pocl.md.
+from autoconv.algorithms import Params, get_algorithm
+from autoconv.spec import ConvSpec
+
+# Builder processes by default: measured in benchmarks/tuning-pocl.md.
 DEFAULT_JOBS = 2
 
+# On a CPU device a batch holds this many candidates per builder, so that one slow build (a
+# Winograd config beside a GEMM one) leaves the other builders work.
+BATCH_PER_JOB = 2
 
-class BuildGate:
-    """Builds run together; a measurement runs alone when `pause_builds`."""
-
-    def __init__(self, pause_builds: bool) -> None:
-        self.pause_builds = pause_builds
-        self._changed = threading.Condition()
-        self._builds = 0
-        self._measuring = False
-
-    @contextlib.contextmanager
-    def building(self) -> Iterator[None]:
-        with self._changed:
-            self._changed.wait_for(lambda: not (self.pause_builds and self._measuring))
-            self._builds += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._builds -= 1
-                self._changed.notify_all()
-
-    @contextlib.contextmanager
-    def measuring(self) -> Iterator[None]:
-        with self._changed:
-            self._measuring = True
-            self._changed.wait_for(lambda: not (self.pause_builds and self._builds))
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._measuring = False
-                self._changed.notify_all()
+Warm = Callable[[str, Params], Any]
 
 
-class _BuildLater:
-    """A build done when its result is first asked for (no pool: one thing at a time)."""
+def _ignore_interrupts() -> None:
+    # Ctrl-C goes to the whole process group: the tuner stops the builders itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    def __init__(self, build: Callable[[], Any]) -> None:
-        self._build = build
 
-    def result(self) -> Any:
-        return self._build()
+def warm_kernel_cache(backend_name: str, device: int | None, spec: ConvSpec, algorithm: str,
+                      params: dict[str, int]) -> str:
+    """In a builder process: compile one candidate (its params as a plain dict, which pickles) and
+    run it once on random data. Returns '' or why it failed (the tuner's own build meets the same
+    failure and records it)."""
+    import numpy as np
 
-    def cancel(self) -> bool:
-        return True
+    from autoconv.plan import Plan
+    from autoconv.serve.session import default_session
+
+    try:
+        backend = default_session().backend(backend_name, device)
+        conv = backend.prepare(spec, Plan(algorithm, get_algorithm(algorithm).space.validate(params), "tuning"))
+        rng = np.random.default_rng(0)
+        conv.run(rng.standard_normal(spec.input_shape, dtype=np.float32),
+                 rng.standard_normal(spec.weight_shape, dtype=np.float32),
+                 rng.standard_normal(spec.k, dtype=np.float32) if spec.bias else None)
+        return ""
+    except Exception as exc:  # noqa: BLE001 - reported by the tuner's own build, never here
+        return f"{type(exc).__name__}: {exc}"
+
+
+def builder_processes(jobs: int) -> Executor | None:
+    """`jobs` builder processes (none for 1: everything then happens in the tuner's process)."""
+    if jobs <= 1:
+        return None
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_interrupts)
 
 
 class BuildPool:
-    """`build(algorithm, params)` on `jobs` threads (none when jobs is 1: builds then happen when
-    measured, as before there was a pool); `time(built)` on the caller's thread, alone on the
-    device's cores when `pause_builds`."""
+    """Hands candidates to the builders and says when one may be measured."""
 
-    def __init__(self, build: Callable[[str, Any], Any], time: Callable[[Any], Any], *, jobs: int = 1,
-                 pause_builds: bool = True) -> None:
-        self.jobs = max(1, jobs)
-        self.gate = BuildGate(pause_builds)
-        self._build, self._time = build, time
-        self._executor = ThreadPoolExecutor(self.jobs, thread_name_prefix="autoconv-build") if self.jobs > 1 else None
+    def __init__(self, warm: Warm | None, *, jobs: int = 1, pause_builds: bool = True) -> None:
+        self.jobs = max(1, jobs) if warm is not None else 1
+        self.pause_builds = pause_builds
+        self._warm = warm
+        self._in_flight: set[Future[Any]] = set()
+
+    @property
+    def batched(self) -> bool:
+        """Builds and measurements take turns (a CPU device): a new batch only when the last is measured."""
+        return self.jobs > 1 and self.pause_builds
 
     @property
     def depth(self) -> int:
-        """How many candidates to have in flight: every builder busy while one is measured."""
-        return 1 if self._executor is None else self.jobs + 1
+        """How many candidates to have in flight: a batch of `jobs` on a CPU device, else every
+        builder busy while one is measured."""
+        return BATCH_PER_JOB * self.jobs if self.batched else (self.jobs + 1 if self.jobs > 1 else 1)
 
-    def submit(self, algorithm: str, params: Any) -> "Future[Any] | _BuildLater":
-        if self._executor is None:
-            return _BuildLater(lambda: self._build(algorithm, params))
-        return self._executor.submit(self._gated_build, algorithm, params)
+    def submit(self, algorithm: str, params: Params) -> Future[Any] | None:
+        if self._warm is None or self.jobs == 1 or not get_algorithm(algorithm).device_kernels:
+            return None
+        future = self._warm(algorithm, params)
+        self._in_flight.add(future)
+        future.add_done_callback(self._in_flight.discard)
+        return future
 
-    def _gated_build(self, algorithm: str, params: Any) -> Any:
-        with self.gate.building():
-            return self._build(algorithm, params)
-
-    def measure(self, pending: "Future[Any] | _BuildLater") -> Any:
-        built = pending.result()
-        with self.gate.measuring():
-            return self._time(built)
+    def ready(self, build: Future[Any] | None) -> None:
+        """Wait until a candidate may be measured: its build done, and on a CPU device every build."""
+        waiting = set(self._in_flight) if self.pause_builds else ({build} if build is not None else set())
+        if waiting:
+            wait(waiting)
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        for future in list(self._in_flight):
+            future.cancel()
+        if self._in_flight:
+            wait(set(self._in_flight))
+
+
+def process_warm(builders: Executor, backend_name: str, device: int | None, spec: ConvSpec) -> Warm:
+    """The warm function of a layer on the builder processes."""
+    return lambda algorithm, params: builders.submit(warm_kernel_cache, backend_name, device, spec, algorithm,
+                                                     dict(params))

@@ -38,7 +38,7 @@ from autoconv.store import (
     TunedResult,
     fastest,
 )
-from autoconv.tuning.build_pool import BuildPool
+from autoconv.tuning.build_pool import BuildPool, Warm, builder_processes, process_warm
 from autoconv.tuning.study import INF, AlgorithmStudy, Heartbeat, Proposal, journal_path, journal_storage, open_storage
 from autoconv.serve.lookup import DatabaseContents
 from autoconv.tuning.warm_start import warm_start_configs
@@ -89,9 +89,7 @@ class Outcome:
 
 
 class Evaluator(Protocol):
-    """Measures configs of one layer on one device (replaced by a fake in the tuner's tests).
-    One that also has `build(algorithm, params)` (compile and verify, safe on any thread) and
-    `time(built)` (measure what build returned) has its builds done ahead by the build pool."""
+    """Measures configs of one layer on one device (replaced by a fake in the tuner's tests)."""
 
     algorithms: tuple[str, ...]  # what it can measure
 
@@ -240,20 +238,18 @@ def tunable(algorithm: str) -> bool:
 class LayerTuning:
     """One layer's tuning run, one method per job: choose the algorithms, measure the untunable
     ones, give each tunable one its default, share the budget out, store the bests. Trials flow
-    through a pipeline: proposed, built ahead by the build pool, measured one at a time in the
-    order proposed."""
+    through a pipeline: proposed, built ahead by the build pool's builders (`warm`), then built
+    again here (a kernel-cache hit), verified and timed one at a time in the order proposed."""
 
     def __init__(self, spec: ConvSpec, device: DeviceInfo, evaluate: Evaluator, db: ResultStore, *,
                  storage: Any, trials: int | None, deadline: float | None, label: str, seed: int,
                  algorithms: tuple[str, ...] | None, progress: ProgressCallback | None,
                  records: Sequence[DatabaseContents] | None = None, early_stop: tuple[int, float] | None = None,
-                 jobs: int = 1, heartbeat: Heartbeat | None = None, sampler: str = "tpe") -> None:
+                 jobs: int = 1, warm: Warm | None = None, heartbeat: Heartbeat | None = None,
+                 sampler: str = "tpe") -> None:
         self.spec, self.device, self.evaluate, self.db = spec, device, evaluate, db
-        staged = callable(getattr(evaluate, "build", None)) and callable(getattr(evaluate, "time", None))
-        # A CPU device computes on the cores the builders compile on: they pause while it is timed.
-        self.pool = BuildPool(evaluate.build if staged else lambda name, params: (name, params),
-                              evaluate.time if staged else lambda built: evaluate(*built),
-                              jobs=jobs, pause_builds=device.device_type != "gpu")
+        # A CPU device computes on the cores the builders compile on: they never overlap.
+        self.pool = BuildPool(warm, jobs=jobs, pause_builds=device.device_type != "gpu")
         self.pipeline: deque[tuple[str, Proposal, Any]] = deque()
         self.trials, self.deadline, self.progress, self.early_stop = trials, deadline, progress, early_stop
         self.templates = template_hash()
@@ -332,23 +328,24 @@ class LayerTuning:
         proposal = self.studies[name].propose()
         if proposal is None:
             return False
-        pending = None if proposal.known is not None else self.pool.submit(name, proposal.params)
-        self.pipeline.append((name, proposal, pending))
+        build = None if proposal.known is not None else self.pool.submit(name, proposal.params)
+        self.pipeline.append((name, proposal, build))
         return True
 
     def _finish_oldest(self) -> None:
         """Measure the oldest trial in flight (or reuse its known outcome), tell its study, store
         a new best."""
-        name, proposal, pending = self.pipeline.popleft()
+        name, proposal, build = self.pipeline.popleft()
         study = self.studies[name]
         before = study.best()
-        if pending is None:
-            status, ms, error = proposal.known  # type: ignore[misc]
+        if proposal.known is not None:
+            status, ms, error = proposal.known
         else:
-            outcome = self.pool.measure(pending)
+            self.pool.ready(build)
+            outcome = self.evaluate(name, proposal.params)
             self._record(name, proposal.params, outcome)
             status, ms, error = outcome.status, outcome.median_ms, outcome.rel_error
-        study.conclude(proposal, status, ms, error, measured=pending is not None)
+        study.conclude(proposal, status, ms, error, measured=proposal.known is None)
         best = study.best()
         if best is not None and (before is None or best[1] < before[1]):
             self._save(name, best[0], best[1], best[2], study.default_ms(), study.completed)
@@ -358,22 +355,24 @@ class LayerTuning:
 
     def _run(self, choose: Callable[[set[str]], str | None]) -> None:
         """Keep the pipeline full with the trials `choose` names (None: no more), measuring the
-        oldest in turn; at the deadline the trials still waiting are abandoned, unmeasured."""
+        oldest in turn (on a CPU device a new batch starts only when the last one is measured);
+        at the deadline the trials still waiting are abandoned, unmeasured."""
         exhausted: set[str] = set()
         while True:
-            while len(self.pipeline) < self.pool.depth and not self.spent():
-                name = choose(exhausted)
-                if name is None:
-                    break
-                if not self._start(name):
-                    exhausted.add(name)
+            if not (self.pool.batched and self.pipeline):
+                while len(self.pipeline) < self.pool.depth and not self.spent():
+                    name = choose(exhausted)
+                    if name is None:
+                        break
+                    if not self._start(name):
+                        exhausted.add(name)
             if not self.pipeline:
                 return
             if self.past_deadline():
                 while self.pipeline:
-                    name, proposal, pending = self.pipeline.popleft()
-                    if pending is not None:
-                        pending.cancel()
+                    name, proposal, build = self.pipeline.popleft()
+                    if build is not None:
+                        build.cancel()
                     self.studies[name].abandon(proposal)
                 return
             self._finish_oldest()
@@ -467,30 +466,37 @@ def tune_layer(
     early_stop: tuple[int, float] | None = (EARLY_STOP_TRIALS, EARLY_STOP_GAIN),
     retime: bool = True,
     jobs: int = 1,
+    warm: Warm | None = None,
     heartbeat: Heartbeat | None = None,
     sampler: str = "tpe",
 ) -> LayerReport:
     """Tune (or resume tuning) one layer over every algorithm that supports it until the tunable
     algorithms' studies hold `trials` measured trials together, the monotonic `deadline` passes,
     or every study has stalled (`early_stop`: (trials, gain), None to spend the whole budget);
-    new studies are seeded with the winners in `records` of similar layers (warm start); `jobs`
-    builder threads compile and verify candidates ahead; `sampler` is "tpe" or "random" (new
+    new studies are seeded with the winners in `records` of similar layers (warm start); with
+    `warm` (a candidate's build on a builder: build_pool.process_warm), `jobs` candidates are
+    built ahead; `sampler` is "tpe" or "random" (new
     studies only: a resumed one keeps how it was sampled in its trials). The studies live in `storage` (default:
     the journal beside the database), which other workers may share. Returns the report and
     leaves each algorithm's best in the store."""
     if trials is None and deadline is None:
         raise InvalidParamsError("tuning needs a budget: a trial count or a time limit")
     started = time.monotonic()
+    own_heartbeat = heartbeat is None  # a trial in flight must stay alive to other workers
+    heartbeat = heartbeat or Heartbeat()
     tuning = LayerTuning(spec, device, evaluate, db,
                          storage=storage if storage is not None else journal_storage(Path(db.path)), trials=trials,
                          deadline=deadline, label=label, seed=seed, algorithms=algorithms, progress=progress,
-                         records=records, early_stop=early_stop, jobs=jobs, heartbeat=heartbeat, sampler=sampler)
+                         records=records, early_stop=early_stop, jobs=jobs, warm=warm, heartbeat=heartbeat,
+                         sampler=sampler)
     try:
         tuning.measure_untunable()
         tuning.measure_defaults()
         tuning.share_budget()
     finally:
         tuning.pool.close()
+        if own_heartbeat:
+            heartbeat.stop()
     return tuning.finish(started, retime=retime)
 
 
@@ -516,13 +522,18 @@ def tune_layers(
     With warm_start, each new study is seeded from this database's and the shipped databases'
     winners on similar layers (read again before each layer: earlier layers of the run count).
     `storage` (an Optuna storage URL or journal path) holds the studies when several workers
-    share them; each worker still writes its measurements and bests to its own `db`."""
+    share them; each worker still writes its measurements and bests to its own `db`. With
+    jobs > 1, `jobs` builder processes are started (spawned: a script calling this needs the
+    `if __name__ == "__main__":` guard)."""
     from autoconv.serve.session import default_session
 
     session = default_session()
     where = storage if storage is not None else str(journal_path(Path(db.path)))
     studies = open_storage(storage) if storage is not None else journal_storage(Path(db.path))
     heartbeat = Heartbeat()
+    # The numpy backend has nothing to build; a device's builders live as long as the run.
+    builders = builder_processes(jobs) if backend.name != "numpy" else None
+    device_index = getattr(backend, "index", None)
     reports = []
     end = None if time_budget_s is None else time.monotonic() + time_budget_s
     try:
@@ -539,6 +550,8 @@ def tune_layers(
                 reports.append(tune_layer(spec, backend.device, evaluator, db, trials=trials, deadline=deadline,
                                           label=label, seed=seed, storage=studies, algorithms=algorithms,
                                           progress=progress, records=records, early_stop=early_stop, jobs=jobs,
+                                          warm=None if builders is None else
+                                          process_warm(builders, backend.name, device_index, spec),
                                           heartbeat=heartbeat))
             except OSError as exc:  # the journal became unwritable (read-only, disk full) mid-run
                 raise TuningDBError(f"the Optuna journal {where} cannot be written: {exc.strerror or exc}") from None
@@ -546,6 +559,8 @@ def tune_layers(
                 on_layer_end(reports[-1])
     finally:
         heartbeat.stop()
+        if builders is not None:
+            builders.shutdown(wait=True, cancel_futures=True)
     return reports
 
 
