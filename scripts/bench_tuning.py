@@ -38,7 +38,7 @@ from autoconv.layers import model_layers
 from autoconv.serve.lookup import DatabaseContents
 from autoconv.serve.session import read_contents
 from autoconv.store import SQLiteStore, fastest
-from autoconv.tuning.tuner import DeviceEvaluator, tune_layer
+from autoconv.tuning.tuner import EARLY_STOP_GAIN, EARLY_STOP_TRIALS, DeviceEvaluator, tune_layer
 from autoconv.tuning.verify import TOLERANCE, reference_output, relative_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +135,7 @@ def full_model_run(jobs: int, trials: int, work: Path) -> tuple[float, list[dict
 # Early-stopping rules tried on the reference runs: (window in trials, minimum gain).
 STOP_WINDOWS = (6, 8, 10, 12, 16, 20, 30)
 STOP_GAINS = (0.01, 0.02, 0.05)
+MAX_STOP_LOSS = 0.10
 
 
 def stop_index(curve: list[float], window: int, gain: float) -> int:
@@ -292,12 +293,22 @@ def main() -> int:
         "|---:|---:|---:|---:|---:|",
     ]
     reference_curves = curves[f"reference TPE ({args.reference_trials} trials)"]
+    fitting = []
     for window in STOP_WINDOWS:
         for gain in STOP_GAINS:
             stops = [stop_index(curve, window, gain) for curve in reference_curves]
             losses = [curve[stop - 1] / ref for curve, stop, ref in zip(reference_curves, stops, references)]
             lines.append(f"| {window} | {gain:.0%} | {statistics.fmean(stops):.0f} | {statistics.fmean(losses):.3f} | "
                          f"{max(losses):.3f} |")
+            if max(losses) <= 1 + MAX_STOP_LOSS:
+                fitting.append((window, -gain, gain))
+    chosen_rule = min(fitting)[::2] if fitting else None
+    lines += [
+        "",
+        f"- Rule for the defaults: the shortest window (then the largest gain) whose worst loss is within "
+        f"{MAX_STOP_LOSS:.0%}: " + (f"{chosen_rule[0]} trials, {chosen_rule[1]:.0%}" if chosen_rule else "none")
+        + f". autoconv's defaults: {EARLY_STOP_TRIALS} trials, {EARLY_STOP_GAIN:.0%}.",
+    ]
     lines += [
         "",
         "## 2. The whole of ResNet-50, as a user tunes it",
@@ -307,8 +318,8 @@ def main() -> int:
         "each run in a fresh process with an empty PoCL "
         "kernel cache and no shipped database, with the build pool and without.",
         "",
-        "| layer | trials (jobs 2) | wall s, --jobs 2 | wall s, --jobs 1 | served | tuned ms (spread) | default ms | "
-        "tuned vs default | baseline ms (spread) |",
+        "| layer | trials, --jobs 2 / 1 | wall s, --jobs 2 | wall s, --jobs 1 | served | tuned ms (spread) | "
+        "default ms | tuned vs default | baseline ms (spread) |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     with SQLiteStore(dbs[2], readonly=True) as db:
@@ -326,13 +337,13 @@ def main() -> int:
         vs_default = (f"{generated.default_ms / generated.median_ms:.2f}x"
                       if generated is not None and generated.default_ms else "n/a")
         lines.append(
-            f"| {row2['layer'].split('/')[-1]} | {row2['trials']} | {row2['wall_s']:.0f} | {row1['wall_s']:.0f} | "
-            f"{served.algorithm if served else 'none'} | "
+            f"| {row2['layer'].split('/')[-1]} | {row2['trials']} / {row1['trials']} | {row2['wall_s']:.0f} | "
+            f"{row1['wall_s']:.0f} | {served.algorithm if served else 'none'} | "
             f"{generated.median_ms:.3f} ({spread(generated)}) | "
             f"{generated.default_ms:.3f} | {vs_default} | "
             f"{baseline.median_ms:.3f} ({spread(baseline)}) |" if generated and generated.default_ms and baseline else
-            f"| {row2['layer'].split('/')[-1]} | {row2['trials']} | {row2['wall_s']:.0f} | {row1['wall_s']:.0f} | "
-            f"{served.algorithm if served else 'none'} | n/a | n/a | n/a | n/a |")
+            f"| {row2['layer'].split('/')[-1]} | {row2['trials']} / {row1['trials']} | {row2['wall_s']:.0f} | "
+            f"{row1['wall_s']:.0f} | {served.algorithm if served else 'none'} | n/a | n/a | n/a | n/a |")
     lines += [
         "",
         f"- Whole ResNet-50 ({len(walls[2])} layers): {totals[2]:.0f} s with --jobs 2, {totals[1]:.0f} s with "

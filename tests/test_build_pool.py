@@ -186,3 +186,17 @@ def test_opencl_builds_distinct_sources_in_parallel_and_each_source_once():
     for entry, kernel in kernels:
         programs[entry].add(kernel.program.int_ptr)
     assert all(len(p) == 1 for p in programs.values()), "a source was built twice"
+
+
+def test_a_dead_build_pool_leaves_tuning_to_go_on_in_process(db):
+    from concurrent.futures import BrokenExecutor
+
+    logged = LoggedBuilds(CPU_DEVICE, 0.0, 0.0)
+
+    def broken(algorithm, params):
+        raise BrokenExecutor("a child process terminated abruptly")
+
+    with pytest.warns(RuntimeWarning, match="build pool stopped"):
+        report = tune_layer(SPEC, CPU_DEVICE, logged, db, trials=10, early_stop=None, retime=False, jobs=2,
+                            warm=broken)
+    assert report.trials == 10

@@ -355,7 +355,7 @@ def tune(
     warm_start: bool = typer.Option(True, help="seed each new study with the winners of similar tuned layers "
                                     "(this database and the shipped ones)"),
     early_stop: bool = typer.Option(True, help="stop tuning an algorithm on a layer once it has stalled "
-                                    "(no 2% gain in 12 trials), leaving the time to other layers"),
+                                    "(no 5% gain in 30 trials), leaving the time to other layers"),
     jobs: int = typer.Option(DEFAULT_JOBS, min=1, help="builder processes compiling candidates ahead "
                              "(1: everything in this process, one thing at a time)"),
     storage: Optional[str] = typer.Option(None, help="an Optuna storage shared by several tuners: a "

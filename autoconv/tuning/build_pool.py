@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, wait
+import warnings
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable
 
 from autoconv.algorithms import Params, get_algorithm
@@ -89,7 +90,14 @@ class BuildPool:
     def submit(self, algorithm: str, params: Params) -> Future[Any] | None:
         if self._warm is None or self.jobs == 1 or not get_algorithm(algorithm).device_kernels:
             return None
-        future = self._warm(algorithm, params)
+        try:
+            future = self._warm(algorithm, params)
+        except (BrokenExecutor, RuntimeError) as exc:
+            # A builder died (killed, out of memory): tuning goes on, building in this process.
+            warnings.warn(f"autoconv: the build pool stopped ({type(exc).__name__}: {exc}); candidates are built "
+                          "one at a time from now on", RuntimeWarning, stacklevel=2)
+            self._warm = None
+            return None
         self._in_flight.add(future)
         future.add_done_callback(self._in_flight.discard)
         return future

@@ -131,10 +131,11 @@ def open_storage(storage: str) -> Any:
             failure = exc
             time.sleep(0.5 * (attempt + 1))
     reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
-    raise TuningDBError(f"--storage: cannot open the Optuna storage at {_without_password(storage)}: {reason}")
+    raise TuningDBError(f"--storage: cannot open the Optuna storage at {without_password(storage)}: {reason}")
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
+    """A storage URL fit to print: its password masked."""
     scheme, _, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
     if not at or ":" not in credentials:
