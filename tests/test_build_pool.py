@@ -200,3 +200,42 @@ def test_a_dead_build_pool_leaves_tuning_to_go_on_in_process(db):
         report = tune_layer(SPEC, CPU_DEVICE, logged, db, trials=10, early_stop=None, retime=False, jobs=2,
                             warm=broken)
     assert report.trials == 10
+
+
+def test_builders_of_a_killed_tuner_stop(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "tuner.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from autoconv.tuning.build_pool import builder_processes\n"
+        "if __name__ == '__main__':\n"
+        "    pool = builder_processes(2)\n"
+        "    pids = [pool.submit(os.getpid).result() for _ in range(4)]\n"
+        "    print(' '.join(map(str, set(pids))), flush=True)\n"
+        "    time.sleep(60)\n")
+    tuner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    builders = [int(pid) for pid in tuner.stdout.readline().split()]
+    assert builders
+    tuner.send_signal(signal.SIGKILL)
+    tuner.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in builders):
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
+                   for pid in builders), "a builder outlived its tuner"
+
+
+def test_pocl_threads_are_pinned_unless_the_user_says_otherwise(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("pyopencl")
+    probe = ("import os\nfrom autoconv.backends import create_backend\ncreate_backend('opencl')\n"
+             "print(os.environ['POCL_AFFINITY'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "POCL_AFFINITY"}
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "1"
+    assert subprocess.run([sys.executable, "-c", probe], env={**env, "POCL_AFFINITY": "0"}, capture_output=True,
+                          text=True).stdout.strip() == "0"

@@ -3,6 +3,7 @@ primitives (buffers, copies, launches, event timing)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -27,7 +28,16 @@ INSTALL_HINT = (
 _PROBE_SOURCE = "__kernel void probe(__global float* a) { a[get_global_id(0)] += 1.0f; }"
 
 
+# PoCL's CPU device runs work-groups on one thread per core; unpinned, the Linux scheduler at
+# times stacks two of them on one core for hundreds of milliseconds, and a kernel then takes 2x
+# as long (bimodal timings: the same config measured 1.5 or 3.0 ms on our 2-core machine; pinned,
+# within 1.14x; benchmarks/tuning-pocl.md). PoCL reads this when it first loads; a value the
+# user set is kept.
+POCL_PINNING = ("POCL_AFFINITY", "1")
+
+
 def _cl() -> Any:
+    os.environ.setdefault(*POCL_PINNING)
     try:
         import pyopencl
     except ImportError:

@@ -15,7 +15,10 @@ candidate is measured."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import threading
+import time
 import warnings
 from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable
@@ -33,9 +36,18 @@ BATCH_PER_JOB = 2
 Warm = Callable[[str, Params], Any]
 
 
-def _ignore_interrupts() -> None:
+def _start_builder() -> None:
     # Ctrl-C goes to the whole process group: the tuner stops the builders itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A tuner killed outright (SIGKILL) cannot stop its builders: they stop when it is gone.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="autoconv-builder-watch", daemon=True).start()
 
 
 def warm_kernel_cache(backend_name: str, device: int | None, spec: ConvSpec, algorithm: str,
@@ -64,7 +76,7 @@ def builder_processes(jobs: int) -> Executor | None:
     """`jobs` builder processes (none for 1: everything then happens in the tuner's process)."""
     if jobs <= 1:
         return None
-    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_interrupts)
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_builder)
 
 
 class BuildPool:
