@@ -152,7 +152,9 @@ def test_end_to_end_on_pocl(opencl, tmp_path):
         report = tune_layer(spec, opencl.device, DeviceEvaluator(opencl, spec, repeats=2), database, trials=4)
     # The untuned references are stored only when their timing was steady (a busy machine may not be).
     # Every registered algorithm that supports a 3x3 stride-1 layer is tuned: Winograd included.
-    assert report.trials == 4 and {IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD} <= set(report.bests) <= set(list_algorithms())
+    # Each tunable algorithm's default is measured; the 4th trial is given only when one of them
+    # is within 2x of the fastest method (on a tiny layer the host BLAS may be far ahead).
+    assert report.trials in (3, 4) and {IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD} <= set(report.bests) <= set(list_algorithms())
     assert report.unsupported == {}
     for result in report.bests.values():
         assert result.verified and result.rel_error < 1e-4 and result.median_ms > 0
