@@ -153,8 +153,8 @@ class OpenCLBackend:
         self.context = cl.Context([cl_device])
         self.queue = cl.CommandQueue(self.context, properties=cl.command_queue_properties.PROFILING_ENABLE)
         self._programs: dict[tuple[str, str], Any] = {}
-        # One lock per source being built: different sources build in parallel (the tuner's build
-        # pool), the same source is built once while its other callers wait.
+        # One lock per source being built: callers on several threads build different sources in
+        # parallel, and the same source once while its other callers wait.
         self._programs_lock = threading.Lock()
         self._build_locks: dict[tuple[str, str], threading.Lock] = {}
         # pyopencl's generic "Non-empty compiler output encountered" says nothing the captured

@@ -8,7 +8,7 @@ a cache hit, and it verifies and times the candidate as before, so nothing a bui
 trusted for correctness. Processes, not threads: PoCL compiles one program at a time per process.
 
 On a device that computes on the host's cores (a CPU device such as PoCL) builds and measurements
-never overlap: candidates go in batches of `jobs`, built together, then measured one by one with
+never overlap: candidates go in batches of BATCH_PER_JOB per builder, built together, then measured one by one with
 no builder running, so timings stay as clean as without the pool. On a GPU, builds run on while a
 candidate is measured."""
 
@@ -55,18 +55,14 @@ def warm_kernel_cache(backend_name: str, device: int | None, spec: ConvSpec, alg
     """In a builder process: compile one candidate (its params as a plain dict, which pickles) and
     run it once on random data. Returns '' or why it failed (the tuner's own build meets the same
     failure and records it)."""
-    import numpy as np
-
     from autoconv.plan import Plan
     from autoconv.serve.session import default_session
+    from autoconv.tuning.verify import random_operands
 
     try:
         backend = default_session().backend(backend_name, device)
         conv = backend.prepare(spec, Plan(algorithm, get_algorithm(algorithm).space.validate(params), "tuning"))
-        rng = np.random.default_rng(0)
-        conv.run(rng.standard_normal(spec.input_shape, dtype=np.float32),
-                 rng.standard_normal(spec.weight_shape, dtype=np.float32),
-                 rng.standard_normal(spec.k, dtype=np.float32) if spec.bias else None)
+        conv.run(*random_operands(spec, 0))
         return ""
     except Exception as exc:  # noqa: BLE001 - reported by the tuner's own build, never here
         return f"{type(exc).__name__}: {exc}"
@@ -86,7 +82,7 @@ class BuildPool:
         self.jobs = max(1, jobs) if warm is not None else 1
         self.pause_builds = pause_builds
         self._warm = warm
-        self._in_flight: set[Future[Any]] = set()
+        self._submitted: list[Future[Any]] = []
 
     @property
     def batched(self) -> bool:
@@ -95,8 +91,8 @@ class BuildPool:
 
     @property
     def depth(self) -> int:
-        """How many candidates to have in flight: a batch of `jobs` on a CPU device, else every
-        builder busy while one is measured."""
+        """How many candidates to have in flight: a batch on a CPU device, else every builder busy
+        while one is measured."""
         return BATCH_PER_JOB * self.jobs if self.batched else (self.jobs + 1 if self.jobs > 1 else 1)
 
     def submit(self, algorithm: str, params: Params) -> Future[Any] | None:
@@ -110,21 +106,23 @@ class BuildPool:
                           "one at a time from now on", RuntimeWarning, stacklevel=2)
             self._warm = None
             return None
-        self._in_flight.add(future)
-        future.add_done_callback(self._in_flight.discard)
+        self._submitted.append(future)
         return future
+
+    def _in_flight(self) -> list[Future[Any]]:
+        self._submitted = [future for future in self._submitted if not future.done()]
+        return self._submitted
 
     def ready(self, build: Future[Any] | None) -> None:
         """Wait until a candidate may be measured: its build done, and on a CPU device every build."""
-        waiting = set(self._in_flight) if self.pause_builds else ({build} if build is not None else set())
+        waiting = self._in_flight() if self.pause_builds else ([build] if build is not None else [])
         if waiting:
             wait(waiting)
 
     def close(self) -> None:
-        for future in list(self._in_flight):
+        for future in self._in_flight():
             future.cancel()
-        if self._in_flight:
-            wait(set(self._in_flight))
+        wait(self._in_flight())
 
 
 def process_warm(builders: Executor, backend_name: str, device: int | None, spec: ConvSpec) -> Warm:

@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from autoconv.algorithms import Params, get_algorithm
 from autoconv.device import DeviceInfo
@@ -418,17 +418,3 @@ class AlgorithmStudy:
             self.study.tell(proposal.trial, state=TrialState.FAIL)
         except (RuntimeError, ValueError):
             pass
-
-    def step(self, measure: Callable[[Params], tuple[str, float, float, str]]) -> tuple[Params, str, float, float, str, bool] | None:
-        """Propose one config, measure it (or reuse a known outcome), tell the study. Returns
-        (params, status, ms, rel_error, message, measured_now), or None when the sampler keeps
-        proposing invalid configs."""
-        proposal = self.propose()
-        if proposal is None:
-            return None
-        if proposal.known is None:
-            status, ms, error, message = measure(proposal.params)
-        else:
-            (status, ms, error), message = proposal.known, ""
-        self.conclude(proposal, status, ms, error, measured=proposal.known is None)
-        return proposal.params, status, ms, error, message, proposal.known is None

@@ -109,17 +109,6 @@ class Evaluator(Protocol):
         ...
 
 
-@dataclass
-class Built:
-    """A config compiled and verified, ready to be timed, or the failure that stopped it."""
-
-    algorithm: str
-    params: Params
-    conv: Any = None
-    rel_error: float = INF
-    failure: Outcome | None = None
-
-
 def winner_beyond_noise(samples: dict[Params, list[float]], default: Params, seed: int = 0) -> Params:
     """The default, unless a candidate is faster beyond the noise: the 5th percentile of the
     bootstrap distribution of median(default) / median(candidate), resampling each one's round
@@ -165,37 +154,23 @@ class DeviceEvaluator:
         self.reference = reference_output(spec, self.operands)
 
     def __call__(self, algorithm: str, params: Params) -> Outcome:
-        return self.time(self.build(algorithm, params))
-
-    def build(self, algorithm: str, params: Params) -> Built:
-        """Compile the config and check it against the reference on a NaN-poisoned output."""
         backend = self.backend if algorithm in self.backend.algorithms else self._host
         try:
             conv = backend.prepare(self.spec, Plan(algorithm, params, "tuning"))
-            error = relative_error(conv.run(*self.operands, poison=True), self.reference)
         except KernelCompileError as exc:
-            return Built(algorithm, params, failure=Outcome(STATUS_COMPILE_FAILED, INF, INF, str(exc)))
-        except KernelLaunchError as exc:
-            return Built(algorithm, params, failure=Outcome(STATUS_LAUNCH_FAILED, INF, INF, str(exc)))
+            return Outcome(STATUS_COMPILE_FAILED, INF, INF, str(exc))
         except ResourceLimitError as exc:
-            return Built(algorithm, params, failure=Outcome(STATUS_TOO_LARGE, INF, INF, str(exc)))
-        if not error < TOLERANCE:
-            return Built(algorithm, params, failure=Outcome(STATUS_WRONG_RESULT, INF, error,
-                                                            f"relative error {error:.2e} >= {TOLERANCE:.0e}"))
-        return Built(algorithm, params, conv, error)
-
-    def time(self, built: Built) -> Outcome:
-        """Time a verified config: up to MEASURE_ROUNDS rounds until one is steady (a busy core
-        shows as a wide spread)."""
-        if built.failure is not None:
-            return built.failure
-        backend = self.backend if built.algorithm in self.backend.algorithms else self._host
-        best = None
+            return Outcome(STATUS_TOO_LARGE, INF, INF, str(exc))
         try:
+            error = relative_error(conv.run(*self.operands, poison=True), self.reference)
+            if not error < TOLERANCE:
+                return Outcome(STATUS_WRONG_RESULT, INF, error, f"relative error {error:.2e} >= {TOLERANCE:.0e}")
+            best = None
+            # Up to MEASURE_ROUNDS rounds until one is steady: a busy core shows as a wide spread.
             for _ in range(MEASURE_ROUNDS):
                 with host_threads_for(backend):
-                    timing = built.conv.time(*self.operands, warmup=self.warmup, repeats=max(self.repeats, 5),
-                                             min_sample_ms=MIN_SAMPLE_MS)
+                    timing = conv.time(*self.operands, warmup=self.warmup, repeats=max(self.repeats, 5),
+                                       min_sample_ms=MIN_SAMPLE_MS)
                 if best is None or timing.spread < best.spread:
                     best = timing
                 if timing.spread <= MAX_SPREAD:
@@ -204,7 +179,7 @@ class DeviceEvaluator:
             return Outcome(STATUS_LAUNCH_FAILED, INF, INF, str(exc))
         except ResourceLimitError as exc:
             return Outcome(STATUS_TOO_LARGE, INF, INF, str(exc))
-        return Outcome(STATUS_OK, best.median_ms, built.rel_error, spread=best.spread, repeats=len(best.samples_ms))
+        return Outcome(STATUS_OK, best.median_ms, error, spread=best.spread, repeats=len(best.samples_ms))
 
 
 @dataclass
