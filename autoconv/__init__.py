@@ -1,10 +1,12 @@
-"""autoconv: generated, autotuned convolution kernels (im2col + GEMM, implicit GEMM, direct) for
-OpenCL and CUDA, chosen per layer against the library BLAS baseline."""
+"""autoconv: generated, autotuned convolution kernels (im2col + GEMM, implicit GEMM, Winograd,
+direct) for OpenCL and CUDA, chosen per layer against the library BLAS baseline, served through
+conv2d and Conv2d layers with fused epilogues and device-resident arrays."""
 
 from importlib import metadata as _metadata
 
 from autoconv.algorithms import Params, get_algorithm, list_algorithms
 from autoconv.backends import get_backend
+from autoconv.backends.device_array import DeviceArray
 from autoconv.errors import (
     AutoconvError,
     BackendUnavailableError,
@@ -16,7 +18,8 @@ from autoconv.errors import (
     TuningDBError,
 )
 from autoconv.plan import Plan
-from autoconv.serve.api import conv2d
+from autoconv.serve.api import conv2d, to_device
+from autoconv.serve.layer import Conv2d
 from autoconv.serve.lookup import UnsupportedAlgorithmError
 from autoconv.serve.session import Session, default_session, lookup
 from autoconv.spec import ConvSpec
@@ -46,7 +49,9 @@ def validate_gemm_params(raw: dict) -> Params:
 __all__ = [
     "AutoconvError",
     "BackendUnavailableError",
+    "Conv2d",
     "ConvSpec",
+    "DeviceArray",
     "InvalidParamsError",
     "InvalidSpecError",
     "KernelCompileError",
@@ -64,5 +69,6 @@ __all__ = [
     "get_backend",
     "list_algorithms",
     "lookup",
+    "to_device",
     "validate_gemm_params",
 ]

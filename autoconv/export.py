@@ -23,8 +23,9 @@ from autoconv.spec import ConvSpec
 
 MANIFEST = "manifest.json"
 HEADER = "autoconv_kernels.h"
-MANIFEST_VERSION = 2  # 2: a per-layer checksum ties the header to the kernel files
+MANIFEST_VERSION = 3  # 2: a per-layer checksum ties the header to the kernel files; 3: fused epilogues
 MAX_MANIFEST_BYTES = 64 * 2**20
+REFERENCE_KINDS = ("input", "weight", "bias", "residual", "expected")
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 
@@ -104,15 +105,18 @@ def _layer_manifest(entry: ExportEntry, device: DeviceInfo, dialect: Dialect, ve
                   "stride": list(spec.stride), "padding": list(spec.padding), "padding_end": list(spec.padding_end),
                   "dilation": list(spec.dilation),
                   "groups": spec.groups, "bias": spec.bias, "dtype": spec.dtype, "layout": spec.layout,
-                  "p": spec.p, "q": spec.q},
+                  "activation": spec.activation, "residual": spec.residual, "p": spec.p, "q": spec.q},
         "tuned": entry.tuned, "plan_source": entry.plan.source, "note": entry.note,
         "algorithm": entry.plan.algorithm, "params": entry.plan.params.as_dict(),
         "buffers": {"input": spec.input_bytes, "weight": spec.weight_bytes, "bias": spec.k * itemsize,
                     "output": spec.output_bytes,
-                    "scratch": get_algorithm(entry.plan.algorithm).scratch_bytes(spec, entry.plan.params)},
+                    "scratch": get_algorithm(entry.plan.algorithm).scratch_bytes(spec, entry.plan.params),
+                    # The fused epilogue's residual (the output's shape), read by the kernel that
+                    # writes the output; 0 for a layer without one.
+                    "residual": spec.output_bytes if spec.residual else 0},
         "kernels": kernels,
-        "reference": {kind: f"reference/{stem}.{kind}.f32" for kind in ("input", "weight", "bias", "expected")
-                      if kind != "bias" or spec.bias} if reference else None,
+        "reference": {kind: f"reference/{stem}.{kind}.f32" for kind in REFERENCE_KINDS
+                      if (kind != "bias" or spec.bias) and (kind != "residual" or spec.residual)} if reference else None,
     }
     return layer, files
 
@@ -130,7 +134,8 @@ def layer_description(layer: dict) -> str:
     shape, buffers = layer["shape"], layer["buffers"]
     parts = [f"{layer['key']}|{shape['n']} {shape['c']} {shape['h']} {shape['w']} {shape['k']} {shape['r']} "
              f"{shape['s']} {shape['p']} {shape['q']} {shape['groups']} {int(shape['bias'])}|{buffers['input']} "
-             f"{buffers['weight']} {buffers['bias']} {buffers['output']} {buffers['scratch']}|{len(layer['kernels'])}"]
+             f"{buffers['weight']} {buffers['bias']} {buffers['output']} {buffers['scratch']} {buffers['residual']}|"
+             f"{len(layer['kernels'])}"]
     for kernel in layer["kernels"]:
         local = kernel["local_size"] or [0, 0, 0]
         parts.append(f"|{kernel['file']}|{kernel['entry']}|{' '.join(map(str, kernel['global_size']))}|"
@@ -162,6 +167,7 @@ def _header(manifest: dict) -> str:
         "#ifndef AUTOCONV_KERNELS_H", "#define AUTOCONV_KERNELS_H", "", "#include <stddef.h>", "",
         f"#define AUTOCONV_EXPORT_HASH {_c_string(manifest['export_hash'])}",
         "enum autoconv_arg_kind { " + ", ".join(f"AUTOCONV_ARG_{k.upper()} = {i}" for i, k in enumerate(kinds)) + " };",
+        f"#define AUTOCONV_NUM_ARG_KINDS {len(kinds)}",
         f"#define AUTOCONV_MAX_ARGS {max_args}", f"#define AUTOCONV_MAX_KERNELS {max_kernels}",
         f"#define AUTOCONV_NUM_LAYERS {len(manifest['layers'])}", "",
         "typedef struct { const char *name; int kind; int value; } autoconv_arg;",
@@ -178,7 +184,9 @@ def _header(manifest: dict) -> str:
         "    const char *key;",
         "    int n, c, h, w, k, r, s, p, q, groups, has_bias;",
         "    size_t input_bytes, weight_bytes, bias_bytes, output_bytes, scratch_bytes;",
-        "    const char *reference_input, *reference_weight, *reference_bias, *reference_expected; /* NULL: none */",
+        "    size_t residual_bytes;     /* the fused epilogue's residual operand (output-shaped); 0: none */",
+        "    const char *reference_input, *reference_weight, *reference_bias, *reference_residual,",
+        "               *reference_expected; /* NULL: none */",
         "    int num_kernels;           /* launched in this order on one in-order queue */",
         "    unsigned long long checksum; /* FNV-1a 64 of the description and kernel files (run_layer.c) */",
         "    autoconv_kernel kernels[AUTOCONV_MAX_KERNELS];",
@@ -195,12 +203,13 @@ def _header(manifest: dict) -> str:
             kernels.append(f"        {{{_c_string(k['file'])}, {_c_string(k['entry'])}, "
                            f"{{{', '.join(map(str, k['global_size']))}}}, {{{', '.join(map(str, local))}}}, "
                            f"{len(k['args'])}, {{{args}}}}}")
-        refs = ", ".join(_c_string(ref[kind]) if kind in ref else "NULL" for kind in ("input", "weight", "bias", "expected"))
+        refs = ", ".join(_c_string(ref[kind]) if kind in ref else "NULL" for kind in REFERENCE_KINDS)
         out.append(
             f"    {{{_c_string(layer['name'])}, {_c_string(layer['key'])}, "
             f"{shape['n']}, {shape['c']}, {shape['h']}, {shape['w']}, {shape['k']}, {shape['r']}, {shape['s']}, "
             f"{shape['p']}, {shape['q']}, {shape['groups']}, {int(shape['bias'])},\n"
             f"     {buffers['input']}, {buffers['weight']}, {buffers['bias']}, {buffers['output']}, {buffers['scratch']},\n"
+            f"     {buffers['residual']},\n"
             f"     {refs},\n     {len(kernels)}, 0x{layer['checksum']}ULL, {{\n" + ",\n".join(kernels) + "}},")
     out += ["};", "", "#endif /* AUTOCONV_KERNELS_H */", ""]
     return "\n".join(out)
@@ -210,12 +219,14 @@ def _reference_files(entry: ExportEntry, stem: str) -> dict[str, bytes]:
     from autoconv.tuning.verify import random_operands, reference_output
 
     operands = random_operands(entry.spec, seed=0)
-    x, w, b = operands
+    x, w, b, residual = (*operands, None)[:4]
     files = {f"reference/{stem}.input.f32": x.astype("<f4").tobytes(),
              f"reference/{stem}.weight.f32": w.astype("<f4").tobytes(),
              f"reference/{stem}.expected.f32": reference_output(entry.spec, operands).astype("<f4").tobytes()}
     if b is not None:
         files[f"reference/{stem}.bias.f32"] = b.astype("<f4").tobytes()
+    if residual is not None:
+        files[f"reference/{stem}.residual.f32"] = residual.astype("<f4").tobytes()
     return files
 
 

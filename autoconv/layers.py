@@ -11,7 +11,8 @@ from autoconv.errors import InvalidSpecError
 from autoconv.spec import ConvSpec
 
 _LAYER_FIELDS = ("n", "c", "h", "w", "k", "r", "s", "stride", "pad", "pad_bottom", "pad_right", "dilation", "groups",
-                 "bias")
+                 "bias", "residual", "act")
+_TEXT_FIELDS = ("act",)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ def model_layers(model: str, batch: int = 1) -> list[NamedLayer]:
 
 def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
     """A layer from "model/name" (e.g. resnet50/res2_3x3) or "n=1,c=64,h=56,w=56,k=64,r=3,s=3,pad=1"
-    (pad: top and left, and bottom and right unless pad_bottom / pad_right say otherwise)."""
+    (pad: top and left, and bottom and right unless pad_bottom / pad_right say otherwise; a fused
+    epilogue with residual=1 and act=relu or act=relu6)."""
     text = text.strip()
     if "=" not in text:
         model, _, name = text.partition("/")
@@ -66,19 +68,26 @@ def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
         names = ", ".join(layer.name for layer in model_layers(model))
         raise InvalidSpecError(f"layer: {model} has no layer {name!r}; it has {names}")
     values: dict[str, int] = {}
+    texts: dict[str, str] = {}
     for part in text.split(","):
         key, sep, raw = part.partition("=")
         key = key.strip()
         if not sep or key not in _LAYER_FIELDS:
             raise InvalidSpecError(f"layer: cannot read {part.strip()!r}; keys are {', '.join(_LAYER_FIELDS)}")
-        if key in values:
+        if key in values or key in texts:
             raise InvalidSpecError(f"layer: {key} is given twice in {text!r}")
+        if key in _TEXT_FIELDS:
+            texts[key] = raw.strip()
+            continue
         try:
             values[key] = int(raw.strip(), 10)
         except ValueError:
             raise InvalidSpecError(f"layer: {key} must be an int, got {raw.strip()!r}") from None
-    if values.get("bias", 0) not in (0, 1):
-        raise InvalidSpecError(f"layer: bias must be 0 or 1, got {values['bias']}")
+    for flag in ("bias", "residual"):
+        if values.get(flag, 0) not in (0, 1):
+            raise InvalidSpecError(f"layer: {flag} must be 0 or 1, got {values[flag]}")
+    if texts.get("act", "relu") not in ("relu", "relu6"):
+        raise InvalidSpecError(f"layer: act must be relu or relu6, got {texts['act']!r}")
     missing = [key for key in ("c", "h", "w", "k", "r", "s") if key not in values]
     if missing:
         raise InvalidSpecError(f"layer: missing {', '.join(missing)} in {text!r}")
@@ -87,7 +96,8 @@ def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
                     s=values["s"], stride=values.get("stride", 1), padding=values.get("pad", 0),
                     padding_end=(values.get("pad_bottom", values.get("pad", 0)), values.get("pad_right", values.get("pad", 0))),
                     dilation=values.get("dilation", 1), groups=values.get("groups", 1),
-                    bias=bool(values.get("bias", 0)))
+                    bias=bool(values.get("bias", 0)), activation=texts.get("act", "none"),
+                    residual=bool(values.get("residual", 0)))
     return NamedLayer("custom", str(spec), spec)
 
 
@@ -95,11 +105,12 @@ def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
 def layer_name(spec: ConvSpec) -> str:
     """A layer's name in the built-in models ("resnet50/res4_3x3", with " n=8" for a batch other
     than 1), or its shape when no built-in model has it."""
-    plain = spec.replace(bias=False)
+    plain = spec.replace(bias=False, activation="none", residual=False)
+    epilogue = ("+residual" if spec.residual else "") + ("" if spec.activation == "none" else f"+{spec.activation}")
     for model in model_names():
         for layer in model_layers(model, spec.n):
             if layer.spec == plain:
-                return layer.label + ("" if spec.n == 1 else f" n={spec.n}")
+                return layer.label + epilogue + ("" if spec.n == 1 else f" n={spec.n}")
     return str(spec)
 
 
@@ -111,6 +122,7 @@ def layer_text(spec: ConvSpec) -> str | None:
     parts = [f"n={spec.n}", f"c={spec.c}", f"h={spec.h}", f"w={spec.w}", f"k={spec.k}", f"r={spec.r}", f"s={spec.s}"]
     optional = [("stride", spec.stride[0], 1), ("pad", spec.padding[0], 0), ("pad_bottom", spec.padding_end[0], spec.padding[0]),
                 ("pad_right", spec.padding_end[1], spec.padding[1]), ("dilation", spec.dilation[0], 1),
-                ("groups", spec.groups, 1), ("bias", int(spec.bias), 0)]
+                ("groups", spec.groups, 1), ("bias", int(spec.bias), 0), ("residual", int(spec.residual), 0),
+                ("act", spec.activation, "none")]
     parts += [f"{key}={value}" for key, value, default in optional if value != default]
     return ",".join(parts)

@@ -92,13 +92,13 @@ CUDA = Dialect(
 DIALECTS = {d.name: d for d in (OPENCL, CUDA)}
 
 
-BUFFER_ARGS = ("input", "weight", "bias", "output", "scratch")
+BUFFER_ARGS = ("input", "weight", "bias", "output", "scratch", "residual")
 
 
 @dataclass(frozen=True)
 class KernelArg:
-    """One kernel argument: a buffer (input, weight, bias, output or the im2col scratch) or an
-    int whose value is fixed by the ConvSpec and params."""
+    """One kernel argument: a buffer (input, weight, bias, output, the im2col scratch or the
+    fused epilogue's residual) or an int whose value is fixed by the ConvSpec and params."""
 
     name: str
     kind: str  # one of BUFFER_ARGS, or "int"

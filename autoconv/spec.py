@@ -17,6 +17,8 @@ IntOrPair = Union[int, Sequence[int]]
 SUPPORTED_DTYPES = ("float32",)
 SUPPORTED_LAYOUTS = ("NCHW",)
 BYTES_PER_ELEMENT = {"float32": 4}
+# What a fused epilogue may apply after the bias (and the residual): torch's names.
+ACTIVATIONS = ("none", "relu", "relu6")
 
 
 def _as_index(value: Any, name: str, original: Any) -> int:
@@ -48,6 +50,10 @@ class ConvSpec:
     column at the bottom and right). Validated on construction; derives the output size, the
     per-group GEMM view (M = k/groups, N = n·p·q, K = (c/groups)·r·s), FLOPs, im2col bytes and a
     canonical key.
+
+    The epilogue is part of the layer, as it changes the kernel: `residual` adds an output-shaped
+    operand after the bias, then `activation` ("none", "relu" or "relu6") is applied, as a ResNet
+    block's relu(conv(x) + shortcut).
     """
 
     n: int
@@ -65,6 +71,8 @@ class ConvSpec:
     dtype: str = "float32"
     layout: str = "NCHW"
     padding_end: tuple[int, int] | None = None
+    activation: str = "none"
+    residual: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n", "c", "h", "w", "k", "r", "s", "groups"):
@@ -101,6 +109,14 @@ class ConvSpec:
             object.__setattr__(self, "bias", bool(self.bias))
         if not isinstance(self.bias, bool):
             raise InvalidSpecError(f"bias: expected True or False, got {self.bias!r}")
+        if isinstance(self.residual, np.bool_):
+            object.__setattr__(self, "residual", bool(self.residual))
+        if not isinstance(self.residual, bool):
+            raise InvalidSpecError(f"residual: expected True or False, got {self.residual!r}")
+        if self.activation is None:
+            object.__setattr__(self, "activation", "none")
+        if self.activation not in ACTIVATIONS:
+            raise InvalidSpecError(f"activation: expected None or one of {ACTIVATIONS[1:]}, got {self.activation!r}")
         if self.dtype not in SUPPORTED_DTYPES:
             raise InvalidSpecError(f"dtype: {self.dtype!r} is not supported; expected one of {SUPPORTED_DTYPES}")
         if self.layout not in SUPPORTED_LAYOUTS:
@@ -124,6 +140,8 @@ class ConvSpec:
         bias: bool = False,
         dtype: str = "float32",
         padding_end: IntOrPair | None = None,
+        activation: str | None = "none",
+        residual: bool = False,
     ) -> "ConvSpec":
         """Build a spec from NCHW input and KCRS weight shapes (torch's conv2d convention)."""
         if len(input_shape) != 4:
@@ -147,7 +165,8 @@ class ConvSpec:
         return cls(n=n, c=c, h=h, w=w, k=k, r=r, s=s, stride=as_pair(stride, "stride"),
                    padding=as_pair(padding, "padding"), dilation=as_pair(dilation, "dilation"),
                    groups=groups, bias=bias, dtype=dtype,
-                   padding_end=None if padding_end is None else as_pair(padding_end, "padding_end"))
+                   padding_end=None if padding_end is None else as_pair(padding_end, "padding_end"),
+                   activation=activation, residual=residual)
 
     @property
     def p(self) -> int:
@@ -257,7 +276,18 @@ class ConvSpec:
             + ("" if self.symmetric else f"_pe{self.padding_end[0]}x{self.padding_end[1]}") +
             f"_dl{self.dilation[0]}x{self.dilation[1]}_g{self.groups}_b{int(self.bias)}"
             f"_{self.dtype}_{self.layout}"
+            # Layers without an epilogue keep the key they always had.
+            + ("" if self.activation == "none" else f"_act{self.activation}") + ("_res1" if self.residual else "")
         )
+
+    @property
+    def fused(self) -> bool:
+        """Whether the layer has an epilogue beyond the bias."""
+        return self.activation != "none" or self.residual
+
+    def unfused(self) -> "ConvSpec":
+        """The same convolution without its epilogue (bias kept)."""
+        return self.replace(activation="none", residual=False)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -281,6 +311,10 @@ class ConvSpec:
             extras.append(f"dilation={self.dilation}")
         if self.groups != 1:
             extras.append(f"groups={self.groups}")
+        if self.residual:
+            extras.append("+residual")
+        if self.activation != "none":
+            extras.append(self.activation)
         tail = (" " + " ".join(extras)) if extras else ""
         return f"{self.n}x{self.c}x{self.h}x{self.w} * {self.k}x{self.c_per_group}x{self.r}x{self.s}{tail}"
 

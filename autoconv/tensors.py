@@ -23,8 +23,9 @@ def as_float_array(value: Any, name: str) -> np.ndarray:
     return array
 
 
-def check_operands(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> None:
-    """The arrays must have exactly the shapes the spec describes."""
+def check_operands(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+                   residual: Any = None) -> None:
+    """The arrays must have exactly the shapes the spec describes (the residual: the output's)."""
     if tuple(x.shape) != spec.input_shape:
         raise InvalidSpecError(f"input: expected shape {spec.input_shape}, got {tuple(x.shape)}")
     if tuple(weight.shape) != spec.weight_shape:
@@ -35,3 +36,14 @@ def check_operands(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.n
         raise InvalidSpecError("bias: the spec has bias=True but no bias array was given")
     if bias is not None and not spec.bias:
         raise InvalidSpecError("bias: a bias array was given for a spec with bias=False")
+    check_residual(spec, residual)
+
+
+def check_residual(spec: ConvSpec, residual: Any) -> None:
+    """A residual exactly when the layer adds one, of the output's shape."""
+    if residual is None and spec.residual:
+        raise InvalidSpecError(f"residual: the layer adds a residual of shape {spec.output_shape}, but none was given")
+    if residual is not None and not spec.residual:
+        raise InvalidSpecError("residual: given for a layer without one (build it with residual=True)")
+    if residual is not None and tuple(residual.shape) != spec.output_shape:
+        raise InvalidSpecError(f"residual: expected the output's shape {spec.output_shape}, got {tuple(residual.shape)}")

@@ -60,3 +60,20 @@ def assert_matches_reference(backend: Backend, spec: ConvSpec, plan: Plan, seed:
     assert np.all(np.isfinite(result)), f"{plan.describe()} left output elements unwritten for {spec}"
     error = relative_error(result, reference_output(spec, operands))
     assert error < TOLERANCE, f"{plan.describe()} on {spec}: relative error {error:.2e}"
+
+
+def record_launches(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The entry of every kernel the backend enqueues from now on, in order (convs prepared from
+    now on: the default session's prepared convs are dropped)."""
+    from autoconv.serve.session import default_session
+
+    launched: list[str] = []
+    bind = backend.bind
+
+    def spying_bind(kernel, source):
+        enqueue = bind(kernel, source)
+        return lambda buffers: launched.append(source.entry) or enqueue(buffers)
+
+    monkeypatch.setattr(backend, "bind", spying_bind)
+    default_session().clear_cache()
+    return launched

@@ -35,6 +35,10 @@ WINOGRAD_SPEC = ConvSpec(2, 6, 9, 7, 10, 3, 3, padding=(1, 0), padding_end=(2, 1
 WINOGRAD_SPACE = get_algorithm(WINOGRAD).space
 WINOGRAD_STRUCTURAL = [WINOGRAD_SPACE.validate(dict(TILE=tile, MWG=32, NWG=32, WPTM=4, WPTN=4, VWN=1, SA=sa, SB=sb))
                        for tile, sa, sb in itertools.product((2, 4), (0, 1), (0, 1))]
+# Fused epilogues: the residual and an activation in every kernel that writes the output.
+FUSED = SPEC.replace(activation="relu", residual=True)
+FUSED_POINTWISE = POINTWISE.replace(activation="relu6", residual=True)
+FUSED_WINOGRAD = WINOGRAD_SPEC.replace(activation="relu6", residual=True)
 nvcc = shutil.which("nvcc")
 
 
@@ -65,6 +69,14 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
     winograd_texts = {k.text: f"winograd_{k.entry}_{i}" for i, params in enumerate(WINOGRAD_STRUCTURAL)
                       for k in get_algorithm(WINOGRAD).kernels(WINOGRAD_SPEC, params, CUDA)}
     sources.update({name: text for text, name in winograd_texts.items()})
+    sources["direct_fused"] = direct.kernels(FUSED, direct.space.validate({}), CUDA)[0].text
+    for i, params in enumerate(STRUCTURAL[::8]):
+        sources[f"gemm_fused{i}"] = gemm.kernels(FUSED, params, CUDA)[1].text
+    for i, params in enumerate(IMPLICIT_STRUCTURAL[::2]):
+        sources[f"implicit_fused{i}"] = implicit.kernels(FUSED, params, CUDA)[-1].text
+        sources[f"implicit_fused_pointwise{i}"] = implicit.kernels(FUSED_POINTWISE, params, CUDA)[-1].text
+    for i, params in enumerate(WINOGRAD_STRUCTURAL[::2]):
+        sources[f"winograd_output_fused{i}"] = get_algorithm(WINOGRAD).kernels(FUSED_WINOGRAD, params, CUDA)[-1].text
     with ThreadPoolExecutor(max_workers=2) as pool:
         failures = [f for f in pool.map(lambda item: _compile(item[1], tmp_path, item[0]), sources.items()) if f]
     assert not failures, "\n".join(failures)
@@ -132,6 +144,54 @@ def test_cuda_matches_the_reference_on_a_gpu():
     assert_matches_reference(backend, WINOGRAD_SPEC, heuristic_plan(WINOGRAD_SPEC, backend.device, WINOGRAD))
     assert_matches_reference(backend, SPEC, Plan(IM2COL_BLAS))
     assert_matches_reference(backend, SPEC, Plan(DIRECT))
+    for spec in (FUSED, FUSED_POINTWISE):
+        for algorithm in (IM2COL_GEMM, IMPLICIT_GEMM, DIRECT):
+            assert_matches_reference(backend, spec, heuristic_plan(spec, backend.device, algorithm))
+        assert_matches_reference(backend, spec, Plan(IM2COL_BLAS))
+    assert_matches_reference(backend, FUSED_WINOGRAD, heuristic_plan(FUSED_WINOGRAD, backend.device, WINOGRAD))
+
+
+@pytest.mark.gpu
+def test_layers_chain_cupy_arrays_on_a_gpu():
+    """Conv2d on CuPy arrays returns CuPy arrays (no copy to the host between layers), matches
+    the float64 reference fused and unfused, and reads DLPack / __cuda_array_interface__ arrays."""
+    import numpy as np
+
+    import autoconv
+    from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
+
+    try:
+        autoconv.get_backend("cuda")
+        import cupy
+    except (BackendUnavailableError, ImportError) as exc:
+        pytest.skip(str(exc))
+    spec = FUSED.replace(groups=1, c=6, k=6, padding=(1, 1), padding_end=None, s=3)
+    x, w, b, r = random_operands(spec, seed=2)
+    expected = reference_output(spec, (x, w, b, r))
+    for algorithm in (IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD, DIRECT, IM2COL_BLAS):
+        layer = autoconv.Conv2d(w, b, padding=1, activation="relu", backend="cuda", algorithm=algorithm)
+        y = layer(cupy.asarray(x), residual=cupy.asarray(r))
+        assert isinstance(y, cupy.ndarray)
+        assert relative_error(cupy.asnumpy(y), expected) < TOLERANCE, algorithm
+        assert relative_error(layer(x, residual=r), expected) < TOLERANCE, algorithm  # host arrays, pinned copies
+
+    class Interface:  # what PyTorch and Numba CUDA arrays offer
+        def __init__(self, array):
+            self.array, self.__cuda_array_interface__ = array, array.__cuda_array_interface__
+            self.shape = array.shape
+
+    plain = spec.unfused()
+    layer = autoconv.Conv2d(w, b, padding=1, backend="cuda")
+    y = layer(Interface(cupy.asarray(x)))
+    assert isinstance(y, cupy.ndarray)
+    assert relative_error(cupy.asnumpy(y), reference_output(plain, (x, w, b))) < TOLERANCE
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        y = layer(torch.as_tensor(x, device="cuda"))
+        assert relative_error(cupy.asnumpy(y), reference_output(plain, (x, w, b))) < TOLERANCE
 
 
 def test_gpu_check_script_says_clearly_when_there_is_no_gpu(tmp_path):

@@ -14,7 +14,7 @@ from autoconv.algorithms.winograd import WINOGRAD4_MAX_CHANNELS, transform_matri
 from autoconv.errors import InvalidParamsError, InvalidSpecError
 from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
 
-from conftest import assert_matches_reference, heuristic_plan
+from conftest import assert_matches_reference, heuristic_plan, record_launches
 
 ALGORITHM = get_algorithm(WINOGRAD)
 
@@ -103,11 +103,8 @@ def test_f4_accuracy_constraint_edge_from_both_sides(opencl):
 
 def test_filter_transform_runs_once_per_weights(opencl, monkeypatch):
     spec = ConvSpec(1, 5, 9, 9, 7, 3, 3, padding=1, bias=True)
+    launched = record_launches(opencl, monkeypatch)
     conv = opencl.prepare(spec, heuristic_plan(spec, opencl.device, WINOGRAD))
-    launched: list[str] = []
-    launch = opencl.launch
-    monkeypatch.setattr(opencl, "launch", lambda kernel, source, args: launched.append(source.entry)
-                        or launch(kernel, source, args))
     x, weight, bias = random_operands(spec, seed=3)
     first = conv.run(x, weight, bias)
     again = conv.run(x, weight, bias)
@@ -125,10 +122,7 @@ def test_conv2d_on_numpy_arrays_does_not_redo_the_filter_transform(opencl, monke
 
     spec = ConvSpec(1, 6, 10, 10, 4, 3, 3, padding=1, bias=True)
     x, weight, bias = random_operands(spec, seed=4)
-    launched: list[str] = []
-    launch = opencl.launch
-    monkeypatch.setattr(opencl, "launch", lambda kernel, source, args: launched.append(source.entry)
-                        or launch(kernel, source, args))
+    launched = record_launches(opencl, monkeypatch)
     first = autoconv.conv2d(x, weight, bias, padding=1, algorithm=WINOGRAD)
     assert launched.count("winograd_filter") == 1
     again = autoconv.conv2d(x.copy(), weight.copy(), bias, padding=1, algorithm=WINOGRAD)  # equal contents

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from autoconv import epilogue
 from autoconv.algorithms.base import AlgorithmDefaults, Params
 from autoconv.render import Dialect, KernelArg, KernelSource, geometry_args, int_args, render_template
 from autoconv.spec import ConvSpec
@@ -59,9 +60,10 @@ class Direct(AlgorithmDefaults):
     host_code = True
 
     def kernels(self, spec: ConvSpec, params: Params, dialect: Dialect) -> list[KernelSource]:
-        text = render_template("shared/direct.j2", dialect=dialect, entry="direct_conv")
+        text = render_template("shared/direct.j2", dialect=dialect, entry="direct_conv",
+                               epilogue=epilogue.template_vars(spec))
         args = (KernelArg("x", "input"), KernelArg("wt", "weight"), KernelArg("bias", "bias"),
-                KernelArg("out", "output"), *int_args(has_bias=int(spec.bias), K=spec.k, Kg=spec.k_per_group),
+                KernelArg("out", "output"), *epilogue.residual_args(spec), *int_args(has_bias=int(spec.bias), K=spec.k, Kg=spec.k_per_group),
                 *geometry_args(spec))
         return [KernelSource(text, "direct_conv", dialect.name, (spec.q, spec.p, spec.n * spec.k), None, args)]
 

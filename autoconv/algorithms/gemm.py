@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from autoconv import epilogue
 from autoconv.algorithms.base import Constraint, ParamDecl, Params, ParamSpace
 from autoconv.device import DeviceInfo, DeviceLimits
 from autoconv.errors import InvalidParamsError
@@ -175,11 +176,13 @@ def render_gemm(spec: ConvSpec, params: Params, dialect: Dialect, *, b_source: K
     text = render_template(
         "shared/gemm.j2", dialect=dialect, entry=entry, params=params.as_dict(), param_docs=params.space.params,
         implicit=implicit, rows=rows, geometry=geometry or {}, padded=spec.padded,
-        b_transposed=params.get("B_TRANSPOSED", 0), offsets=offsets)
+        b_transposed=params.get("B_TRANSPOSED", 0), offsets=offsets,
+        epilogue=epilogue.NO_EPILOGUE if batched is not None else epilogue.template_vars(spec))
     local_n, local_m = local_size(params)
     if batched is None:
         m, n, k, groups, pq, has_bias = spec.gemm_m, columns, spec.gemm_k, spec.groups, spec.p * spec.q, spec.bias
-        operands = (KernelArg("A", "weight"), b_source, KernelArg("bias", "bias"), KernelArg("out", "output"))
+        operands = (KernelArg("A", "weight"), b_source, KernelArg("bias", "bias"), KernelArg("out", "output"),
+                    *epilogue.residual_args(spec))
     else:  # one "image" of n pixels: the epilogue's NCHW store is then row-major [batch][m][n]
         m, n, k, groups, pq, has_bias = batched.m, batched.n, batched.k, batched.batch, batched.n, False
         operands = (KernelArg("A", "scratch"), KernelArg("B", "scratch"), KernelArg("bias", "bias"),

@@ -20,6 +20,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from autoconv import epilogue
 from autoconv.algorithms import gemm
 from autoconv.algorithms.base import AlgorithmDefaults, Constraint, LayerConstraint, ParamDecl, Params, ParamSpace
 from autoconv.device import DeviceInfo
@@ -162,8 +163,11 @@ class Winograd(AlgorithmDefaults):
         defines = layout.defines(spec, params)
 
         def render(stage: str, entry: str) -> str:
+            # Only the output transform writes the layer's output: the other stages are the same
+            # kernels (one build) whatever the epilogue.
+            fused = epilogue.template_vars(spec) if stage == "output" else epilogue.NO_EPILOGUE
             return render_template("shared/winograd.j2", dialect=dialect, entry=entry, stage=stage, m=layout.m,
-                                   a=layout.m + 2, bt=bt, gm=gm, at=at, defines=defines)
+                                   a=layout.m + 2, bt=bt, gm=gm, at=at, defines=defines, epilogue=fused)
 
         scratch = KernelArg("scratch", "scratch")
         filter_transform = KernelSource(render("filter", "winograd_filter"), "winograd_filter", dialect.name,
@@ -179,7 +183,7 @@ class Winograd(AlgorithmDefaults):
         output_transform = KernelSource(render("output", "winograd_output"), "winograd_output", dialect.name,
                                         (layout.items, spec.k, 1), None,
                                         (scratch, KernelArg("bias", "bias"), KernelArg("out", "output"),
-                                         *int_args(has_bias=int(spec.bias))))
+                                         *epilogue.residual_args(spec), *int_args(has_bias=int(spec.bias))))
         return [filter_transform, input_transform, products, output_transform]
 
     def scratch_bytes(self, spec: ConvSpec, params: Params) -> int:

@@ -11,8 +11,10 @@ from autoconv.errors import BackendUnavailableError
 BACKEND_NAMES = ("opencl", "cuda", "numpy")
 
 
-def create_backend(name: str = "opencl", device: int | str | None = None) -> Backend:
-    """A new backend of that name on a device (an index, a name fragment, or None for the default)."""
+def create_backend(name: str = "opencl", device: int | str | None = None, *, host_memory: str | None = None) -> Backend:
+    """A new backend of that name on a device (an index, a name fragment, or None for the default).
+    host_memory forces how host arrays reach a device backend's kernels ("shared", "mapped" or
+    "staged", where the device can; None: what it supports best)."""
     if name not in BACKEND_NAMES:
         raise BackendUnavailableError(f"backend: {name!r} is not one of {BACKEND_NAMES}")
     if name == "numpy":
@@ -22,10 +24,10 @@ def create_backend(name: str = "opencl", device: int | str | None = None) -> Bac
     if name == "opencl":
         from autoconv.backends.opencl import OpenCLBackend
 
-        return OpenCLBackend(device)
+        return OpenCLBackend(device, host_memory=host_memory)
     from autoconv.backends.cuda import CudaBackend
 
-    return CudaBackend(device)
+    return CudaBackend(device, host_memory=host_memory)
 
 
 def get_backend(name: str = "opencl", device: int | str | None = None) -> Backend:

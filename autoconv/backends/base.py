@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -17,9 +17,10 @@ from autoconv.spec import ConvSpec
 
 
 def conv_buffers(spec: ConvSpec, scratch_bytes: int) -> dict[str, int]:
-    """The device buffers a prepared conv allocates, by name, in bytes."""
+    """The device buffers a conv's kernels read and write, by name, in bytes."""
     return {"input": spec.input_bytes, "weight": spec.weight_bytes, "bias": spec.k * spec.itemsize,
-            "output": spec.output_bytes, **({"scratch": scratch_bytes} if scratch_bytes else {})}
+            "output": spec.output_bytes, **({"residual": spec.output_bytes} if spec.residual else {}),
+            **({"scratch": scratch_bytes} if scratch_bytes else {})}
 
 
 def check_fits(device: DeviceInfo, spec: ConvSpec, scratch_bytes: int, sources: Iterable[KernelSource] = ()) -> None:
@@ -86,22 +87,29 @@ class Timing:
 
 @runtime_checkable
 class PreparedConv(Protocol):
-    """One ConvSpec made ready on a device under one Plan: kernels compiled, buffers allocated."""
+    """One ConvSpec made ready on a device under one Plan: kernels compiled, buffers allocated.
+
+    `run` and `time` take every operand each time (the tuner's and the tests' way); a layer
+    serves through `load_weights` once and `call` after, which reads only the input (and the
+    residual of a layer that adds one)."""
 
     spec: ConvSpec
     plan: Plan
+    transforms_weights: bool  # runs kernels on the weights alone when they change (a filter transform)
+    lends_weights: bool  # `call(weight=...)` may read the caller's weights in place
 
     def run(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-            *, poison: bool = False) -> np.ndarray:
-        """Convolve host arrays and return a new float array of spec.output_shape.
+            residual: np.ndarray | None = None, *, poison: bool = False) -> np.ndarray:
+        """Convolve host arrays and return a new float array of spec.output_shape; the residual
+        (the output's shape) is given exactly when spec.residual.
 
         poison=True first fills the output with NaN, so an element the kernels never write shows.
         """
         ...
 
     def time(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-             *, warmup: int = 2, repeats: int = 10, rotate: int = 3, stage: str = "call",
-             min_sample_ms: float = 0.0) -> Timing:
+             residual: np.ndarray | None = None, *, warmup: int = 2, repeats: int = 10, rotate: int = 3,
+             stage: str = "call", min_sample_ms: float = 0.0) -> Timing:
         """Time the computation alone (inputs already on the device): warm-up runs, then repeats.
 
         stage="call" times what every call runs; stage="weights" what runs only when the weights
@@ -112,6 +120,23 @@ class PreparedConv(Protocol):
         devices; with `min_sample_ms`, a run shorter than that is repeated back to back within a
         sample until the sample lasts that long, and the sample is their mean.
         """
+        ...
+
+    def load_weights(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        """Keep a copy of the weights and bias (on the device, transformed if the plan does) for
+        the calls that follow."""
+        ...
+
+    def ensure_weights(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        """load_weights unless these are the weights loaded (compared by contents)."""
+        ...
+
+    def call(self, x: Any, residual: Any = None, *, weight: np.ndarray | None = None,
+             bias: np.ndarray | None = None, device_output: bool = False, poison: bool = False) -> Any:
+        """Convolve float32 C-ordered host arrays of the spec's shapes (or a device backend's
+        buffers of its device arrays) with the loaded weights, or with `weight`/`bias` read in
+        place for this call where `lends_weights`. A new host array, or a new device array with
+        `device_output` (device backends only)."""
         ...
 
 

@@ -1,5 +1,7 @@
 """The CUDA backend on CuPy: the same templates rendered in the CUDA dialect, compiled with NVRTC
-(cupy.RawModule), event timing, and the cuBLAS baseline (CuPy's matmul on the im2col matrix)."""
+(cupy.RawModule), event timing, the cuBLAS baseline (CuPy's matmul on the im2col matrix), and
+device arrays: CuPy arrays, and anything with __cuda_array_interface__ or DLPack (a PyTorch CUDA
+tensor) without a copy. Host arrays travel through pinned memory with non-blocking copies."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from autoconv import epilogue
 from autoconv.backends.base import select_index
-from autoconv.backends.launch import LaunchedConv, prepare_on, runtime_algorithms
+from autoconv.backends.launch import Enqueue, LaunchedConv, prepare_on, runtime_algorithms
 from autoconv.device import DeviceInfo
-from autoconv.errors import BackendUnavailableError, KernelCompileError, KernelLaunchError
+from autoconv.errors import (BackendUnavailableError, InvalidParamsError, InvalidSpecError, KernelCompileError,
+                             KernelLaunchError)
 from autoconv.plan import Plan
 from autoconv.render import CUDA, KernelSource
 from autoconv.spec import ConvSpec
@@ -19,6 +23,7 @@ from autoconv.spec import ConvSpec
 INSTALL_HINT = "install CuPy for your CUDA version: pip install 'autoconv[cuda]' (cupy-cuda12x)"
 DEFAULT_BLOCK = 256  # threads per block where the kernel leaves the work-group size free
 NVRTC_OPTIONS = ("--std=c++14",)
+DLPACK_CUDA = 2  # kDLCUDA, the DLPack device type of CUDA memory
 
 
 def _cupy() -> Any:
@@ -66,8 +71,11 @@ class CudaBackend:
     name = "cuda"
     dialect = CUDA
     has_library_gemm = True
+    host_memory = "staged"  # a discrete GPU: host arrays are copied, through pinned memory
 
-    def __init__(self, device: int | str | None = None) -> None:
+    def __init__(self, device: int | str | None = None, *, host_memory: str | None = None) -> None:
+        if host_memory not in (None, "staged"):
+            raise InvalidParamsError(f"host_memory: CUDA devices run 'staged' (copies), not {host_memory!r}")
         cupy = _cupy()
         count = cupy.cuda.runtime.getDeviceCount()
         index = 0 if device is None else select_index([describe_device(cupy, i).name for i in range(count)],
@@ -75,6 +83,7 @@ class CudaBackend:
         self._cupy = cupy
         self.index = index
         self.device: DeviceInfo = describe_device(cupy, index)
+        self._device_context = cupy.cuda.Device(index)
         self._modules: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self.lock = threading.RLock()
@@ -100,17 +109,54 @@ class CudaBackend:
 
     # The launcher's primitives ------------------------------------------------------------------
 
+    def bind(self, kernel: Any, source: KernelSource) -> Enqueue:
+        grid, block = launch_geometry(source)
+        template = [np.int32(arg.value) if arg.kind == "int" else None for arg in source.args]
+        slots = [(index, arg.kind) for index, arg in enumerate(source.args) if arg.kind != "int"]
+
+        def enqueue(buffers: Any) -> Any:
+            args = list(template)
+            for index, kind in slots:
+                args[index] = buffers[kind]
+            with self._device_context:
+                return self._guard(lambda: kernel(grid, block, tuple(args)), f"launching {source.entry}")
+        return enqueue
+
     def alloc(self, nbytes: int) -> Any:
-        with self._cupy.cuda.Device(self.index):
+        with self._device_context:
             return self._guard(lambda: self._cupy.empty(max(1, nbytes) // 4 or 1, dtype=self._cupy.float32), "allocating")
 
-    def upload(self, buffer: Any, host: np.ndarray) -> None:
-        self._guard(lambda: buffer.set(host.reshape(-1)), "copying to the device")
+    def wrap(self, host: np.ndarray, writable: bool) -> Any:
+        raise InvalidParamsError(f"{self.device.name} has memory of its own: host arrays are copied, not lent")
 
-    def download(self, host: np.ndarray, buffer: Any) -> None:
+    def expose(self, buffer: Any, host: np.ndarray) -> None:
+        return None
+
+    def pinned(self, count: int) -> np.ndarray:
+        import cupyx
+
+        return self._guard(lambda: cupyx.empty_pinned((max(1, count),), dtype=np.float32)[:count],
+                           "allocating pinned host memory")
+
+    def upload(self, buffer: Any, host: np.ndarray, *, blocking: bool = True) -> Any:
+        def put() -> None:
+            flat = host.reshape(-1)
+            target = buffer if buffer.size == flat.size else buffer[: flat.size]
+            target.set(flat, stream=None if blocking else self._cupy.cuda.get_current_stream())
+            if blocking:
+                self._cupy.cuda.get_current_stream().synchronize()
+        with self._device_context:
+            self._guard(put, "copying to the device")
+
+    def download(self, host: np.ndarray, buffer: Any, *, blocking: bool = True) -> Any:
         def get() -> None:
-            host.reshape(-1)[...] = buffer[: host.size].get()
-        self._guard(get, "copying from the device")
+            flat = host.reshape(-1)
+            if blocking:
+                flat[...] = buffer[: flat.size].get()
+            else:  # into pinned memory, ordered on the stream; the caller waits on the stream
+                buffer[: flat.size].get(stream=self._cupy.cuda.get_current_stream(), out=flat, blocking=False)
+        with self._device_context:
+            self._guard(get, "copying from the device")
 
     def copy(self, dst: Any, src: Any) -> None:
         self._guard(lambda: dst.__setitem__(Ellipsis, src), "copying on the device")
@@ -119,17 +165,50 @@ class CudaBackend:
         grid, block = launch_geometry(source)
         return self._guard(lambda: kernel(grid, block, args), f"launching {source.entry}")
 
-    def elapsed_ms(self, enqueue: Any) -> float:
-        cp = self._cupy
-        start, end = cp.cuda.Event(), cp.cuda.Event()
+    def wait(self, events: Any) -> None:
+        # Kernels and copies are ordered on the current stream: waiting for it waits for all.
+        with self._device_context:
+            self._guard(lambda: self._cupy.cuda.get_current_stream().synchronize(), "waiting for the device")
 
-        def run() -> float:
-            start.record()
-            enqueue()
-            end.record()
-            end.synchronize()
-            return float(cp.cuda.get_elapsed_time(start, end))
-        return self._guard(run, "timing")
+    def span_ms(self, events: Any) -> float | None:
+        return None  # launches record no events; time() measures with CUDA events instead
+
+    def new_array(self, shape: tuple[int, ...], ready: Any = None) -> tuple[Any, Any]:
+        with self._device_context:
+            array = self._guard(lambda: self._cupy.empty(shape, dtype=self._cupy.float32), "allocating")
+        return array, array.reshape(-1)
+
+    def adopt(self, host: np.ndarray) -> Any:
+        with self._device_context:
+            return self._guard(lambda: self._cupy.asarray(np.ascontiguousarray(host, dtype=np.float32)),
+                               "copying to the device")
+
+    def set_ready(self, array: Any, event: Any) -> None:
+        return None  # CuPy arrays are ordered on their stream
+
+    def device_buffer(self, value: Any, name: str) -> Any | None:
+        """A CuPy array, or a CUDA array of another library through __cuda_array_interface__ or
+        DLPack (no copy); converted to float32 C order (a copy) when it is not already."""
+        cp = self._cupy
+        if isinstance(value, np.ndarray):
+            return None
+        if isinstance(value, cp.ndarray):
+            array = value
+        elif hasattr(value, "__cuda_array_interface__"):
+            array = cp.asarray(value)
+        elif hasattr(value, "__dlpack__") and hasattr(value, "__dlpack_device__"):
+            if value.__dlpack_device__()[0] != DLPACK_CUDA:
+                return None  # host memory through DLPack: read as a host array
+            array = cp.from_dlpack(value)
+        else:
+            return None
+        if array.device.id != self.index:
+            raise InvalidSpecError(f"{name}: the array is on CUDA device {array.device.id}, this layer on device "
+                                   f"{self.index} ({self.device.name})")
+        if array.dtype != cp.float32 or not array.flags.c_contiguous:
+            with self._device_context:
+                array = cp.ascontiguousarray(array, dtype=cp.float32)
+        return array.reshape(-1)
 
     def library_gemm(self, spec: ConvSpec, buffers: dict[str, Any]) -> None:
         """out = weight x im2col (+ bias) through cuBLAS (CuPy's matmul; TF32 off by default)."""
@@ -144,6 +223,8 @@ class CudaBackend:
             result = product.reshape(spec.k, spec.n, spec.p * spec.q).transpose(1, 0, 2)
             if spec.bias:
                 result = result + buffers["bias"][: spec.k].reshape(1, -1, 1)
+            residual = buffers["residual"][: result.size] if spec.residual else None
+            result = epilogue.apply(spec, result, residual, cp)
             out = buffers["output"]
             out[: result.size] = result.reshape(-1)
         self._guard(gemm, "cuBLAS GEMM")

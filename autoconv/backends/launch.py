@@ -1,13 +1,24 @@
 """One generic launcher: runs any algorithm's kernels on any device runtime (OpenCL, CUDA).
 
-A runtime offers the few primitives the launcher needs (compile, allocate, copy, launch, time);
-the launcher binds each KernelSource's arguments by buffer kind, enqueues the kernels in order,
-rotates input copies when timing, and checks buffers against the device before allocating."""
+A runtime offers the few primitives the launcher needs (compile, allocate, copy, launch, time,
+and how host memory reaches its kernels); the launcher binds each KernelSource's arguments by
+buffer kind, enqueues the kernels in order, keeps the weights resident, rotates input copies when
+timing, and checks buffers against the device before allocating.
+
+How host arrays reach the kernels is the runtime's `host_memory`:
+- "shared": the device computes in host memory (PoCL's CPU device): a host array is lent to the
+  kernels as a buffer over the same memory, and a result is written straight into a host array.
+  No copy either way, and nothing to map.
+- "mapped": the device shares host memory but may cache it (an integrated GPU): the same
+  host-pointer buffers, and a result is mapped before the host reads it.
+- "staged": the device has memory of its own (a discrete GPU): host arrays are copied through
+  page-locked (pinned) staging memory with non-blocking copies, and the call waits once."""
 
 from __future__ import annotations
 
+import queue
 import threading
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -20,6 +31,14 @@ from autoconv.render import Dialect, KernelSource
 from autoconv.spec import ConvSpec
 from autoconv.tensors import check_operands
 
+HOST_MEMORY_MODES = ("shared", "mapped", "staged")
+# Host arrays autoconv allocates for kernels to write start on this boundary: what OpenCL devices
+# ask of host pointers they use in place (CL_DEVICE_MEM_BASE_ADDR_ALIGN is 1024 bits on PoCL;
+# integrated GPUs want a page).
+HOST_ALIGNMENT = 4096
+
+Enqueue = Callable[[Mapping[str, Any]], Any]
+
 
 class Runtime(Protocol):
     """A device's primitives. Errors of the underlying library become KernelCompileError (kernel)
@@ -27,20 +46,40 @@ class Runtime(Protocol):
 
     device: DeviceInfo
     dialect: Dialect
-    lock: threading.RLock  # one queue or stream: runs from several threads take turns
+    lock: threading.RLock  # one queue or stream: enqueues from several threads take turns
     has_library_gemm: bool
+    host_memory: str  # one of HOST_MEMORY_MODES
 
     def kernel(self, source: KernelSource) -> Any:
         """The compiled kernel for a source (cached per source hash and device)."""
         ...
 
+    def bind(self, kernel: Any, source: KernelSource) -> Enqueue:
+        """An enqueuer for one kernel: given the buffers by kind, it launches the kernel with its
+        arguments in order (the ints are the source's own) and returns its event. Called with
+        the runtime's lock held."""
+        ...
+
     def alloc(self, nbytes: int) -> Any:
         ...
 
-    def upload(self, buffer: Any, host: np.ndarray) -> None:
+    def wrap(self, host: np.ndarray, writable: bool) -> Any:
+        """A buffer over a host array's own memory, no copy ("shared" and "mapped" runtimes)."""
         ...
 
-    def download(self, host: np.ndarray, buffer: Any) -> None:
+    def expose(self, buffer: Any, host: np.ndarray) -> None:
+        """Make a wrapped host array current after kernels wrote it (a map where memory is
+        "mapped"; nothing where it is "shared")."""
+        ...
+
+    def pinned(self, count: int) -> np.ndarray:
+        """`count` float32 of page-locked host memory, the staging of non-blocking copies."""
+        ...
+
+    def upload(self, buffer: Any, host: np.ndarray, *, blocking: bool = True) -> Any:
+        ...
+
+    def download(self, host: np.ndarray, buffer: Any, *, blocking: bool = True) -> Any:
         ...
 
     def copy(self, dst: Any, src: Any) -> None:
@@ -50,12 +89,41 @@ class Runtime(Protocol):
         """Enqueue one kernel with its arguments (buffers and np.int32 values) in order."""
         ...
 
+    def wait(self, events: Sequence[Any]) -> None:
+        """Block until everything enqueued up to the last of `events` has finished."""
+        ...
+
     def elapsed_ms(self, enqueue: Callable[[], list[Any]]) -> float:
         """Run `enqueue` (which launches kernels) and return the device time it took, in ms."""
         ...
 
+    def span_ms(self, events: Sequence[Any]) -> float | None:
+        """Device time from the first event's start to the last one's end, once they finished
+        (None where the runtime cannot tell)."""
+        ...
+
+    def new_array(self, shape: tuple[int, ...], ready: Any = None) -> tuple[Any, Any]:
+        """A new float32 device array of that shape (what a layer returns for a device input)
+        and its buffer."""
+        ...
+
+    def set_ready(self, array: Any, event: Any) -> None:
+        """Record the event after which a device array made by new_array holds its result."""
+        ...
+
+    def device_buffer(self, value: Any, name: str) -> Any | None:
+        """The buffer of a float32, C-ordered device array of this device (None when `value` is
+        not a device array); InvalidSpecError for an array on another device."""
+        ...
+
+    def adopt(self, host: np.ndarray) -> Any:
+        """A device array holding a host array's contents (the host array itself where memory is
+        "shared": the caller gives it up)."""
+        ...
+
     def library_gemm(self, spec: ConvSpec, buffers: dict[str, Any]) -> None:
-        """out = weight x scratch (+ bias) with the runtime's BLAS, for library_gemm algorithms."""
+        """out = weight x scratch (+ bias, + epilogue) with the runtime's BLAS, for library_gemm
+        algorithms."""
         ...
 
 
@@ -84,35 +152,56 @@ def prepare_on(runtime: Runtime, algorithms: tuple[str, ...], spec: ConvSpec, pl
     return LaunchedConv(runtime, spec, plan, sources, scratch, library_gemm=algorithm.library_gemm)
 
 
+def aligned_empty(shape: tuple[int, ...], alignment: int = HOST_ALIGNMENT) -> np.ndarray:
+    """An uninitialised float32 host array whose data starts on an `alignment` boundary."""
+    count = int(np.prod(shape))
+    raw = np.empty(count + alignment // 4, dtype=np.float32)
+    start = (-raw.ctypes.data % alignment) // 4
+    return raw[start:start + count].reshape(shape)
+
+
 class LaunchedConv:
-    """Device buffers and compiled kernels for one ConvSpec under one Plan; reused across runs."""
+    """Compiled kernels, resident weights and scratch for one ConvSpec under one Plan; reused
+    across calls. Calls enqueue on the runtime's one in-order queue, so the scratch buffer is
+    never used by two calls at once and concurrent callers get their own results."""
 
     def __init__(self, runtime: Runtime, spec: ConvSpec, plan: Plan, sources: list[KernelSource],
                  scratch_bytes: int, *, library_gemm: bool = False) -> None:
         self.runtime, self.spec, self.plan, self.sources = runtime, spec, plan, sources
         self.library_gemm = library_gemm
-        self._kernels = [runtime.kernel(source) for source in sources]
-        self._weight_stage = [(k, s) for k, s in zip(self._kernels, sources) if s.once_per_weights]
-        self._call_stage = [(k, s) for k, s in zip(self._kernels, sources) if not s.once_per_weights]
-        # A private copy of the weights and bias now on the device: a call with equal ones (the
-        # same array again, unless the caller changed it) skips their upload and the filter
-        # transform. Compared by contents, so an array changed in place is never served stale.
-        self._resident: tuple[np.ndarray, np.ndarray | None] | None = None
-        self.buffers: dict[str, Any] = {name: runtime.alloc(size) for name, size in conv_buffers(spec, scratch_bytes).items()}
-        self.buffers.setdefault("scratch", None)
+        kernels = [runtime.kernel(source) for source in sources]
+        self._weight_stage = [runtime.bind(k, s) for k, s in zip(kernels, sources) if s.once_per_weights]
+        self._call_stage = [runtime.bind(k, s) for k, s in zip(kernels, sources) if not s.once_per_weights]
         self._scratch_bytes = scratch_bytes
+        sizes = conv_buffers(spec, scratch_bytes)
+        self.buffers: dict[str, Any] = {name: runtime.alloc(sizes[name]) for name in ("weight", "bias", "scratch")
+                                        if name in sizes}
+        self.buffers.setdefault("scratch", None)
+        # The device-side input, output and residual that staged copies and timing use, made when
+        # first needed (zero-copy calls lend the caller's arrays instead).
+        self._home: dict[str, Any] = {}
+        self._staging: queue.SimpleQueue[dict[str, np.ndarray]] = queue.SimpleQueue()
+        # A private copy of the weights and bias now on the device: a call with equal ones skips
+        # their upload and the once-per-weights kernels. Compared by contents, so an array
+        # changed in place is never served stale.
+        self._resident: tuple[np.ndarray, np.ndarray | None] | None = None
+        self.last_events: tuple[Any, ...] = ()  # the latest call's kernel events (benchmarks read their span)
 
-    def _args(self, source: KernelSource, buffers: dict[str, Any]) -> tuple:
-        return tuple(np.int32(arg.value) if arg.kind == "int" else buffers[arg.kind] for arg in source.args)
+    @property
+    def transforms_weights(self) -> bool:
+        """Whether the plan runs kernels on the weights alone (a filter transform) when they change."""
+        return bool(self._weight_stage)
 
-    def _enqueue(self, buffers: dict[str, Any], stage: str = "call") -> list[Any]:
-        kernels = self._weight_stage if stage == "weights" else self._call_stage
-        events = [self.runtime.launch(kernel, source, self._args(source, buffers)) for kernel, source in kernels]
-        if self.library_gemm and stage == "call":
-            self.runtime.library_gemm(self.spec, buffers)
-        return events
+    @property
+    def lends_weights(self) -> bool:
+        """Whether a call may read the caller's weights in place (`call(weight=...)`): where the
+        device reads host memory and nothing is derived from the weights ahead of the call."""
+        return self.runtime.host_memory != "staged" and not self._weight_stage
 
-    def _weights_resident(self, weight: np.ndarray, bias: np.ndarray | None) -> bool:
+    # Weights ------------------------------------------------------------------------------------
+
+    def weights_loaded(self, weight: np.ndarray, bias: np.ndarray | None) -> bool:
+        """Whether these are the weights and bias now on the device (compared by contents)."""
         if self._resident is None:
             return False
         kept_weight, kept_bias = self._resident
@@ -120,49 +209,157 @@ class LaunchedConv:
             (kept_bias is None and bias is None)
             or (kept_bias is not None and bias is not None and np.array_equal(kept_bias, bias)))
 
-    def _upload(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> None:
-        check_operands(self.spec, x, weight, bias)
-        self.runtime.upload(self.buffers["input"], np.ascontiguousarray(x, dtype=np.float32))
-        if self._weights_resident(weight, bias):
-            return
-        self._resident = None
+    def load_weights(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        """Copy the weights and bias to the device and run the once-per-weights kernels; calls
+        without weights of their own use these from now on."""
         kept_weight = np.array(weight, dtype=np.float32, order="C")
         kept_bias = None if bias is None else np.array(bias, dtype=np.float32, order="C")
-        self.runtime.upload(self.buffers["weight"], kept_weight)
-        if kept_bias is not None:
-            self.runtime.upload(self.buffers["bias"], kept_bias)
-        self._enqueue(self.buffers, "weights")
-        self._resident = (kept_weight, kept_bias)
+        with self.runtime.lock:
+            self._resident = None
+            self.runtime.upload(self.buffers["weight"], kept_weight)
+            if kept_bias is not None:
+                self.runtime.upload(self.buffers["bias"], kept_bias)
+            self._enqueue(self.buffers, "weights")
+            self._resident = (kept_weight, kept_bias)
+
+    def ensure_weights(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        """Load the weights and bias unless they are the ones loaded (compared by contents)."""
+        with self.runtime.lock:
+            if not self.weights_loaded(weight, bias):
+                self.load_weights(weight, bias)
+
+    # Calls --------------------------------------------------------------------------------------
+
+    def _home_buffer(self, kind: str) -> Any:
+        buffer = self._home.get(kind)
+        if buffer is None:
+            nbytes = self.spec.input_bytes if kind == "input" else self.spec.output_bytes
+            buffer = self._home[kind] = self.runtime.alloc(nbytes)
+        return buffer
+
+    def _enqueue(self, buffers: Mapping[str, Any], stage: str = "call") -> list[Any]:
+        stages = self._weight_stage if stage == "weights" else self._call_stage
+        events = [enqueue(buffers) for enqueue in stages]
+        if self.library_gemm and stage == "call":
+            self.runtime.library_gemm(self.spec, dict(buffers))
+        return events
+
+    def call(self, x: Any, residual: Any = None, *, weight: np.ndarray | None = None,
+             bias: np.ndarray | None = None, device_output: bool = False, poison: bool = False) -> Any:
+        """Convolve with the loaded weights, or with `weight`/`bias` lent for this call alone.
+
+        `x` and `residual` are host arrays (float32, C order, the spec's input and output
+        shapes; the caller checked them) or buffers of this runtime's device arrays. The result
+        is a new host array, or with `device_output` a new device array that later kernels on
+        this device read in order, before it is complete. Host memory the call reads is never
+        touched after the call returns. Lent weights are used in place: only where memory is not
+        "staged" and the plan has no once-per-weights kernels (the caller's choice).
+        """
+        runtime, spec = self.runtime, self.spec
+        zero_copy = runtime.host_memory != "staged"
+        buffers = dict(self.buffers)
+        staged: list[tuple[str, np.ndarray]] = []
+        reads_host = False
+        for kind, value in (("input", x), ("residual", residual)):
+            if value is None:
+                continue
+            if isinstance(value, np.ndarray):
+                reads_host = True
+                if zero_copy:
+                    buffers[kind] = runtime.wrap(value, writable=False)
+                else:
+                    staged.append((kind, value))
+                    buffers[kind] = self._home_buffer(kind)
+            else:
+                buffers[kind] = value
+        if weight is not None:
+            if not self.lends_weights:
+                raise InvalidParamsError(f"weight: {self.plan.algorithm} on {runtime.device.name} cannot read the "
+                                         "weights in place; load them (load_weights) instead")
+            buffers["weight"] = runtime.wrap(weight, writable=False)
+            if bias is not None:
+                buffers["bias"] = runtime.wrap(bias, writable=False)
+            reads_host = True
+        device_out = host_out = None
+        if device_output:
+            device_out, buffers["output"] = runtime.new_array(spec.output_shape)
+        elif zero_copy:
+            host_out = aligned_empty(spec.output_shape)
+            buffers["output"] = runtime.wrap(host_out, writable=True)
+        else:
+            buffers["output"] = self._home_buffer("output")
+        if poison:
+            nan = np.full(spec.output_shape, np.nan, dtype=np.float32)
+            if host_out is not None:
+                np.copyto(host_out, nan)
+            else:
+                runtime.upload(buffers["output"], nan)
+        staging = self._take_staging() if staged or (host_out is None and not device_output) else None
+        with runtime.lock:
+            for kind, value in staged:
+                np.copyto(staging[kind].reshape(value.shape), value)
+                runtime.upload(buffers[kind], staging[kind], blocking=False)
+            events = self._enqueue(buffers)
+            if not device_output and not zero_copy:
+                events.append(runtime.download(staging["output"], buffers["output"], blocking=False))
+        self.last_events = tuple(events)
+        if device_output:
+            runtime.set_ready(device_out, events[-1] if events else None)
+            if reads_host:  # the caller may change its arrays once we return
+                runtime.wait(events)
+            result = device_out
+        else:
+            runtime.wait(events)
+            if host_out is not None:
+                if runtime.host_memory == "mapped":
+                    runtime.expose(buffers["output"], host_out)
+                result = host_out
+            else:
+                result = staging["output"].reshape(spec.output_shape).copy()
+        if staging is not None:  # every copy through it has finished (waited for above)
+            self._staging.put(staging)
+        return result
+
+    def _take_staging(self) -> dict[str, np.ndarray]:
+        """A set of pinned staging arrays no other call holds (made when all are in use)."""
+        try:
+            return self._staging.get_nowait()
+        except queue.Empty:
+            count = {"input": self.spec.input_bytes // 4, "output": self.spec.output_bytes // 4}
+            count["residual"] = count["output"]
+            return {kind: self.runtime.pinned(n) for kind, n in count.items()}
 
     def run(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-            *, poison: bool = False) -> np.ndarray:
-        out = np.empty(self.spec.output_shape, dtype=np.float32)
-        with self.runtime.lock:
-            self._upload(x, weight, bias)
-            if poison:
-                out.fill(np.nan)
-                self.runtime.upload(self.buffers["output"], out)
-            self._enqueue(self.buffers)
-            self.runtime.download(out, self.buffers["output"])
-        return out
+            residual: np.ndarray | None = None, *, poison: bool = False) -> np.ndarray:
+        check_operands(self.spec, x, weight, bias, residual)
+        self.ensure_weights(weight, bias)
+        contiguous = None if residual is None else np.ascontiguousarray(residual, dtype=np.float32)
+        return self.call(np.ascontiguousarray(x, dtype=np.float32), contiguous, poison=poison)
 
     def time(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-             *, warmup: int = 2, repeats: int = 10, rotate: int = 3, stage: str = "call",
-             min_sample_ms: float = 0.0) -> Timing:
+             residual: np.ndarray | None = None, *, warmup: int = 2, repeats: int = 10, rotate: int = 3,
+             stage: str = "call", min_sample_ms: float = 0.0) -> Timing:
         if stage not in ("call", "weights"):
             raise InvalidParamsError(f"stage: expected 'call' or 'weights', got {stage!r}")
+        check_operands(self.spec, x, weight, bias, residual)
         copies_needed = max(1, rotate) - 1
         if copies_needed:  # the rotated copies of the inputs must fit beside the conv's own buffers
             check_fits(self.runtime.device, self.spec.replace(n=self.spec.n * (copies_needed + 1)),
                        self._scratch_bytes)
         with self.runtime.lock:
-            self._upload(x, weight, bias)
-            rotations = [self.buffers]
+            self.ensure_weights(weight, bias)
+            buffers = dict(self.buffers, input=self._home_buffer("input"), output=self._home_buffer("output"))
+            self.runtime.upload(buffers["input"], np.ascontiguousarray(x, dtype=np.float32))
+            if residual is not None:
+                buffers["residual"] = self._home_buffer("residual")
+                self.runtime.upload(buffers["residual"], np.ascontiguousarray(residual, dtype=np.float32))
+            rotations = [buffers]
+            sizes = conv_buffers(self.spec, 0)
             for _ in range(copies_needed):
-                copy = dict(self.buffers)
+                copy = dict(buffers)
                 for name in ("input", "weight"):
-                    copy[name] = self.runtime.alloc(conv_buffers(self.spec, 0)[name])
-                    self.runtime.copy(copy[name], self.buffers[name])
+                    copy[name] = self.runtime.alloc(sizes[name])
+                    self.runtime.copy(copy[name], buffers[name])
                 rotations.append(copy)
             last_ms = 0.0
             for i in range(max(1, warmup)):

@@ -8,6 +8,7 @@ import time as _time
 
 import numpy as np
 
+from autoconv import epilogue
 from autoconv.algorithms import get_algorithm, list_algorithms
 from autoconv.backends.base import Timing, calibrated_runs
 from autoconv.device import DeviceInfo
@@ -21,28 +22,53 @@ from autoconv.tensors import check_operands
 class NumpyConv:
     """A ConvSpec prepared on the host: nothing to compile, so preparing only checks the plan."""
 
+    transforms_weights = False
+    lends_weights = True  # host code reads the caller's weights where they are
+
     def __init__(self, spec: ConvSpec, plan: Plan) -> None:
         self.spec = spec
         self.plan = plan
         self._algorithm = get_algorithm(plan.algorithm)
+        self._weights: tuple[np.ndarray, np.ndarray | None] | None = None
 
-    def _compute(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-        return self._algorithm.run_host(self.spec, x, weight, bias)
+    def load_weights(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        self._weights = (np.array(weight, dtype=np.float32, order="C"),
+                         None if bias is None else np.array(bias, dtype=np.float32, order="C"))
 
-    def run(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-            *, poison: bool = False) -> np.ndarray:
-        check_operands(self.spec, x, weight, bias)
-        result = self._compute(x, weight, bias)
-        if poison:
+    def ensure_weights(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        self.load_weights(weight, bias)  # host code reads them in place: nothing to compare against
+
+    def call(self, x: np.ndarray, residual: np.ndarray | None = None, *, weight: np.ndarray | None = None,
+             bias: np.ndarray | None = None, device_output: bool = False, poison: bool = False) -> np.ndarray:
+        """The serving call (see LaunchedConv.call): host arrays only."""
+        if device_output:
+            raise InvalidParamsError("the numpy backend computes on the host: it makes no device arrays")
+        if weight is None:
+            if self._weights is None:
+                raise InvalidParamsError("no weights: call load_weights first or pass them")
+            weight, bias = self._weights
+        return self._finish(self._compute(x, weight, bias, residual), poison)
+
+    def _finish(self, result: np.ndarray, poison: bool) -> np.ndarray:
+        if poison:  # host code writes whole arrays; poisoning checks that the copy out is whole too
             out = np.full(self.spec.output_shape, np.nan, dtype=result.dtype)
             out[...] = result
             return out
         return result
 
+    def _compute(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+                 residual: np.ndarray | None = None) -> np.ndarray:
+        return epilogue.apply(self.spec, self._algorithm.run_host(self.spec, x, weight, bias), residual)
+
+    def run(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+            residual: np.ndarray | None = None, *, poison: bool = False) -> np.ndarray:
+        check_operands(self.spec, x, weight, bias, residual)
+        return self._finish(self._compute(x, weight, bias, residual), poison)
+
     def time(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
-             *, warmup: int = 2, repeats: int = 10, rotate: int = 3, stage: str = "call",
+             residual: np.ndarray | None = None, *, warmup: int = 2, repeats: int = 10, rotate: int = 3, stage: str = "call",
              min_sample_ms: float = 0.0) -> Timing:
-        check_operands(self.spec, x, weight, bias)
+        check_operands(self.spec, x, weight, bias, residual)
         if stage == "weights":  # host algorithms use the weights as given: nothing to prepare
             return Timing((0.0,))
         # Distinct copies taken in turn, so no run finds its operands in cache from the one before.
@@ -50,13 +76,13 @@ class NumpyConv:
         last_ms = 0.0
         for i in range(max(1, warmup)):
             start = _time.perf_counter()
-            self._compute(*copies[i % len(copies)], bias)
+            self._compute(*copies[i % len(copies)], bias, residual)
             last_ms = (_time.perf_counter() - start) * 1e3
 
         def time_runs(runs: int, first: int = 0) -> float:
             start = _time.perf_counter()
             for j in range(runs):
-                self._compute(*copies[(first + j) % len(copies)], bias)
+                self._compute(*copies[(first + j) % len(copies)], bias, residual)
             return (_time.perf_counter() - start) * 1e3
 
         runs = calibrated_runs(time_runs, last_ms, min_sample_ms)

@@ -1,5 +1,5 @@
 """The OpenCL backend on pyopencl: device discovery, program cache, and the launcher's
-primitives (buffers, copies, launches, event timing)."""
+primitives (buffers, copies, launches, event timing, and how host memory reaches the kernels)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import numpy as np
 
 from autoconv.backends.base import select_index
 from autoconv.backends.compiler_output import captured_stderr
-from autoconv.backends.launch import LaunchedConv, prepare_on, runtime_algorithms
+from autoconv.backends.device_array import DeviceArray
+from autoconv.backends.launch import (HOST_MEMORY_MODES, Enqueue, LaunchedConv, aligned_empty, prepare_on,
+                                      runtime_algorithms)
 from autoconv.device import DeviceInfo, normalise_vendor
-from autoconv.errors import BackendUnavailableError, InvalidParamsError, KernelCompileError, KernelLaunchError
+from autoconv.errors import (BackendUnavailableError, InvalidParamsError, InvalidSpecError, KernelCompileError,
+                             KernelLaunchError)
 from autoconv.plan import Plan
 from autoconv.render import OPENCL, KernelSource
 from autoconv.spec import ConvSpec
@@ -47,12 +50,14 @@ def _cl() -> Any:
 
 @dataclass(frozen=True)
 class OpenCLDevice:
-    """One device as discovery found it: its index, identity, and whether it can build kernels."""
+    """One device as discovery found it: its index, identity, whether it can build kernels, and
+    how host memory reaches its kernels (launch.HOST_MEMORY_MODES)."""
 
     index: int
     info: DeviceInfo
     usable: bool
     problem: str
+    host_memory: str = "staged"
 
 
 def _describe(cl: Any, platform: Any, device: Any) -> DeviceInfo:
@@ -74,20 +79,42 @@ def _describe(cl: Any, platform: Any, device: Any) -> DeviceInfo:
     )
 
 
-def _probe(cl: Any, device: Any) -> str:
-    """Build and run a one-line kernel; '' when the device works, else why not."""
+def _probe(cl: Any, device: Any) -> tuple[str, str]:
+    """Build and run a one-line kernel on a buffer over host memory: ('', how host memory reaches
+    the kernels) when the device works, else (why not, "staged")."""
     try:
         context = cl.Context([device])
         queue = cl.CommandQueue(context)
         with captured_stderr():
             program = cl.Program(context, _PROBE_SOURCE).build()
-        host = np.zeros(4, dtype=np.float32)
-        buffer = cl.Buffer(context, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR, hostbuf=host)
-        program.probe(queue, (4,), None, buffer)
-        cl.enqueue_copy(queue, host, buffer)
-        return "" if np.all(host == 1.0) else "probe kernel gave a wrong result"
+        host = aligned_empty((4,))
+        host[:] = 0.0
+        buffer = cl.Buffer(context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR, hostbuf=host)
+        cl.Kernel(program, "probe")(queue, (4,), None, buffer).wait()
+        in_place = bool(np.all(host == 1.0))  # written where the host reads, without a map
+        mapped, _ = cl.enqueue_map_buffer(queue, buffer, cl.map_flags.READ, 0, (4,), np.float32, is_blocking=True)
+        result = np.array(mapped)
+        mapped.base.release()
+        queue.finish()
+        if not np.all(result == 1.0):
+            return "probe kernel gave a wrong result", "staged"
+        return "", _host_memory(cl, device, in_place)
     except Exception as exc:  # noqa: BLE001 - a broken driver may raise anything; report, don't crash
-        return str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+        return (str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__), "staged"
+
+
+def _host_memory(cl: Any, device: Any, written_in_place: bool) -> str:
+    """"shared" for a CPU device computing in host memory itself (its kernels' writes are seen
+    without a map: nothing can cache them); "mapped" for other devices that report unified
+    memory (CL_DEVICE_HOST_UNIFIED_MEMORY: integrated GPUs, whose caches a map flushes);
+    "staged" for devices with memory of their own."""
+    try:
+        unified = bool(device.host_unified_memory)
+    except Exception:  # noqa: BLE001 - an OpenCL 3.0 driver may not answer the deprecated query
+        unified = False
+    if unified and written_in_place and device.type & cl.device_type.CPU:
+        return "shared"
+    return "mapped" if unified else "staged"
 
 
 _discovery_lock = threading.Lock()
@@ -106,9 +133,9 @@ def _discover() -> list[tuple[OpenCLDevice, Any]]:
                 platforms = []
             for platform in platforms:
                 for device in platform.get_devices():
-                    problem = _probe(cl, device)
-                    found.append((OpenCLDevice(len(found), _describe(cl, platform, device), not problem, problem),
-                                  device))
+                    problem, host_memory = _probe(cl, device)
+                    found.append((OpenCLDevice(len(found), _describe(cl, platform, device), not problem, problem,
+                                               host_memory), device))
             _discovered = found
         return _discovered
 
@@ -138,17 +165,22 @@ def select_device(device: int | str | None) -> tuple[OpenCLDevice, Any]:
 
 class OpenCLBackend:
     """Runs generated kernels on one OpenCL device through one in-order profiling queue (the
-    launcher's Runtime for OpenCL)."""
+    launcher's Runtime for OpenCL).
+
+    host_memory: how host arrays reach the kernels (launch.HOST_MEMORY_MODES); None takes what
+    the device supports (PoCL's CPU device: "shared", no copies). A device may always be run
+    "staged", and a device that shares host memory "mapped" (tests run every mode on PoCL)."""
 
     name = "opencl"
     dialect = OPENCL
     has_library_gemm = False  # no BLAS here: the library baseline runs on the host (numpy)
 
-    def __init__(self, device: int | str | None = None) -> None:
+    def __init__(self, device: int | str | None = None, *, host_memory: str | None = None) -> None:
         cl = _cl()
         entry, cl_device = select_device(device)
         self.device: DeviceInfo = entry.info
         self.index = entry.index
+        self.host_memory = _chosen_host_memory(entry, host_memory)
         self._cl = cl
         self.context = cl.Context([cl_device])
         self.queue = cl.CommandQueue(self.context, properties=cl.command_queue_properties.PROFILING_ENABLE)
@@ -164,6 +196,9 @@ class OpenCLBackend:
         self.lock = threading.RLock()
         self.compiler_output: list[tuple[str, str]] = []  # (kernel entry, what its build printed)
         self.algorithms = runtime_algorithms(self.has_library_gemm)
+        mf = cl.mem_flags
+        self._read_flags = mf.READ_ONLY | mf.USE_HOST_PTR
+        self._write_flags = mf.READ_WRITE | mf.USE_HOST_PTR
 
     def kernel(self, source: KernelSource) -> Any:
         """The compiled kernel for a source, built once per (source hash, device and driver)."""
@@ -203,17 +238,73 @@ class OpenCLBackend:
 
     # The launcher's primitives ------------------------------------------------------------------
 
+    def bind(self, kernel: Any, source: KernelSource) -> Enqueue:
+        # The ints never change: set once. Each call sets only its buffers (a few hundred ns each).
+        slots = []
+        for index, arg in enumerate(source.args):
+            if arg.kind == "int":
+                kernel.set_arg(index, np.int32(arg.value))
+            else:
+                slots.append((index, arg.kind))
+        enqueue_kernel, global_size, local_size, queue = (self._cl.enqueue_nd_range_kernel, source.global_size,
+                                                          source.local_size, self.queue)
+
+        def enqueue(buffers: Any) -> Any:
+            try:
+                for index, kind in slots:
+                    kernel.set_arg(index, buffers[kind])
+                return enqueue_kernel(queue, kernel, global_size, local_size)
+            except self._cl.Error as exc:
+                raise KernelLaunchError(f"launching {source.entry} failed on {self.device.name}: {exc}") from None
+        return enqueue
+
     def alloc(self, nbytes: int) -> Any:
         try:
             return self._cl.Buffer(self.context, self._cl.mem_flags.READ_WRITE, max(1, nbytes))
         except self._cl.Error as exc:
             raise KernelLaunchError(f"cannot allocate {nbytes} bytes on {self.device.name}: {exc}") from None
 
-    def upload(self, buffer: Any, host: np.ndarray) -> None:
-        self._guard(lambda: self._cl.enqueue_copy(self.queue, buffer, host), "copying to the device")
+    def wrap(self, host: np.ndarray, writable: bool) -> Any:
+        if self.host_memory == "staged":
+            raise InvalidParamsError(f"{self.device.name} is run with staged copies: host arrays are not lent to it")
+        if host.nbytes == 0:  # OpenCL has no empty buffers; nothing reads this one
+            return self.alloc(4)
+        if not host.flags.writeable:  # a buffer over host memory needs a writable view of it
+            host = host.copy()
+        try:
+            return self._cl.Buffer(self.context, self._write_flags if writable else self._read_flags, hostbuf=host)
+        except self._cl.Error as exc:
+            raise KernelLaunchError(f"cannot lend {host.nbytes} bytes of host memory to {self.device.name}: "
+                                    f"{exc}") from None
 
-    def download(self, host: np.ndarray, buffer: Any) -> None:
-        self._guard(lambda: self._cl.enqueue_copy(self.queue, host, buffer), "copying from the device")
+    def expose(self, buffer: Any, host: np.ndarray) -> None:
+        if self.host_memory != "mapped":
+            return
+
+        def map_and_release() -> None:
+            mapped, _ = self._cl.enqueue_map_buffer(self.queue, buffer, self._cl.map_flags.READ, 0, host.shape,
+                                                    host.dtype, is_blocking=True)
+            mapped.base.release()
+        self._guard(map_and_release, "mapping a result")
+
+    def pinned(self, count: int) -> np.ndarray:
+        """A mapped ALLOC_HOST_PTR buffer: the driver's page-locked memory, mapped for good."""
+        def make() -> np.ndarray:
+            buffer = self._cl.Buffer(self.context, self._cl.mem_flags.READ_WRITE | self._cl.mem_flags.ALLOC_HOST_PTR,
+                                     max(1, count) * 4)
+            mapped, _ = self._cl.enqueue_map_buffer(
+                self.queue, buffer, self._cl.map_flags.READ | self._cl.map_flags.WRITE, 0, (max(1, count),),
+                np.float32, is_blocking=True)
+            return mapped[:count]
+        return self._guard(make, "allocating page-locked staging memory")
+
+    def upload(self, buffer: Any, host: np.ndarray, *, blocking: bool = True) -> Any:
+        return self._guard(lambda: self._cl.enqueue_copy(self.queue, buffer, host, is_blocking=blocking),
+                           "copying to the device")
+
+    def download(self, host: np.ndarray, buffer: Any, *, blocking: bool = True) -> Any:
+        return self._guard(lambda: self._cl.enqueue_copy(self.queue, host, buffer, is_blocking=blocking),
+                           "copying from the device")
 
     def copy(self, dst: Any, src: Any) -> None:
         self._guard(lambda: self._cl.enqueue_copy(self.queue, dst, src), "copying on the device")
@@ -223,6 +314,11 @@ class OpenCLBackend:
             kernel.set_args(*args)
             return self._cl.enqueue_nd_range_kernel(self.queue, kernel, source.global_size, source.local_size)
         return self._guard(enqueue, f"launching {source.entry}")
+
+    def wait(self, events: Any) -> None:
+        # One in-order queue: the last event completes after everything enqueued before it.
+        if events:
+            self._guard(events[-1].wait, "waiting for the device")
 
     def elapsed_ms(self, enqueue: Any) -> float:
         def run() -> float:
@@ -234,6 +330,39 @@ class OpenCLBackend:
             return (events[-1].profile.end - events[0].profile.start) * 1e-6
         return self._guard(run, "timing")
 
+    def span_ms(self, events: Any) -> float | None:
+        if not events:
+            return None
+        return self._guard(lambda: (events[-1].profile.end - events[0].profile.start) * 1e-6, "reading event times")
+
+    def new_array(self, shape: tuple[int, ...], ready: Any = None) -> tuple[DeviceArray, Any]:
+        if self.host_memory == "shared":  # the device computes in host memory: keep a host view
+            host = aligned_empty(shape)
+            buffer = self.wrap(host, writable=True)
+        else:
+            host, buffer = None, self.alloc(int(np.prod(shape)) * 4)
+        return DeviceArray(self, buffer, shape, host=host, ready=ready), buffer
+
+    def adopt(self, host: np.ndarray) -> DeviceArray:
+        if self.host_memory == "shared":
+            host = np.ascontiguousarray(host, dtype=np.float32)
+            return DeviceArray(self, self.wrap(host, writable=True), host.shape, host=host)
+        array, buffer = self.new_array(host.shape)
+        self.upload(buffer, np.ascontiguousarray(host, dtype=np.float32))
+        return array
+
+    def set_ready(self, array: DeviceArray, event: Any) -> None:
+        array._ready = event  # noqa: SLF001 - the runtime that made the array records its event
+
+    def device_buffer(self, value: Any, name: str) -> Any | None:
+        if not isinstance(value, DeviceArray):
+            return None
+        if value.runtime is not self:
+            raise InvalidSpecError(f"{name}: the DeviceArray lives on {value.runtime.device.name} "
+                                   f"(another context), not on this layer's {self.device.name}; "
+                                   "bring it home with numpy.asarray() first")
+        return value.buffer
+
     def library_gemm(self, spec: ConvSpec, buffers: dict[str, Any]) -> None:
         raise InvalidParamsError("the opencl backend has no BLAS; library-GEMM algorithms run on the host")
 
@@ -242,3 +371,16 @@ class OpenCLBackend:
             return action()
         except self._cl.Error as exc:
             raise KernelLaunchError(f"{what} failed on {self.device.name}: {exc}") from None
+
+
+def _chosen_host_memory(entry: OpenCLDevice, asked: str | None) -> str:
+    """The device's own mode, or the one asked for when the device can run it."""
+    if asked is None:
+        return entry.host_memory
+    if asked not in HOST_MEMORY_MODES:
+        raise InvalidParamsError(f"host_memory: expected one of {HOST_MEMORY_MODES} or None, got {asked!r}")
+    possible = HOST_MEMORY_MODES[HOST_MEMORY_MODES.index(entry.host_memory):]
+    if asked not in possible:
+        raise InvalidParamsError(f"host_memory: {entry.info.name} does not share host memory; it runs "
+                                 f"{' or '.join(possible)}")
+    return asked

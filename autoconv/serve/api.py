@@ -1,5 +1,6 @@
-"""autoconv.conv2d: torch.nn.functional.conv2d's signature on numpy arrays, run by the plan the
-tuning databases give (or a forced algorithm), through the default Session."""
+"""autoconv.conv2d: torch.nn.functional.conv2d's signature on numpy arrays (or device arrays), run
+by the plan the tuning databases give (or a forced algorithm), through the default Session's
+prepared convs; autoconv.to_device puts a host array on a device."""
 
 from __future__ import annotations
 
@@ -8,36 +9,61 @@ from typing import Any
 
 import numpy as np
 
-from autoconv.algorithms import BASELINE, get_algorithm
+from autoconv.algorithms import get_algorithm
 from autoconv.backends.base import Backend
 from autoconv.errors import InvalidSpecError
 from autoconv.plan import Plan
-from autoconv.serve.session import Session, default_session
+from autoconv.serve.runner import host_operand
+from autoconv.serve.session import Session, default_session, device_runtime
 from autoconv.spec import ConvSpec, IntOrPair, as_pair
 from autoconv.tensors import as_float_array
 
 
 def choose_plan(spec: ConvSpec, backend: Backend, db: str | Path | None = None, *, algorithm: str | None = None,
                 session: Session | None = None) -> Plan:
-    """The plan a backend runs a spec with when the caller does not pass one: the tuning DBs'
-    answer, or on the host backend the library baseline (unless an algorithm is forced)."""
-    session = session or default_session()
-    if backend.name == "numpy":
-        chosen = algorithm or BASELINE
-        if chosen not in backend.algorithms:
-            raise InvalidSpecError(f"algorithm: the numpy backend runs {backend.algorithms}, not {chosen!r}")
-        return Plan(chosen, None, "host")
-    return session.lookup(spec, backend, db, algorithm=algorithm)
+    """The plan a backend runs a spec with when the caller does not pass one (Session.choose_plan)."""
+    return (session or default_session()).choose_plan(spec, backend, db, algorithm=algorithm)
 
 
 def backend_for(plan: Plan, backend: Backend, session: Session | None = None) -> Backend:
-    """Where a plan runs: the device backend, or the host when the algorithm has host code the
-    device backend does not run (the library baseline on OpenCL: numpy's BLAS)."""
-    if plan.algorithm in backend.algorithms:
-        return backend
-    if get_algorithm(plan.algorithm).host_code:
-        return (session or default_session()).backend("numpy")
-    raise InvalidSpecError(f"plan: the {backend.name} backend cannot run {plan.algorithm!r} (runs {backend.algorithms})")
+    """Where a plan runs: the device backend, or the host (Session.backend_for)."""
+    return (session or default_session()).backend_for(plan, backend)
+
+
+def to_device(array: Any, *, backend: str = "opencl", device: int | str | None = None) -> Any:
+    """A float32 copy of a host array on a device, for layers chained there: an autoconv.DeviceArray
+    on OpenCL, a CuPy array on CUDA (the default session's backend, so every layer on that
+    device reads it). numpy.asarray brings a device array home."""
+    chosen = default_session().backend(backend, device)
+    if not hasattr(chosen, "adopt"):
+        raise InvalidSpecError(f"backend: {backend!r} computes on the host; it has no device arrays")
+    host = as_float_array(array, "array")
+    return chosen.adopt(np.array(host, dtype=np.float32, order="C", copy=True))
+
+
+def layer_spec(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: IntOrPair, padding: Any,
+               dilation: IntOrPair, groups: int, has_bias: bool, session: Session | None = None) -> ConvSpec:
+    """The ConvSpec of a conv2d call with these shapes and arguments, memoised by the session (a
+    model calls the same few layers again and again). The memo's key holds each argument's
+    type, so True is not taken for 1 nor a refused value for an accepted one."""
+    def build() -> ConvSpec:
+        begin, end = resolve_padding(padding, stride, dilation, weight_shape)
+        return ConvSpec.from_shapes(input_shape, weight_shape, stride=stride, padding=begin, dilation=dilation,
+                                    groups=groups, bias=has_bias, padding_end=end)
+
+    try:
+        key = (input_shape, weight_shape, _typed(stride), _typed(padding), _typed(dilation), _typed(groups),
+               has_bias)
+        hash(key)
+    except TypeError:  # an argument that cannot be a key: checked (and refused) the long way
+        return build()
+    return (session or default_session()).memoised_spec(key, build)
+
+
+def _typed(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(_typed(item) for item in value))
+    return (type(value), value)
 
 
 def conv2d(
@@ -68,25 +94,29 @@ def conv2d(
     algorithm= forces one algorithm (autoconv.list_algorithms()): its tuned params for this layer
     and device if any, else its heuristic.
     """
-    x = as_float_array(input, "input")
-    w = as_float_array(weight, "weight")
-    b = None if bias is None else as_float_array(bias, "bias")
+    session = default_session()
+    chosen_backend = session.backend(backend, device)
+    runtime = device_runtime(chosen_backend)
+    on_device = runtime is not None and runtime.device_buffer(input, "input") is not None
+    x = input if on_device else as_float_array(input, "input")
+    w = host_operand(weight, "weight")
+    b = None if bias is None else host_operand(bias, "bias")
     if b is not None and b.ndim != 1:
         raise InvalidSpecError(f"bias: expected a 1-D array of k values, got shape {b.shape}")
-    if x.ndim not in (3, 4):
+    shape = tuple(x.shape)
+    if len(shape) not in (3, 4):
         raise InvalidSpecError(f"input: expected a 3-D (c, h, w) unbatched or 4-D (n, c, h, w) array, "
-                               f"got shape {x.shape}")
+                               f"got shape {shape}")
     if w.ndim != 4:
         raise InvalidSpecError(f"weight: expected a 4-D (k, c/groups, r, s) array, got shape {w.shape}")
-    unbatched = x.ndim == 3
+    unbatched = len(shape) == 3
     if unbatched:
-        x = x[None]
-    begin, end = _resolve_padding(padding, stride, dilation, w.shape)
-    batch = x.shape[0]
+        shape = (1, *shape)
+    batch = shape[0]
     # An empty batch is a valid call (torch returns an empty result): the layer is checked as if
     # it had one image, and nothing runs.
-    spec = ConvSpec.from_shapes((max(batch, 1), *x.shape[1:]), w.shape, stride=stride, padding=begin,
-                                dilation=dilation, groups=groups, bias=b is not None, padding_end=end)
+    spec = layer_spec((max(batch, 1), *shape[1:]), w.shape, stride, padding, dilation, groups, b is not None,
+                      session)
     if plan is not None and not isinstance(plan, Plan):
         raise InvalidSpecError(f"plan: expected an autoconv.Plan (or None for the tuned plan), got {plan!r}")
     if algorithm is not None:
@@ -97,16 +127,13 @@ def conv2d(
         raise InvalidSpecError(f"bias: expected shape ({spec.k},), got {b.shape}")
     if batch == 0:
         out = np.zeros((0, spec.k, spec.p, spec.q), dtype=np.float32)
-    else:
-        session = default_session()
-        chosen_backend = session.backend(backend, device)
-        chosen_plan = plan or choose_plan(spec, chosen_backend, db, algorithm=algorithm, session=session)
-        conv = session.prepared(spec, backend_for(chosen_plan, chosen_backend, session), chosen_plan)
-        out = conv.run(x, w, b)
-    return out[0] if unbatched else out
+        return out[0] if unbatched else (runtime.adopt(out) if on_device else out)
+    chosen_plan = plan or session.choose_plan(spec, chosen_backend, db, algorithm=algorithm)
+    out = session.runner(spec, chosen_backend, chosen_plan)(x, weight=w, bias=b)
+    return out.reshape(out.shape[1:]) if unbatched else out
 
 
-def _resolve_padding(padding: Any, stride: IntOrPair, dilation: IntOrPair,
+def resolve_padding(padding: Any, stride: IntOrPair, dilation: IntOrPair,
                      weight_shape: tuple[int, ...]) -> tuple[IntOrPair, tuple[int, int] | None]:
     """(padding before, padding after or None when the same) from torch's padding argument."""
     if not isinstance(padding, str):

@@ -1,6 +1,7 @@
 """The process's state in one object: settings (database paths), backends, the tuning databases'
-contents and the plans looked up in them, and prepared convolutions. A default Session serves
-autoconv.conv2d, autoconv.lookup and autoconv.get_backend; a caller may make its own."""
+contents and the plans looked up in them, and prepared convolutions ready to serve. A default
+Session serves autoconv.conv2d, autoconv.Conv2d, autoconv.lookup and autoconv.get_backend; a
+caller may make its own."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
+from autoconv.algorithms import BASELINE, get_algorithm
 from autoconv.backends import create_backend
 from autoconv.backends.base import Backend, PreparedConv
 from autoconv.device import DeviceInfo
+from autoconv.errors import InvalidSpecError
 from autoconv.plan import Plan
 from autoconv.render import template_hash
 from autoconv.serve.lookup import DatabaseContents, resolve
+from autoconv.serve.runner import Runner
 from autoconv.settings import Settings, read_settings
 from autoconv.spec import ConvSpec
 from autoconv.store import SQLiteStore
@@ -67,6 +72,9 @@ class Session:
         self._contents: dict[str, tuple[tuple, DatabaseContents]] = {}
         self._plans: dict[tuple, Plan] = {}
         self._prepared: OrderedDict[tuple, PreparedConv] = OrderedDict()
+        self._runners: OrderedDict[tuple, Runner] = OrderedDict()
+        self._paths: dict[str | None, list[Path]] = {}
+        self._specs: dict[tuple, ConvSpec] = {}
 
     @property
     def settings(self) -> Settings:
@@ -84,14 +92,23 @@ class Session:
             self._contents.clear()
             self._plans.clear()
             self._prepared.clear()
+            self._runners.clear()
+            self._paths.clear()
+            self._specs.clear()
 
     def backend(self, name: str = "opencl", device: int | str | None = None) -> Backend:
-        """The backend of that name on a device, shared so compiled kernels are reused."""
+        """The backend of that name on a device, shared so compiled kernels are reused: every
+        selector of one device (None, its index, its name) gives the same backend, so device
+        arrays made through one are read by layers made through another."""
         key = (name, device)
+        backend = self._backends.get(key)
+        if backend is not None:
+            return backend
         with self._lock:
             backend = self._backends.get(key)
             if backend is None:
-                backend = create_backend(name, device)
+                made = create_backend(name, device)
+                backend = self._backends.setdefault((name, "index", getattr(made, "index", None)), made)
                 self._backends[key] = backend
             return backend
 
@@ -103,11 +120,18 @@ class Session:
         return self.backend("opencl", device).device
 
     def database_paths(self, db: str | Path | None = None, shipped: bool = True) -> list[Path]:
-        """The databases a lookup reads, in order: the given (or user's) DB, then the shipped ones."""
+        """The databases a lookup reads, in order: the given (or user's) DB, then the shipped ones
+        (listed once per session: the installed databases do not change under it)."""
         first = Path(db) if db is not None else self._settings.db_path
         if not shipped:
             return [first]
-        return [first, *(p for p in self._settings.shipped_dbs if p.resolve() != first.resolve())]
+        cache_key = None if db is None else str(db)
+        paths = self._paths.get(cache_key)
+        if paths is None:
+            paths = [first, *(p for p in self._settings.shipped_dbs if p.resolve() != first.resolve())]
+            with self._lock:
+                self._paths[cache_key] = paths
+        return list(paths)
 
     def contents(self, path: Path) -> DatabaseContents:
         """A database's contents, read again only when the file changed."""
@@ -142,6 +166,55 @@ class Session:
             self._plans[key] = plan
         return plan
 
+    def memoised_spec(self, key: tuple, build: Callable[[], ConvSpec]) -> ConvSpec:
+        """The spec `build` makes, kept under `key` (hashable call arguments) for the next call."""
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = build()
+            with self._lock:
+                if len(self._specs) >= MAX_PLANS:
+                    self._specs.clear()
+                self._specs[key] = spec
+        return spec
+
+    def choose_plan(self, spec: ConvSpec, backend: Backend, db: str | Path | None = None, *,
+                    algorithm: str | None = None) -> Plan:
+        """The plan a backend runs a spec with when the caller does not pass one: the tuning DBs'
+        answer, or on the host backend the library baseline (unless an algorithm is forced)."""
+        if backend.name == "numpy":
+            chosen = algorithm or BASELINE
+            if chosen not in backend.algorithms:
+                raise InvalidSpecError(f"algorithm: the numpy backend runs {backend.algorithms}, not {chosen!r}")
+            return Plan(chosen, None, "host")
+        return self.lookup(spec, backend, db, algorithm=algorithm)
+
+    def backend_for(self, plan: Plan, backend: Backend) -> Backend:
+        """Where a plan runs: the device backend, or the host when the algorithm has host code the
+        device backend does not run (the library baseline on OpenCL: numpy's BLAS)."""
+        if plan.algorithm in backend.algorithms:
+            return backend
+        if get_algorithm(plan.algorithm).host_code:
+            return self.backend("numpy")
+        raise InvalidSpecError(f"plan: the {backend.name} backend cannot run {plan.algorithm!r} "
+                               f"(runs {backend.algorithms})")
+
+    def runner(self, spec: ConvSpec, backend: Backend, plan: Plan) -> Runner:
+        """A Runner for conv2d: one per spec, backend and plan, reused across calls (its prepared
+        conv is shared by every caller of the same layer, so weights are passed on each call)."""
+        key = (id(backend), spec, plan)
+        with self._lock:
+            runner = self._runners.get(key)
+            if runner is not None:
+                self._runners.move_to_end(key)
+                return runner
+        target = self.backend_for(plan, backend)
+        runner = Runner(spec, plan, target.prepare(spec, plan), device_runtime(backend), on_device=target is backend)
+        with self._lock:
+            runner = self._runners.setdefault(key, runner)
+            while len(self._runners) > MAX_PREPARED:
+                self._runners.popitem(last=False)
+        return runner
+
     def prepared(self, spec: ConvSpec, backend: Backend, plan: Plan) -> PreparedConv:
         """A prepared conv reused across calls with the same spec, backend and plan."""
         key = (id(backend), spec, plan)
@@ -156,6 +229,11 @@ class Session:
             while len(self._prepared) > MAX_PREPARED:
                 self._prepared.popitem(last=False)
         return conv
+
+
+def device_runtime(backend: Backend) -> Backend | None:
+    """The backend when it is a device runtime whose device arrays layers accept (None: the host)."""
+    return backend if hasattr(backend, "device_buffer") else None
 
 
 def _warn_if_unusable(path: Path) -> None:

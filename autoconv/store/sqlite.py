@@ -118,6 +118,13 @@ def m004_measurement_spread(db: sqlite_utils.Database) -> None:
     db["measurements"].add_column("repeats", int)
 
 
+@migrations()
+def m005_fused_epilogue(db: sqlite_utils.Database) -> None:
+    """v5: a layer's fused epilogue (activation after the residual); NULL in older rows means none."""
+    db["layers"].add_column("activation", str)
+    db["layers"].add_column("residual", int)
+
+
 SCHEMA_VERSION = len(migrations._migrations)  # noqa: SLF001 - the count of migrations is the version
 
 
@@ -172,18 +179,26 @@ def spec_row(spec: ConvSpec) -> dict[str, Any]:
         "dilation_h": spec.dilation[0], "dilation_w": spec.dilation[1], "groups": spec.groups,
         "bias": int(spec.bias), "dtype": spec.dtype, "layout": spec.layout,
         "pad_bottom": spec.padding_end[0], "pad_right": spec.padding_end[1],
+        "activation": spec.activation, "residual": int(spec.residual),
     }
 
 
 def spec_from_row(row: dict[str, Any]) -> ConvSpec:
     if row.get("bias") not in (0, 1) or isinstance(row.get("bias"), bool):
         raise InvalidSpecError(f"bias: expected 0 or 1, got {row.get('bias')!r}")
+    residual = row.get("residual")
+    if residual not in (None, 0, 1) or isinstance(residual, bool):
+        raise InvalidSpecError(f"residual: expected 0 or 1, got {residual!r}")
+    activation = row.get("activation")
+    if activation is not None and not _is_text(activation):
+        raise InvalidSpecError(f"activation: expected text, got {activation!r}")
     return ConvSpec(n=row["n"], c=row["c"], h=row["h"], w=row["w"], k=row["k"], r=row["r"], s=row["s"],
                     stride=(row["stride_h"], row["stride_w"]), padding=(row["pad_h"], row["pad_w"]),
                     dilation=(row["dilation_h"], row["dilation_w"]), groups=row["groups"], bias=bool(row["bias"]),
                     dtype=row["dtype"], layout=row["layout"],
                     padding_end=None if row.get("pad_bottom") is None and row.get("pad_right") is None
-                    else (row.get("pad_bottom"), row.get("pad_right")))
+                    else (row.get("pad_bottom"), row.get("pad_right")),
+                    activation=activation or "none", residual=bool(residual))
 
 
 def params_json(params: Params | None) -> str:

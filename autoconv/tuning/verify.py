@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from autoconv import epilogue
 from autoconv.algorithms.direct import direct_conv, host_working_bytes
 from autoconv.resources import check_host
 from autoconv.spec import ConvSpec
@@ -13,10 +14,12 @@ from autoconv.spec import ConvSpec
 TOLERANCE = 1e-4
 
 
-def random_operands(spec: ConvSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Random, never-zero float32 input, weight and (when the spec has one) bias."""
+def random_operands(spec: ConvSpec, seed: int = 0) -> tuple[np.ndarray | None, ...]:
+    """Random, never-zero float32 (input, weight, bias or None), and the residual after them when
+    the layer adds one: the order PreparedConv.run takes them (`conv.run(*operands)`)."""
     # float64 draws for magnitude and sign, then the float32 arrays: about five times their size.
-    check_host(f"random operands for {spec}", 5 * (spec.input_bytes + spec.weight_bytes))
+    check_host(f"random operands for {spec}",
+               5 * (spec.input_bytes + spec.weight_bytes + (spec.output_bytes if spec.residual else 0)))
     rng = np.random.default_rng(seed)
 
     def draw(shape: tuple[int, ...]) -> np.ndarray:
@@ -24,7 +27,9 @@ def random_operands(spec: ConvSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarr
         magnitude = rng.uniform(0.5, 1.5, size=shape)
         return (magnitude * rng.choice((-1.0, 1.0), size=shape)).astype(np.float32)
 
-    return draw(spec.input_shape), draw(spec.weight_shape), draw((spec.k,)) if spec.bias else None
+    x, weight = draw(spec.input_shape), draw(spec.weight_shape)
+    bias = draw((spec.k,)) if spec.bias else None
+    return (x, weight, bias, draw(spec.output_shape)) if spec.residual else (x, weight, bias)
 
 
 def relative_error(result: np.ndarray, reference: np.ndarray) -> float:
@@ -37,7 +42,7 @@ def relative_error(result: np.ndarray, reference: np.ndarray) -> float:
 
 def reference_output(spec: ConvSpec, operands: tuple) -> np.ndarray:
     """The float64 reference result every generated kernel is checked against (direct loops in
-    float64 on the host)."""
+    float64 on the host, then the epilogue)."""
     check_host(f"the float64 reference of {spec}", host_working_bytes(spec, 8))
-    x, weight, bias = operands
-    return direct_conv(spec, x, weight, bias, np.float64)
+    x, weight, bias, residual = (*operands, None)[:4]
+    return epilogue.apply(spec, direct_conv(spec, x, weight, bias, np.float64), residual)

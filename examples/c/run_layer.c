@@ -79,10 +79,10 @@ static unsigned long long hash_text(unsigned long long state, const char *format
 
 static void check_layer(const char *dir, const autoconv_layer *layer) {
     unsigned long long state = 0xcbf29ce484222325ULL;
-    state = hash_text(state, "%s|%d %d %d %d %d %d %d %d %d %d %d|%zu %zu %zu %zu %zu|%d", layer->key, layer->n,
+    state = hash_text(state, "%s|%d %d %d %d %d %d %d %d %d %d %d|%zu %zu %zu %zu %zu %zu|%d", layer->key, layer->n,
                       layer->c, layer->h, layer->w, layer->k, layer->r, layer->s, layer->p, layer->q, layer->groups,
                       layer->has_bias, layer->input_bytes, layer->weight_bytes, layer->bias_bytes,
-                      layer->output_bytes, layer->scratch_bytes, layer->num_kernels);
+                      layer->output_bytes, layer->scratch_bytes, layer->residual_bytes, layer->num_kernels);
     for (int i = 0; i < layer->num_kernels; ++i) {
         const autoconv_kernel *k = &layer->kernels[i];
         state = hash_text(state, "|%s|%s|%zu %zu %zu|%zu %zu %zu|%d", k->file, k->entry, k->global_size[0],
@@ -125,13 +125,15 @@ static int run_layer(const char *dir, const autoconv_layer *layer, cl_context co
     float *input = read_floats(dir, layer->reference_input, layer->input_bytes);
     float *weight = read_floats(dir, layer->reference_weight, layer->weight_bytes);
     float *bias = layer->has_bias ? read_floats(dir, layer->reference_bias, layer->bias_bytes) : NULL;
+    /* A fused epilogue's residual operand: added to the output before the activation. */
+    float *residual = layer->residual_bytes ? read_floats(dir, layer->reference_residual, layer->residual_bytes) : NULL;
     float *expected = read_floats(dir, layer->reference_expected, layer->output_bytes);
     float *output = malloc(layer->output_bytes);
     size_t count = layer->output_bytes / sizeof(float);
     for (size_t i = 0; i < count; ++i) output[i] = NAN; /* poison: an unwritten element shows */
 
     cl_int err;
-    cl_mem buffers[6] = {0};
+    cl_mem buffers[AUTOCONV_NUM_ARG_KINDS] = {0};
     buffers[AUTOCONV_ARG_INPUT] = clCreateBuffer(context, CL_MEM_READ_ONLY | CL_MEM_COPY_HOST_PTR, layer->input_bytes, input, &err);
     CHECK(err, "input buffer");
     buffers[AUTOCONV_ARG_WEIGHT] = clCreateBuffer(context, CL_MEM_READ_ONLY | CL_MEM_COPY_HOST_PTR, layer->weight_bytes, weight, &err);
@@ -143,6 +145,11 @@ static int run_layer(const char *dir, const autoconv_layer *layer, cl_context co
     if (layer->scratch_bytes) { /* algorithms without a scratch buffer (implicit GEMM, direct) have none */
         buffers[AUTOCONV_ARG_SCRATCH] = clCreateBuffer(context, CL_MEM_READ_WRITE, layer->scratch_bytes, NULL, &err);
         CHECK(err, "scratch buffer");
+    }
+    if (residual) {
+        buffers[AUTOCONV_ARG_RESIDUAL] = clCreateBuffer(context, CL_MEM_READ_ONLY | CL_MEM_COPY_HOST_PTR,
+                                                        layer->residual_bytes, residual, &err);
+        CHECK(err, "residual buffer");
     }
 
     for (int i = 0; i < layer->num_kernels; ++i) {
@@ -191,8 +198,8 @@ static int run_layer(const char *dir, const autoconv_layer *layer, cl_context co
     int ok = unwritten == 0 && rel < 1e-4;
     printf("%s %s: %d kernel(s), relative error %.2e, %zu unwritten -> %s\n", layer->name, layer->key,
            layer->num_kernels, rel, unwritten, ok ? "OK" : "MISMATCH");
-    for (int b = 1; b < 6; ++b) if (buffers[b]) clReleaseMemObject(buffers[b]);
-    free(input); free(weight); free(bias); free(expected); free(output);
+    for (int b = 1; b < AUTOCONV_NUM_ARG_KINDS; ++b) if (buffers[b]) clReleaseMemObject(buffers[b]);
+    free(input); free(weight); free(bias); free(residual); free(expected); free(output);
     return ok;
 }
 
