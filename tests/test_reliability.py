@@ -214,7 +214,8 @@ def test_a_damaged_result_column_is_never_served_or_merged(opencl, tuned_db, tmp
         assert db.results() == []
 
 
-@pytest.mark.parametrize("column", ["n", "k", "stride_h", "pad_w", "dilation_w", "groups", "bias", "layout"])
+@pytest.mark.parametrize("column", ["n", "k", "stride_h", "pad_w", "dilation_w", "groups", "bias", "layout", "activation",
+                                    "residual"])
 def test_a_damaged_layer_column_is_never_served(opencl, tuned_db, column):
     with sqlite3.connect(tuned_db) as conn:
         conn.execute(f"update layers set {column} = ?", ["broken"])

@@ -315,3 +315,49 @@ def test_chained_layers_run_the_winograd_filter_transform_once(opencl, monkeypat
     assert launched.count("winograd_filter") == 1 and launched.count("winograd_output") == 3
     layer.set_weights(w * 2, b)
     assert launched.count("winograd_filter") == 2
+
+
+def test_dropped_intermediates_of_a_chain_never_free_memory_under_a_queued_kernel(device):
+    """Each l1 output (and each to_device input) is dropped as soon as the next layer has queued
+    its kernels: the memory they own must outlive those kernels (a use-after-free otherwise)."""
+    rng = np.random.default_rng(14)
+    c, h = 24, 32
+    w1 = (rng.standard_normal((c, c, 3, 3)) / 15).astype(np.float32)
+    w2 = (rng.standard_normal((c, c, 1, 1)) / 5).astype(np.float32)
+    first = Conv2d(w1, padding=1, activation="relu", backend=device, algorithm="direct")  # slow on purpose
+    second = Conv2d(w2, activation="relu", backend=device, algorithm="implicit_gemm")
+    inputs = [rng.standard_normal((1, c, h, h)).astype(np.float32) for _ in range(12)]
+    s1 = ConvSpec(1, c, h, h, c, 3, 3, padding=1, activation="relu")
+    s2 = ConvSpec(1, c, h, h, c, 1, 1, activation="relu")
+    expected = [reference_output(s2, (reference_output(s1, (x, w1, None)), w2, None)) for x in inputs]
+    for _ in range(3):
+        outputs = [second(first(device.adopt(x.copy()))) for x in inputs]
+        clutter = [np.full((1, c, h, h), 7.0, np.float32) for _ in range(40)]  # takes freed memory, if any
+        for output, reference in zip(outputs, expected):
+            assert relative_error(np.asarray(output), reference) < TOLERANCE
+        del clutter
+
+
+def test_threads_calling_conv2d_with_different_weights_get_their_own_results(opencl):
+    """conv2d shares one prepared conv per layer shape: weights it transforms (Winograd) or
+    copies (staged memory) stay loaded until the call that loaded them has queued its kernels."""
+    operands = [random_operands(SPEC, seed=200 + i) for i in range(6)]
+    expected = [reference_output(SPEC, ops) for ops in operands]
+    failures: list[str] = []
+    start = threading.Barrier(len(operands))
+
+    def worker(i: int) -> None:
+        x, w, b = operands[i]
+        start.wait()
+        for _ in range(4):
+            for algorithm in (WINOGRAD, "implicit_gemm"):
+                error = relative_error(autoconv.conv2d(x, w, b, padding=1, algorithm=algorithm), expected[i])
+                if not error < TOLERANCE:
+                    failures.append(f"thread {i} {algorithm}: relative error {error:.1e}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(operands))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures

@@ -186,6 +186,9 @@ class CudaBackend:
     def set_ready(self, array: Any, event: Any) -> None:
         return None  # CuPy arrays are ordered on their stream
 
+    def retain(self, event: Any, objects: Any) -> None:
+        return None  # CuPy's memory pool reuses freed memory only in stream order, after queued kernels
+
     def device_buffer(self, value: Any, name: str) -> Any | None:
         """A CuPy array, or a CUDA array of another library through __cuda_array_interface__ or
         DLPack (no copy); converted to float32 C order (a copy) when it is not already."""

@@ -16,6 +16,7 @@ How host arrays reach the kernels is the runtime's `host_memory`:
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -111,6 +112,12 @@ class Runtime(Protocol):
         """Record the event after which a device array made by new_array holds its result."""
         ...
 
+    def retain(self, event: Any, objects: Any) -> None:
+        """Keep `objects` (the buffers a call's kernels read and write) alive until `event` has
+        completed: a buffer over host memory that the caller drops (an intermediate DeviceArray
+        of a chain) must not free that memory under a kernel still queued."""
+        ...
+
     def device_buffer(self, value: Any, name: str) -> Any | None:
         """The buffer of a float32, C-ordered device array of this device (None when `value` is
         not a device array); InvalidSpecError for an array on another device."""
@@ -154,9 +161,9 @@ def prepare_on(runtime: Runtime, algorithms: tuple[str, ...], spec: ConvSpec, pl
 
 def aligned_empty(shape: tuple[int, ...], alignment: int = HOST_ALIGNMENT) -> np.ndarray:
     """An uninitialised float32 host array whose data starts on an `alignment` boundary."""
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     raw = np.empty(count + alignment // 4, dtype=np.float32)
-    start = (-raw.ctypes.data % alignment) // 4
+    start = (-raw.__array_interface__["data"][0] % alignment) // 4
     return raw[start:start + count].reshape(shape)
 
 
@@ -180,6 +187,7 @@ class LaunchedConv:
         # The device-side input, output and residual that staged copies and timing use, made when
         # first needed (zero-copy calls lend the caller's arrays instead).
         self._home: dict[str, Any] = {}
+        self._output_shape = spec.output_shape
         self._staging: queue.SimpleQueue[dict[str, np.ndarray]] = queue.SimpleQueue()
         # A private copy of the weights and bias now on the device: a call with equal ones skips
         # their upload and the once-per-weights kernels. Compared by contents, so an array
@@ -282,9 +290,9 @@ class LaunchedConv:
             reads_host = True
         device_out = host_out = None
         if device_output:
-            device_out, buffers["output"] = runtime.new_array(spec.output_shape)
+            device_out, buffers["output"] = runtime.new_array(self._output_shape)
         elif zero_copy:
-            host_out = aligned_empty(spec.output_shape)
+            host_out = aligned_empty(self._output_shape)
             buffers["output"] = runtime.wrap(host_out, writable=True)
         else:
             buffers["output"] = self._home_buffer("output")
@@ -307,6 +315,8 @@ class LaunchedConv:
             runtime.set_ready(device_out, events[-1] if events else None)
             if reads_host:  # the caller may change its arrays once we return
                 runtime.wait(events)
+            elif events:
+                runtime.retain(events[-1], buffers)
             result = device_out
         else:
             runtime.wait(events)

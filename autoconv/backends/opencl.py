@@ -3,6 +3,7 @@ primitives (buffers, copies, launches, event timing, and how host memory reaches
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import warnings
@@ -199,6 +200,11 @@ class OpenCLBackend:
         mf = cl.mem_flags
         self._read_flags = mf.READ_ONLY | mf.USE_HOST_PTR
         self._write_flags = mf.READ_WRITE | mf.USE_HOST_PTR
+        # (event, buffers) of calls whose kernels may still run, oldest first (one in-order queue:
+        # they complete in this order).
+        self._in_flight: collections.deque[tuple[Any, Any]] = collections.deque()
+        self._in_flight_lock = threading.Lock()
+        self._complete = cl.command_execution_status.COMPLETE
 
     def kernel(self, source: KernelSource) -> Any:
         """The compiled kernel for a source, built once per (source hash, device and driver)."""
@@ -319,6 +325,19 @@ class OpenCLBackend:
         # One in-order queue: the last event completes after everything enqueued before it.
         if events:
             self._guard(events[-1].wait, "waiting for the device")
+            if self._in_flight:
+                self._release_completed()
+
+    def retain(self, event: Any, objects: Any) -> None:
+        with self._in_flight_lock:
+            self._in_flight.append((event, objects))
+        self._release_completed()
+
+    def _release_completed(self) -> None:
+        with self._in_flight_lock:
+            while self._in_flight and self._guard(
+                    lambda: self._in_flight[0][0].command_execution_status, "reading an event") == self._complete:
+                self._in_flight.popleft()
 
     def elapsed_ms(self, enqueue: Any) -> float:
         def run() -> float:

@@ -71,10 +71,15 @@ class Runner:
                                    else "residual: the layer adds a residual but none was given")
         extra = None if residual is None else self.operand(residual, "residual", self._output_shape)[0]
         conv = self.conv
+        device_output = on_device and self.on_device
         if weight is not None and not conv.lends_weights:
-            conv.ensure_weights(weight, bias)  # compared by contents: an array changed in place is reloaded
-            weight = bias = None
-        result = conv.call(operand, extra, weight=weight, bias=bias, device_output=on_device and self.on_device)
+            # Compared by contents (an array changed in place is reloaded), and held loaded until
+            # this call's kernels are queued: another caller's weights may be next.
+            with conv.runtime.lock:
+                conv.ensure_weights(weight, bias)
+                result = conv.call(operand, extra, device_output=device_output)
+        else:
+            result = conv.call(operand, extra, weight=weight, bias=bias, device_output=device_output)
         if on_device and not self.on_device:
             return self.runtime.adopt(result)
         return result

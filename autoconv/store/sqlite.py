@@ -519,7 +519,7 @@ class SQLiteStore:
         where, args = _conditions(("r.device = ?", device), ("r.template_hash = ?", template_hash))
         where.insert(0, "r.verified = 1")
         sql = ("select r.*, l.n, l.c, l.h, l.w, l.k, l.r, l.s, l.stride_h, l.stride_w, l.pad_h, l.pad_w, "
-               "l.dilation_h, l.dilation_w, l.groups, l.bias, l.layout, l.pad_bottom, l.pad_right "
+               "l.dilation_h, l.dilation_w, l.groups, l.bias, l.layout, l.pad_bottom, l.pad_right, l.activation, l.residual "
                "from results r join layers l on r.layer = l.key "
                # A result of a device the file does not describe is orphaned (damage): never served.
                "join devices d on r.device = d.fingerprint "
