@@ -289,6 +289,10 @@ class ConvSpec:
         """The same convolution without its epilogue (bias kept)."""
         return self.replace(activation="none", residual=False)
 
+    def convolution(self) -> "ConvSpec":
+        """The convolution alone: no bias, no residual, no activation (what costs the time)."""
+        return self.replace(bias=False, activation="none", residual=False)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -127,12 +127,18 @@ def reference_block(weights: BlockWeights, x: np.ndarray) -> np.ndarray:
     return reference_output(s3, (y2, weights.w3, weights.b3, x.astype(np.float64)))
 
 
-def interleaved(methods: dict[str, Callable[[], Any]], rounds: int, repeats: int) -> dict[str, list[float]]:
+def interleaved(methods: dict[str, Callable[[], Any]], rounds: int, repeats: int,
+                warmup: int = 2, settle_s: float = 0.2) -> dict[str, list[float]]:
     """Wall-clock ms of each method, `repeats` runs per round, the methods taking turns each round
-    (so a slow stretch of the machine falls on all of them)."""
+    (so a slow stretch of the machine falls on all of them). Each turn starts after `settle_s`
+    and `warmup` untimed runs: thread pools the previous method left spinning (onnxruntime's,
+    OpenBLAS's, which spin for about 0.1 s after a call) have stopped before the timed ones."""
     samples: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):
         for name, run in methods.items():
+            time.sleep(settle_s)
+            for _ in range(warmup):
+                run()
             for _ in range(repeats):
                 start = time.perf_counter()
                 run()

@@ -5,9 +5,10 @@ Per layer: `autoconv tune` with --trials per layer (every algorithm's default fi
 tunable ones within 2x of the best); then, on fresh data and checked against the float64
 reference first, each algorithm's best, the plan autoconv serves (the lookup's answer), the
 served plan through `autoconv.conv2d` end to end, and onnxruntime's Conv are timed together in
-interleaved rounds (ABAB..., so drift hits every method alike). OpenBLAS and onnxruntime are held
-to the machine's cores (threadpoolctl, session options); generated kernels are event-timed, host
-methods wall-clock. Medians with their spread (IQR / median) are reported.
+interleaved rounds (ABAB..., so drift hits every method alike; each turn starts 0.2 s after the
+last, once the thread pools it left spinning have stopped, with one untimed call). OpenBLAS and
+onnxruntime are held to the machine's cores (threadpoolctl, session options); generated kernels
+are event-timed, host methods wall-clock. Medians with their spread (IQR / median) are reported.
 
     pip install '.[bench]'
     python scripts/bench_algorithms.py [--trials 20] [--batches 1,8] [--out benchmarks/algorithms-pocl.md]
@@ -47,6 +48,7 @@ from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output,
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "layers" / "public.json"
 DIRECT_LIMIT_GFLOP = 1.0  # direct loops are 10-30x slower: above this they are neither tuned nor timed
+SETTLE_S = 0.2  # before each method's turn: longer than OpenBLAS's idle threads spin after a call
 
 
 def public_layers(models: list[str], batch: int) -> list:
@@ -138,6 +140,11 @@ def measure_layer(layer, backend, db_path: Path, args, threads: int) -> dict:
     ort = OrtConv(spec, w, b, threads)
     methods["onnxruntime"] = (lambda: ort.samples(x, args.repeats), 0, relative_error(ort.run(x), reference),
                               "CPUExecutionProvider")
+    # conv.time warms up itself; the wall-clock methods get one untimed call.
+    warm = {name: (lambda: None) for name in methods}
+    warm["conv2d"] = lambda: autoconv.conv2d(x, w, b, spec.stride, spec.padding, spec.dilation, spec.groups,
+                                             db=db_path)
+    warm["onnxruntime"] = lambda: ort.run(x)
     for name, (_, _, err, plan) in methods.items():
         if not err < TOLERANCE:
             raise SystemExit(f"{layer.label}: {name} ({plan}) is wrong: relative error {err:.1e}")
@@ -147,6 +154,11 @@ def measure_layer(layer, backend, db_path: Path, args, threads: int) -> dict:
     with threadpool_limits(threads):
         for _ in range(args.rounds):
             for name, (sampler, *_) in methods.items():
+                # Each method's turn starts once the thread pools the one before left spinning
+                # (OpenBLAS's for about 0.1 s, onnxruntime's) have stopped, and after one
+                # untimed call: else each method is timed beside the last one's spinning threads.
+                time.sleep(SETTLE_S)
+                warm[name]()
                 samples[name] += sampler()
     return {"layer": layer, "served": served, "methods": methods, "weight_stage": weight_stage,
             "times": {name: stats(values) for name, values in samples.items()}}
@@ -211,11 +223,12 @@ def main() -> int:
         f"Each layer was tuned with {args.trials} trials (all algorithms together: each default first, then the "
         "tunable algorithms within 2x of the best so far), then re-measured on fresh data: every method checked "
         f"against the float64 reference (relative error < {TOLERANCE:.0e}), then {args.rounds} interleaved rounds of "
-        f"{args.repeats} runs each. Cells: median ms ±spread (IQR / median) and (GFLOP/s, direct-convolution FLOPs "
+        f"{args.repeats} runs each, each method's turn starting {SETTLE_S} s after the last one's (once the thread "
+        "pools it left spinning have stopped) with one untimed call. Cells: median ms ±spread (IQR / median) and (GFLOP/s, direct-convolution FLOPs "
         "for every method, Winograd's included). Generated kernels "
         "(im2col_gemm, implicit_gemm, winograd, direct) are OpenCL kernel-event times per call (Winograd's filter "
         "transform, run once per weights, is timed on its own in the last column); im2col_blas (numpy + OpenBLAS), "
-        "`conv2d` (autoconv.conv2d end to end: lookup, upload, kernels, download) and onnxruntime (`Conv`, "
+        "`conv2d` (autoconv.conv2d end to end on numpy arrays: layer spec, plan lookup, the served plan) and onnxruntime (`Conv`, "
         f"CPUExecutionProvider, intra-op threads = {threads}) are wall-clock. OpenBLAS was held to {threads} threads. "
         f"Direct loops are skipped above {DIRECT_LIMIT_GFLOP:.0f} GFLOP (10-30x slower than the rest). \"served\" "
         "is the plan `autoconv.lookup` gives after tuning (its kernel time is that algorithm's column).",

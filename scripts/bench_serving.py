@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "layers" / "public.json"
 OVERHEAD_GOAL_LAYER_US = 50.0
 OVERHEAD_GOAL_CONV2D_US = 150.0
+SETTLE_S = 0.2  # between blocks of different methods: longer than OpenBLAS's idle spinning
 
 
 def load_example() -> Any:
@@ -63,15 +64,30 @@ def stats(samples: list[float]) -> tuple[float, float]:
 
 class Method:
     """One way of running a layer: a call, and how to read the kernel time of the call just made
-    (None: a host computation, whose kernel time is the direct call measured beside it)."""
+    (None: a host computation, whose kernel time is the direct call measured beside it).
 
-    def __init__(self, call: Callable[[], Any], kernel_ms: Callable[[], float | None] | None = None) -> None:
-        self.call, self.kernel_ms = call, kernel_ms
+    A block of calls runs with the BLAS held to `blas_threads` (one for device plans: OpenBLAS's
+    idle threads spin after a call and would take the cores PoCL runs on, the tuner's rule), and
+    starts after SETTLE_S and a few untimed calls, so that threads another method left spinning
+    (OpenBLAS's spin for about 0.1 s after a call) have stopped."""
+
+    def __init__(self, call: Callable[[], Any], kernel_ms: Callable[[], float | None] | None = None, *,
+                 blas_threads: int = 1) -> None:
+        self.call, self.kernel_ms, self.blas_threads = call, kernel_ms, blas_threads
         self.wall: list[float] = []
         self.kernels: list[float] = []
         self.overheads: list[float] = []
 
-    def sample(self, repeats: int) -> None:
+    def sample(self, repeats: int, warmup: int = 3) -> None:
+        from threadpoolctl import threadpool_limits
+
+        time.sleep(SETTLE_S)
+        with threadpool_limits(limits=self.blas_threads, user_api="blas"):
+            for _ in range(warmup):
+                self.call()
+            self._timed(repeats)
+
+    def _timed(self, repeats: int) -> None:
         for _ in range(repeats):
             start = time.perf_counter()
             self.call()
@@ -99,6 +115,7 @@ def measure(spec: Any, plan_algorithm: str | None, db: str | None, rounds: int, 
 
     x, w, b = operands = random_operands(spec, seed=1)
     reference = reference_output(spec, operands)
+    threads = os.cpu_count() or 1
     layer = autoconv.Conv2d(w, b, spec.stride, spec.padding, spec.dilation, spec.groups, db=db,
                             algorithm=plan_algorithm)
     plan = layer.prepare(x.shape)
@@ -110,23 +127,23 @@ def measure(spec: Any, plan_algorithm: str | None, db: str | None, rounds: int, 
     host = get_algorithm("im2col_blas")
     from autoconv import epilogue
 
+    on_host = not hasattr(layer.prepared(x.shape), "last_events")
+    blas = threads if on_host else 1  # the host BLAS gets every core when it does the work
     methods = {
-        "Conv2d": Method(lambda: layer(x), span_reader(layer.prepared(x.shape))),
+        "Conv2d": Method(lambda: layer(x), span_reader(layer.prepared(x.shape)), blas_threads=blas),
         "conv2d": Method(lambda: autoconv.conv2d(x, w, b, spec.stride, spec.padding, spec.dilation, spec.groups,
-                                                 db=db, algorithm=plan_algorithm), span_reader(functional.conv)),
-        "numpy directly": Method(lambda: epilogue.apply(spec, host.run_host(spec, x, w, b), None)),
+                                                 db=db, algorithm=plan_algorithm), span_reader(functional.conv),
+                         blas_threads=blas),
+        "numpy directly": Method(lambda: epilogue.apply(spec, host.run_host(spec, x, w, b), None), blas_threads=threads),
     }
     for name, method in methods.items():
         error = relative_error(np.asarray(method.call()), reference)
         if not error < TOLERANCE:
             raise SystemExit(f"{spec}: {name} ({plan.describe()}) is wrong: relative error {error:.1e}")
-    for method in methods.values():
-        method.sample(3)  # warm-up
-        method.wall.clear(), method.kernels.clear(), method.overheads.clear()
     for _ in range(rounds):
         for method in methods.values():
             method.sample(repeats)
-    return {"spec": spec, "plan": plan, "on_host": methods["Conv2d"].kernel_ms is None, "methods": methods}
+    return {"spec": spec, "plan": plan, "on_host": on_host, "methods": methods}
 
 
 def overhead_us(row: dict, name: str) -> tuple[float, float]:
@@ -182,7 +199,7 @@ def measure_block(example: Any, db: str, rounds: int, repeats: int, threads: int
         if not error < example.TOLERANCE:
             raise SystemExit(f"bottleneck block: {name} is wrong: relative error {error:.1e}")
     example.interleaved(methods, 1, 3)  # warm-up
-    samples = example.interleaved(methods, rounds, repeats)
+    samples = example.interleaved(methods, rounds, repeats, settle_s=SETTLE_S)
     plans = [next(iter(layer.plans.values())).describe() for layer in layers]
     return {"times": {name: stats(values) for name, values in samples.items()}, "errors": errors, "plans": plans,
             "specs": weights.specs(1, 56)}
@@ -227,7 +244,7 @@ def main() -> int:
         wanted = {row["name"] for row in json.loads(SHARED.read_text())["resnet50"]}
         layers = [layer for layer in layers if layer.name in wanted]
     tiny = autoconv.ConvSpec(1, 16, 8, 8, 16, 1, 1)
-    with threadpool_limits(limits=threads, user_api="blas"):
+    if True:  # each method holds the BLAS threads it runs with
         rows = [(layer.label, measure(layer.spec, None, None, args.rounds, args.repeats)) for layer in layers]
         print("measured the ResNet-50 layers", file=sys.stderr)
         tiny_rows = [(f"tiny 1x16x8x8 * 16x16x1x1 ({label})", measure(tiny, forced, None, args.rounds, args.repeats))

@@ -145,3 +145,12 @@ def test_tuning_a_fused_layer_stores_it_under_its_own_key(opencl, tmp_path):
         tuned = db.results()
     assert tuned and {r.spec for r in tuned} == {spec}
     assert lookup(spec, opencl, path).source == "tuned"
+
+
+def test_a_layer_with_a_bias_takes_the_plan_tuned_without_one(tmp_path):
+    path = tmp_path / "t.db"
+    gpu = _gpu()
+    _save(path, PLAIN.convolution(), gpu, MWG=32)  # tuned as the built-in models list it: no bias
+    for spec in (PLAIN, FUSED, PLAIN.replace(activation="relu6")):
+        plan = lookup(spec, gpu, path)
+        assert plan.params.MWG == 32 and "the same convolution" in plan.source, spec

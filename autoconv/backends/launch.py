@@ -77,6 +77,11 @@ class Runtime(Protocol):
         """`count` float32 of page-locked host memory, the staging of non-blocking copies."""
         ...
 
+    def host_output(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Any]:
+        """A new host array for kernels to write (as the caller sees it: no other caller holds
+        it) and a buffer over it ("shared" and "mapped" runtimes)."""
+        ...
+
     def upload(self, buffer: Any, host: np.ndarray, *, blocking: bool = True) -> Any:
         ...
 
@@ -292,8 +297,7 @@ class LaunchedConv:
         if device_output:
             device_out, buffers["output"] = runtime.new_array(self._output_shape)
         elif zero_copy:
-            host_out = aligned_empty(self._output_shape)
-            buffers["output"] = runtime.wrap(host_out, writable=True)
+            host_out, buffers["output"] = runtime.host_output(self._output_shape)
         else:
             buffers["output"] = self._home_buffer("output")
         if poison:

@@ -4,7 +4,9 @@ primitives (buffers, copies, launches, event timing, and how host memory reaches
 from __future__ import annotations
 
 import collections
+import math
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -30,6 +32,29 @@ INSTALL_HINT = (
 )
 
 _PROBE_SOURCE = "__kernel void probe(__global float* a) { a[get_global_id(0)] += 1.0f; }"
+
+
+# Result arrays kept for reuse once no caller holds them: at most this many per size, and this
+# many bytes in all (a fresh array and its buffer cost more than the kernels of a small layer).
+POOLED_PER_SIZE = 4
+POOLED_BYTES = 256 * 2**20
+
+
+class _PooledOutput:
+    """A host array kernels write results into, with its buffer, kept by the runtime. Free again
+    when nobody but the pool holds either: neither the array (or a view of it: a view holds its
+    base) nor its buffer (a DeviceArray, a call in flight). The reference counts of the free state
+    are read when the entry is made, so they hold on any CPython."""
+
+    __slots__ = ("host", "buffer", "free_refs")
+
+    def __init__(self, count: int) -> None:
+        self.host = np.empty(count, dtype=np.float32)
+        self.buffer: Any = None
+        self.free_refs: tuple[int, int] = (0, 0)
+
+    def refs(self) -> tuple[int, int]:
+        return sys.getrefcount(self.host), sys.getrefcount(self.buffer)
 
 
 # PoCL's CPU device runs work-groups on one thread per core; unpinned, the Linux scheduler at
@@ -205,6 +230,9 @@ class OpenCLBackend:
         self._in_flight: collections.deque[tuple[Any, Any]] = collections.deque()
         self._in_flight_lock = threading.Lock()
         self._complete = cl.command_execution_status.COMPLETE
+        self._pool: dict[int, list[_PooledOutput]] = {}
+        self._pooled_bytes = 0
+        self._pool_lock = threading.Lock()
 
     def kernel(self, source: KernelSource) -> Any:
         """The compiled kernel for a source, built once per (source hash, device and driver)."""
@@ -354,10 +382,29 @@ class OpenCLBackend:
             return None
         return self._guard(lambda: (events[-1].profile.end - events[0].profile.start) * 1e-6, "reading event times")
 
+    def host_output(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Any]:
+        """A host array of that shape for kernels to write, and its buffer over it: one of the
+        runtime's own that no caller holds any more (no new array, no new buffer, its memory
+        still in the caches), else a new one, kept for reuse while the pool has room."""
+        count = math.prod(shape)
+        with self._pool_lock:
+            entries = self._pool.setdefault(count, [])
+            for entry in entries:
+                if entry.refs() == entry.free_refs:
+                    return entry.host.reshape(shape), entry.buffer
+            if len(entries) >= POOLED_PER_SIZE or self._pooled_bytes + count * 4 > POOLED_BYTES or not count:
+                host = np.empty(shape, dtype=np.float32)
+                return host, self.wrap(host, writable=True)
+            entry = _PooledOutput(count)
+            entry.buffer = self.wrap(entry.host, writable=True)
+            entry.free_refs = entry.refs()
+            entries.append(entry)
+            self._pooled_bytes += count * 4
+            return entry.host.reshape(shape), entry.buffer
+
     def new_array(self, shape: tuple[int, ...], ready: Any = None) -> tuple[DeviceArray, Any]:
         if self.host_memory == "shared":  # the device computes in host memory: keep a host view
-            host = aligned_empty(shape)
-            buffer = self.wrap(host, writable=True)
+            host, buffer = self.host_output(shape)
         else:
             host, buffer = None, self.alloc(int(np.prod(shape)) * 4)
         return DeviceArray(self, buffer, shape, host=host, ready=ready), buffer

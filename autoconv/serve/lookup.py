@@ -2,7 +2,8 @@
 I/O and no backend (the Session reads the databases and caches the answers).
 
 In order: the layer tuned on this device (its fastest verified algorithm) → the same convolution
-tuned with another fused epilogue (or none: the epilogue costs little beside the convolution) →
+tuned with another epilogue (bias, residual, activation, or none: they cost little beside the
+convolution) →
 the nearest tuned shape of the same family on this device (its winner, if that algorithm supports the requested
 shape) → the device's most frequent winner → the most frequent winner on devices of the same
 backend, vendor and type → the built-in heuristic. Never fails for a valid spec."""
@@ -57,8 +58,8 @@ def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *
     exact = fastest([r for r in mine if r.spec == spec])
     if exact is not None:
         return Plan(exact.algorithm, exact.params, "tuned")
-    plain = spec.unfused()
-    same_convolution = fastest([r for r in mine if r.spec.unfused() == plain])
+    plain = spec.convolution()
+    same_convolution = fastest([r for r in mine if r.spec.convolution() == plain])
     if same_convolution is not None:
         return Plan(same_convolution.algorithm, same_convolution.params,
                     f"tuned for {same_convolution.spec} (the same convolution, another epilogue)")

@@ -59,6 +59,11 @@ MAX_SPREAD = 0.10
 MEASURE_ROUNDS = 3
 # Each timing sample lasts at least this long (back-to-back runs of a tiny kernel, averaged).
 MIN_SAMPLE_MS = 1.0
+# After the host BLAS is timed on a machine whose cores a CPU device shares: longer than
+# OpenBLAS's idle threads spin (2^28 cycles by default, about 0.1 s), so the next device kernel
+# is not timed beside them (measured: a PoCL kernel right after a 2-thread OpenBLAS call took
+# 1.18x as long).
+BLAS_SETTLE_S = 0.15
 # Trials go to the tunable algorithms within this factor of the best time so far.
 CANDIDATE_FACTOR = 2.0
 # Early stopping: an algorithm whose best improved by at most EARLY_STOP_GAIN over its last
@@ -152,6 +157,9 @@ class DeviceEvaluator:
         self.algorithms = tuple(dict.fromkeys((*backend.algorithms, *self._host.algorithms)))
         self.operands = random_operands(spec, seed)
         self.reference = reference_output(spec, self.operands)
+        # A CPU device computes on the cores the host BLAS just used, and OpenBLAS's idle threads
+        # spin on them for about 0.1 s after a call: the next kernel would be timed under load.
+        self._shares_cores = backend is not self._host and backend.device.device_type == "cpu"
 
     def __call__(self, algorithm: str, params: Params) -> Outcome:
         backend = self.backend if algorithm in self.backend.algorithms else self._host
@@ -179,6 +187,9 @@ class DeviceEvaluator:
             return Outcome(STATUS_LAUNCH_FAILED, INF, INF, str(exc))
         except ResourceLimitError as exc:
             return Outcome(STATUS_TOO_LARGE, INF, INF, str(exc))
+        finally:
+            if backend is self._host and self._shares_cores:
+                time.sleep(BLAS_SETTLE_S)
         return Outcome(STATUS_OK, best.median_ms, error, spread=best.spread, repeats=len(best.samples_ms))
 
 
