@@ -361,3 +361,22 @@ def test_threads_calling_conv2d_with_different_weights_get_their_own_results(ope
     for thread in threads:
         thread.join()
     assert not failures, failures
+
+
+def test_results_are_reused_only_once_nobody_holds_them(opencl):
+    if opencl.host_memory != "shared":
+        pytest.skip("result arrays are pooled where the device computes in host memory")
+    x, w, b = random_operands(SPEC, seed=15)
+    layer = Conv2d(w, b, padding=1, algorithm="implicit_gemm")
+    expected = reference_output(SPEC, (x, w, b))
+    held = [layer(x * (i + 1)) for i in range(3)]  # held: each its own memory
+    views = [held[0][0]]  # a view keeps its base
+    assert len({a.__array_interface__["data"][0] for a in held}) == 3
+    dropped = layer(x).__array_interface__["data"][0]  # dropped at once: its memory is free again
+    again = layer(x)
+    assert again.__array_interface__["data"][0] == dropped
+    for i, result in enumerate(held):
+        assert relative_error(result, reference_output(SPEC, (x * (i + 1), w, b))) < TOLERANCE
+    assert relative_error(views[0][None], expected[:1] * 1.0) < TOLERANCE
+    device = layer(autoconv.to_device(x))  # a device array holds its memory too
+    assert not np.shares_memory(np.asarray(device), layer(x))
