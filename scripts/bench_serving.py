@@ -106,6 +106,36 @@ def span_reader(conv: Any) -> Callable[[], float | None] | None:
     return lambda: conv.runtime.span_ms(conv.last_events)
 
 
+def driver_floor(conv: Any) -> Method | None:
+    """The plan's per-call kernels launched with pyopencl alone, on buffers made once, and waited
+    for: what the driver itself costs per call (None for a plan on the host)."""
+    if not hasattr(conv, "sources") or getattr(conv.runtime, "name", "") != "opencl":
+        return None
+    import pyopencl as cl
+
+    from autoconv.algorithms import get_algorithm
+    from autoconv.backends.base import conv_buffers
+
+    runtime, spec = conv.runtime, conv.spec
+    sizes = conv_buffers(spec, get_algorithm(conv.plan.algorithm).scratch_bytes(spec, conv.plan.params))
+    buffers = {kind: cl.Buffer(runtime.context, cl.mem_flags.READ_WRITE, max(4, size)) for kind, size in sizes.items()}
+    launches = []
+    for source in conv.sources:
+        if source.once_per_weights:
+            continue
+        kernel = cl.Kernel(cl.Program(runtime.context, source.text).build(options=["-cl-mad-enable"]), source.entry)
+        kernel.set_args(*(np.int32(arg.value) if arg.kind == "int" else buffers[arg.kind] for arg in source.args))
+        launches.append((kernel, source.global_size, source.local_size))
+    last: list[Any] = []
+
+    def call() -> None:
+        events = [cl.enqueue_nd_range_kernel(runtime.queue, kernel, size, local) for kernel, size, local in launches]
+        events[-1].wait()
+        last[:] = events
+
+    return Method(call, lambda: (last[-1].profile.end - last[0].profile.start) * 1e-6)
+
+
 def measure(spec: Any, plan_algorithm: str | None, db: str | None, rounds: int, repeats: int) -> dict:
     """Conv2d and conv2d on one layer (its served plan, or one algorithm forced), and the host
     computation called directly."""
@@ -136,10 +166,14 @@ def measure(spec: Any, plan_algorithm: str | None, db: str | None, rounds: int, 
                          blas_threads=blas),
         "numpy directly": Method(lambda: epilogue.apply(spec, host.run_host(spec, x, w, b), None), blas_threads=threads),
     }
-    for name, method in methods.items():
+    floor = driver_floor(layer.prepared(x.shape))
+    for name, method in methods.items():  # the driver floor's buffers hold no data: not checked
         error = relative_error(np.asarray(method.call()), reference)
         if not error < TOLERANCE:
             raise SystemExit(f"{spec}: {name} ({plan.describe()}) is wrong: relative error {error:.1e}")
+    if floor is not None:
+        floor.call()
+        methods["driver floor"] = floor
     for _ in range(rounds):
         for method in methods.values():
             method.sample(repeats)
@@ -168,15 +202,16 @@ def fmt(value: tuple[float, float], unit: str = "ms", digits: int = 3) -> str:
 
 
 def layer_table(rows: list[tuple[str, dict]]) -> list[str]:
-    lines = ["| layer | plan | kernels | Conv2d call | Conv2d overhead | conv2d call | conv2d overhead |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| layer | plan | kernels | Conv2d call | Conv2d overhead | conv2d call | conv2d overhead | driver floor |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows:
         plan = row["plan"]
         where = " (host)" if row["on_host"] else ""
         layer_over, conv_over = overhead_us(row, "Conv2d"), overhead_us(row, "conv2d")
+        floor = f"{overhead_us(row, 'driver floor')[0]:.0f} µs" if "driver floor" in row["methods"] else "-"
         lines.append(f"| {name} | {plan.algorithm}{where}, {plan.source} | {fmt(kernel_ms(row))} | "
                      f"{fmt(stats(row['methods']['Conv2d'].wall))} | {layer_over[0]:.0f} µs | "
-                     f"{fmt(stats(row['methods']['conv2d'].wall))} | {conv_over[0]:.0f} µs |")
+                     f"{fmt(stats(row['methods']['conv2d'].wall))} | {conv_over[0]:.0f} µs | {floor} |")
     return lines
 
 
@@ -268,7 +303,12 @@ def main() -> int:
            "end), and the **overhead** is per call, wall clock minus that span (median over calls); for a plan "
            "served on the host, the same computation called directly (im2col, numpy.matmul, bias, epilogue), and "
            "the overhead is the difference of the medians. `Conv2d` is a layer made once from the weights; "
-           "`conv2d` the functional call, given the weights each time.", "",
+           "`conv2d` the functional call, given the weights each time. **Driver floor**: the same per-call kernels "
+           "launched with pyopencl alone, on buffers made once, and waited for (wall clock minus the kernels' span, "
+           "per call): what the OpenCL driver itself costs per call, below which no caller can go. Each method's "
+           f"turn starts {SETTLE_S} s after the last one's, with 3 untimed calls, its BLAS held to one thread for a "
+           "device plan (OpenBLAS's idle threads spin for about 0.1 s after a call and take the cores PoCL runs "
+           "on) and to every core for a host plan.", "",
            "## ResNet-50 layers, batch 1 (plans from the shipped database)", "",
            *layer_table(rows), "", "## A tiny layer, where overhead is everything", "", *layer_table(tiny_rows), ""]
     times, errors = block["times"], block["errors"]
@@ -284,10 +324,14 @@ def main() -> int:
     layer_met = [name for name, row in all_rows if overhead_us(row, "Conv2d")[0] <= OVERHEAD_GOAL_LAYER_US]
     conv_met = [name for name, row in all_rows if overhead_us(row, "conv2d")[0] <= OVERHEAD_GOAL_CONV2D_US]
     chained = times["autoconv, chained on the device"][0]
+    own = [overhead_us(row, "Conv2d")[0] - overhead_us(row, "driver floor")[0] for _, row in all_rows
+           if "driver floor" in row["methods"]]
     out += ["", "## Against the goals", "",
             f"- `Conv2d` call at most {OVERHEAD_GOAL_LAYER_US:.0f} µs above its kernels: met on {len(layer_met)} of "
             f"{len(all_rows)} rows ({len(device_rows)} with a device plan); worst "
-            f"{max(overhead_us(row, 'Conv2d')[0] for _, row in all_rows):.0f} µs.",
+            f"{max(overhead_us(row, 'Conv2d')[0] for _, row in all_rows):.0f} µs. On the device plans, the call's "
+            f"overhead less the driver floor (autoconv's own share) is {statistics.median(own):.0f} µs at the median "
+            f"(from {min(own):.0f} to {max(own):.0f} µs)." if own else "",
             f"- `conv2d` on numpy arrays at most {OVERHEAD_GOAL_CONV2D_US:.0f} µs above its kernels: met on "
             f"{len(conv_met)} of {len(all_rows)} rows; worst {max(overhead_us(row, 'conv2d')[0] for _, row in all_rows):.0f} µs.",
             f"- The chained bottleneck block at least as fast as onnxruntime running the same graph: "

@@ -60,6 +60,28 @@ class TestBackendConformance:
         weights = conv.time(x, w, np.ones(spec.k, np.float32), warmup=1, repeats=3, stage="weights")
         assert isinstance(weights, Timing) and weights.min_ms >= 0
 
+    @pytest.mark.parametrize("spec", [SHAPES[0].replace(activation="relu", residual=True),
+                                      SHAPES[3].replace(activation="relu6")], ids=str)
+    def test_serves_loaded_weights_with_a_fused_epilogue(self, backend, spec):
+        """load_weights once, then call with the input (and residual) alone: every algorithm."""
+        from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
+
+        operands = random_operands(spec, seed=3)
+        x, w, b = operands[:3]
+        residual = operands[3] if spec.residual else None
+        expected = reference_output(spec, operands)
+        for algorithm in backend.algorithms:
+            if get_algorithm(algorithm).supports(spec, backend.device) is not None:
+                continue
+            conv = backend.prepare(spec, plan_for(backend, algorithm, spec))
+            conv.load_weights(w, b)
+            for _ in range(2):  # the loaded weights serve every call
+                result = conv.call(x, residual, poison=True)
+                assert result.shape == spec.output_shape and np.all(np.isfinite(result)), algorithm
+                assert relative_error(result, expected) < TOLERANCE, algorithm
+            if conv.lends_weights:  # or weights read in place for one call
+                assert relative_error(conv.call(x, residual, weight=w, bias=b), expected) < TOLERANCE, algorithm
+
     def test_prepared_conv_is_reusable_with_new_data(self, backend):
         spec = SHAPES[3]
         conv = backend.prepare(spec, plan_for(backend, backend.algorithms[-1], spec))

@@ -31,7 +31,7 @@ COMPARE_KEYS = {"layer", "shape", "method", "algorithm", "plan", "ms", "gflops",
 TUNE_KEYS = {"layer", "shape", "trials", "fastest", "fastest_ms", "best_generated", "best_generated_ms", "vs_default",
              "baseline_ms", "vs_baseline", "failed", "wall_s", "seeded", "trials_by_algorithm"}
 DEVICE_KEYS = {"index", "platform", "device", "type", "driver", "compute_units", "local_mem_kib", "max_work_group",
-               "usable", "default", "problem"}
+               "host_memory", "usable", "default", "problem"}
 LIST_KEYS = {"device", "layer", "key", "algorithm", "served", "ms", "spread", "repeats", "gflops", "vs_default",
              "vs_baseline", "trials", "params", "templates"}
 SHOW_KEYS = {"device", "layer", "algorithm", "rank", "status", "ms", "spread", "repeats", "rel_error", "best", "params"}

@@ -63,7 +63,8 @@ class Direct(AlgorithmDefaults):
         text = render_template("shared/direct.j2", dialect=dialect, entry="direct_conv",
                                epilogue=epilogue.template_vars(spec))
         args = (KernelArg("x", "input"), KernelArg("wt", "weight"), KernelArg("bias", "bias"),
-                KernelArg("out", "output"), *epilogue.residual_args(spec), *int_args(has_bias=int(spec.bias), K=spec.k, Kg=spec.k_per_group),
+                KernelArg("out", "output"), *epilogue.residual_args(spec),
+                *int_args(has_bias=int(spec.bias), K=spec.k, Kg=spec.k_per_group),
                 *geometry_args(spec))
         return [KernelSource(text, "direct_conv", dialect.name, (spec.q, spec.p, spec.n * spec.k), None, args)]
 

@@ -118,9 +118,11 @@ class Runtime(Protocol):
         ...
 
     def retain(self, event: Any, objects: Any) -> None:
-        """Keep `objects` (the buffers a call's kernels read and write) alive until `event` has
-        completed: a buffer over host memory that the caller drops (an intermediate DeviceArray
-        of a chain) must not free that memory under a kernel still queued."""
+        """Keep `objects` (the events of kernels not waited for, and the buffers they read and
+        write) alive until `event` has completed: a buffer over host memory that the caller drops
+        (an intermediate DeviceArray of a chain) must not free that memory under a kernel still
+        queued, and PoCL 3.1 fails ("PTHREAD ERROR in can_run_command") when an event is released
+        while its command is queued."""
         ...
 
     def device_buffer(self, value: Any, name: str) -> Any | None:
@@ -232,7 +234,9 @@ class LaunchedConv:
             self.runtime.upload(self.buffers["weight"], kept_weight)
             if kept_bias is not None:
                 self.runtime.upload(self.buffers["bias"], kept_bias)
-            self._enqueue(self.buffers, "weights")
+            events = self._enqueue(self.buffers, "weights")
+            if events:  # not waited for: the kernels after it read its result in order
+                self.runtime.retain(events[-1], (events, dict(self.buffers)))
             self._resident = (kept_weight, kept_bias)
 
     def ensure_weights(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
@@ -307,23 +311,28 @@ class LaunchedConv:
             else:
                 runtime.upload(buffers["output"], nan)
         staging = self._take_staging() if staged or (host_out is None and not device_output) else None
+        # Every event the call enqueues, copies included, is kept until the call is waited for or
+        # retained: a driver may not take an event released while its command is queued.
+        copies_in: list[Any] = []
+        copy_out: list[Any] = []
         with runtime.lock:
             for kind, value in staged:
                 np.copyto(staging[kind].reshape(value.shape), value)
-                runtime.upload(buffers[kind], staging[kind], blocking=False)
+                copies_in.append(runtime.upload(buffers[kind], staging[kind], blocking=False))
             events = self._enqueue(buffers)
             if not device_output and not zero_copy:
-                events.append(runtime.download(staging["output"], buffers["output"], blocking=False))
+                copy_out.append(runtime.download(staging["output"], buffers["output"], blocking=False))
         self.last_events = tuple(events)
+        queued = [event for event in (*copies_in, *events, *copy_out) if event is not None]
         if device_output:
-            runtime.set_ready(device_out, events[-1] if events else None)
+            runtime.set_ready(device_out, queued[-1] if queued else None)
             if reads_host:  # the caller may change its arrays once we return
-                runtime.wait(events)
-            elif events:
-                runtime.retain(events[-1], buffers)
+                runtime.wait(queued)
+            elif queued:
+                runtime.retain(queued[-1], (queued, buffers))
             result = device_out
         else:
-            runtime.wait(events)
+            runtime.wait(queued)
             if host_out is not None:
                 if runtime.host_memory == "mapped":
                     runtime.expose(buffers["output"], host_out)

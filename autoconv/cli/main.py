@@ -122,7 +122,8 @@ def _fallback_hint(untuned: list[tuple[Any, str]], device_name: str, db: Optiona
 @app.command()
 @reports_errors
 def devices(json_flag: bool = JSON_OPTION, csv_flag: bool = CSV_OPTION) -> None:
-    """List the OpenCL devices found, whether each can build kernels, and which is the default."""
+    """List the OpenCL devices found, whether each can build kernels, how host arrays reach their
+    kernels (shared, mapped or staged), and which is the default."""
     from autoconv.backends.opencl import list_devices, select_device
 
     fmt = output_format(json_flag, csv_flag)
@@ -134,12 +135,13 @@ def devices(json_flag: bool = JSON_OPTION, csv_flag: bool = CSV_OPTION) -> None:
     records = [{"index": entry.index, "platform": entry.info.platform, "device": entry.info.name,
                 "type": entry.info.device_type, "driver": entry.info.driver,
                 "compute_units": entry.info.compute_units, "local_mem_kib": entry.info.local_mem_bytes // 1024,
-                "max_work_group": entry.info.max_work_group_size, "usable": entry.usable,
-                "default": entry.index == default_index, "problem": entry.problem or None} for entry in found]
+                "max_work_group": entry.info.max_work_group_size, "host_memory": entry.host_memory,
+                "usable": entry.usable, "default": entry.index == default_index, "problem": entry.problem or None}
+               for entry in found]
     fields = [Field("index", "#", numeric=True), Field("platform", "platform"), Field("device", "device"),
               Field("type", "type"), Field("driver", "driver"), Field("compute_units", "CUs", numeric=True),
               Field("local_mem_kib", "local mem KiB", numeric=True), Field("max_work_group", "max WG", numeric=True),
-              Field("usable", "status", show=lambda usable: "ok" if usable else "unusable"),
+              Field("host_memory", "host memory"), Field("usable", "status", show=lambda usable: "ok" if usable else "unusable"),
               Field("default", "default", show=lambda d: "yes" if d else ""), Field("problem", "problem")]
     if all(r["problem"] is None for r in records):
         fields.pop()
