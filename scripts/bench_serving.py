@@ -123,12 +123,13 @@ def driver_floor(conv: Any) -> Method | None:
     for source in conv.sources:
         if source.once_per_weights:
             continue
-        kernel = cl.Kernel(cl.Program(runtime.context, source.text).build(options=["-cl-mad-enable"]), source.entry)
+        kernel = runtime.kernel(source)  # the backend's own build of the source (its program cache)
         kernel.set_args(*(np.int32(arg.value) if arg.kind == "int" else buffers[arg.kind] for arg in source.args))
         launches.append((kernel, source.global_size, source.local_size))
     last: list[Any] = []
 
     def call() -> None:
+        assert buffers  # the kernels' arguments: pyopencl keeps no reference to them
         events = [cl.enqueue_nd_range_kernel(runtime.queue, kernel, size, local) for kernel, size, local in launches]
         events[-1].wait()
         last[:] = events

@@ -75,6 +75,7 @@ class Session:
         self._runners: OrderedDict[tuple, Runner] = OrderedDict()
         self._paths: dict[str | None, list[Path]] = {}
         self._specs: dict[tuple, ConvSpec] = {}
+        self._shipped_states: dict[str, tuple[str, tuple[int, int, int, int] | None]] = {}
 
     @property
     def settings(self) -> Settings:
@@ -95,6 +96,7 @@ class Session:
             self._runners.clear()
             self._paths.clear()
             self._specs.clear()
+            self._shipped_states.clear()
 
     def backend(self, name: str = "opencl", device: int | str | None = None) -> Backend:
         """The backend of that name on a device, shared so compiled kernels are reused: every
@@ -152,7 +154,9 @@ class Session:
         if db is not None:
             _warn_if_unusable(Path(db))
         paths = self.database_paths(db, shipped)
-        states = tuple((str(p), file_state(p)) for p in paths)
+        # The given (or user's) database is checked for changes on every call; the shipped ones,
+        # installed with autoconv, once per session.
+        states = ((str(paths[0]), file_state(paths[0])), *(self._shipped_state(p) for p in paths[1:]))
         key = (info.fingerprint(), spec, states, generated_only, algorithm)
         with self._lock:
             plan = self._plans.get(key)
@@ -165,6 +169,13 @@ class Session:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
+
+    def _shipped_state(self, path: Path) -> tuple[str, tuple[int, int, int, int] | None]:
+        key = str(path)
+        state = self._shipped_states.get(key)
+        if state is None:
+            state = self._shipped_states[key] = (key, file_state(path))
+        return state
 
     def memoised_spec(self, key: tuple, build: Callable[[], ConvSpec]) -> ConvSpec:
         """The spec `build` makes, kept under `key` (hashable call arguments) for the next call."""
