@@ -237,8 +237,54 @@ def measure_block(example: Any, db: str, rounds: int, repeats: int, threads: int
     example.interleaved(methods, 1, 3)  # warm-up
     samples = example.interleaved(methods, rounds, repeats, settle_s=SETTLE_S)
     plans = [next(iter(layer.plans.values())).describe() for layer in layers]
+    # The chain's own kernels: each layer's kernel events in chained runs (device plans only).
+    convs = [layer.prepared(shape, residual=index == 2) for index, (layer, shape) in
+             enumerate(zip(layers, (x.shape, *[(1, weights.w1.shape[0], 56, 56)] * 2)))]
+    readers = [span_reader(conv) for conv in convs]
+    kernels: list[float] = []
+    if all(readers):
+        time.sleep(SETTLE_S)
+        for _ in range(rounds * repeats):
+            example.run_chained(layers, x_device)
+            kernels.append(sum(read() for read in readers))
     return {"times": {name: stats(values) for name, values in samples.items()}, "errors": errors, "plans": plans,
-            "specs": weights.specs(1, 56)}
+            "specs": weights.specs(1, 56), "kernels": stats(kernels) if kernels else None,
+            "per_layer": block_layers(example, weights, layers, x, rounds, repeats, threads)}
+
+
+def block_layers(example: Any, weights: Any, layers: tuple, x: np.ndarray, rounds: int, repeats: int,
+                 threads: int) -> list[tuple[str, tuple[float, float], tuple[float, float]]]:
+    """Each of the block's convolutions alone: the layer's call against onnxruntime's single Conv
+    (+ Relu, + Add) node on the same input, interleaved: where the block's time goes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    specs = weights.specs(1, 56)
+    inputs = [x, np.random.default_rng(5).uniform(0, 1, specs[1].input_shape).astype(np.float32),
+              np.random.default_rng(6).uniform(0, 1, specs[2].input_shape).astype(np.float32)]
+    residual = np.random.default_rng(7).standard_normal(specs[2].output_shape).astype(np.float32)
+    rows = []
+    parameters = ((weights.w1, weights.b1), (weights.w2, weights.b2), (weights.w3, weights.b3))
+    for index, (spec, layer, data, (weight, bias)) in enumerate(zip(specs, layers, inputs, parameters)):
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[spec.r, spec.s],
+                                  pads=[spec.padding[0], spec.padding[1]] * 2)]
+        feeds = {"x": data}
+        if spec.residual:
+            nodes.append(helper.make_node("Add", ["c", "r"], ["a"]))
+            feeds["r"] = residual
+        nodes.append(helper.make_node("Relu", [nodes[-1].output[0]], ["y"]))
+        graph_inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(value.shape))
+                        for name, value in feeds.items()]
+        graph = helper.make_graph(nodes, "conv", graph_inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        session = example.onnxruntime_session(model.SerializeToString(), threads)
+        extra = residual if spec.residual else None
+        timed = example.interleaved({"autoconv": lambda: layer(data, residual=extra),
+                                     "onnxruntime": lambda: session.run(None, feeds)}, rounds, repeats,
+                                    settle_s=SETTLE_S)
+        rows.append((f"conv{index + 1} {spec}", stats(timed["autoconv"]), stats(timed["onnxruntime"])))
+    return rows
 
 
 def tune_block(example: Any, db: Path, trials: int) -> float:
@@ -320,6 +366,15 @@ def main() -> int:
             "| method | time | vs onnxruntime | relative error |", "|---|---:|---:|---:|"]
     for name, value in times.items():
         out.append(f"| {name} | {fmt(value)} | {ort / value[0]:.2f}x | {errors[name]:.1e} |")
+    out += ["", "Each convolution of the block alone (its `Conv2d` call on host arrays; onnxruntime's Conv, "
+                "Add and Relu nodes on the same input):", "", "| layer | autoconv | onnxruntime | autoconv vs onnxruntime |",
+            "|---|---:|---:|---:|"]
+    for name, ours, theirs in block["per_layer"]:
+        out.append(f"| {name} | {fmt(ours)} | {fmt(theirs)} | {theirs[0] / ours[0]:.2f}x |")
+    if block["kernels"] is not None:
+        out += ["", f"The chained block's kernels alone (the three layers' kernel events, summed per run): "
+                    f"{fmt(block['kernels'])}; the chain adds "
+                    f"{times['autoconv, chained on the device'][0] - block['kernels'][0]:.3f} ms to them."]
     device_rows = [row for _, row in rows + tiny_rows if not row["on_host"]]
     all_rows = rows + tiny_rows
     layer_met = [name for name, row in all_rows if overhead_us(row, "Conv2d")[0] <= OVERHEAD_GOAL_LAYER_US]
