@@ -312,7 +312,7 @@ def main() -> int:
     os.environ["AUTOCONV_DB"] = str(scratch / "user.db")  # the shipped databases only, and the block's tuning
     import autoconv
     from autoconv.layers import model_layers
-    from threadpoolctl import threadpool_info, threadpool_limits
+    from threadpoolctl import threadpool_info
 
     threads = os.cpu_count() or 1
     example = load_example()
@@ -326,13 +326,13 @@ def main() -> int:
         wanted = {row["name"] for row in json.loads(SHARED.read_text())["resnet50"]}
         layers = [layer for layer in layers if layer.name in wanted]
     tiny = autoconv.ConvSpec(1, 16, 8, 8, 16, 1, 1)
-    if True:  # each method holds the BLAS threads it runs with
-        rows = [(layer.label, measure(layer.spec, None, None, args.rounds, args.repeats)) for layer in layers]
-        print("measured the ResNet-50 layers", file=sys.stderr)
-        tiny_rows = [(f"tiny 1x16x8x8 * 16x16x1x1 ({label})", measure(tiny, forced, None, args.rounds, args.repeats))
-                     for label, forced in (("served", None), ("implicit_gemm forced", "implicit_gemm"),
-                                           ("im2col_blas forced", "im2col_blas"))]
-        block = measure_block(example, str(block_db), args.rounds, max(3, args.repeats // 4), threads)
+    # Each method holds the BLAS threads it runs with (Method.sample).
+    rows = [(layer.label, measure(layer.spec, None, None, args.rounds, args.repeats)) for layer in layers]
+    print("measured the ResNet-50 layers", file=sys.stderr)
+    tiny_rows = [(f"tiny 1x16x8x8 * 16x16x1x1 ({label})", measure(tiny, forced, None, args.rounds, args.repeats))
+                 for label, forced in (("served", None), ("implicit_gemm forced", "implicit_gemm"),
+                                       ("im2col_blas forced", "im2col_blas"))]
+    block = measure_block(example, str(block_db), args.rounds, max(3, args.repeats // 4), threads)
     blas = [f"{pool['internal_api']} {pool['version']} ({pool.get('architecture', '?')})"
             for pool in threadpool_info() if pool["user_api"] == "blas"]
     import onnxruntime

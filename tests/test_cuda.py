@@ -155,7 +155,6 @@ def test_cuda_matches_the_reference_on_a_gpu():
 def test_layers_chain_cupy_arrays_on_a_gpu():
     """Conv2d on CuPy arrays returns CuPy arrays (no copy to the host between layers), matches
     the float64 reference fused and unfused, and reads DLPack / __cuda_array_interface__ arrays."""
-    import numpy as np
 
     import autoconv
     from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error

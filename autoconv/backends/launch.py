@@ -304,18 +304,7 @@ class LaunchedConv:
             else:
                 buffers[kind] = value
         if weight is not None:
-            if not self.lends_weights:
-                raise InvalidParamsError(f"weight: {self.plan.algorithm} on {runtime.device.name} cannot read the "
-                                         "weights in place; load them (load_weights) instead")
-            lent = self._lent
-            if lent is None or lent[0] is not weight or lent[1] is not bias:
-                # Kept for the next call with the same arrays (conv2d in a loop): the kernels read
-                # them in place, so contents changed since are seen; it holds them until then.
-                lent = self._lent = (weight, bias, runtime.wrap(weight, writable=False),
-                                     None if bias is None else runtime.wrap(bias, writable=False))
-            buffers["weight"] = lent[2]
-            if bias is not None:
-                buffers["bias"] = lent[3]
+            self._lend(buffers, weight, bias)
             reads_host = True
         device_out = host_out = None
         if device_output:
@@ -362,6 +351,21 @@ class LaunchedConv:
         if staging is not None:  # every copy through it has finished (waited for above)
             self._staging.put(staging)
         return result
+
+    def _lend(self, buffers: dict[str, Any], weight: np.ndarray, bias: np.ndarray | None) -> None:
+        """Bind the caller's weights and bias, read in place, for one call."""
+        if not self.lends_weights:
+            raise InvalidParamsError(f"weight: {self.plan.algorithm} on {self.runtime.device.name} cannot read "
+                                     "the weights in place; load them (load_weights) instead")
+        lent = self._lent
+        if lent is None or lent[0] is not weight or lent[1] is not bias:
+            # Kept for the next call with the same arrays (conv2d in a loop): the kernels read them
+            # in place, so contents changed since are seen; it holds them until then.
+            lent = self._lent = (weight, bias, self.runtime.wrap(weight, writable=False),
+                                 None if bias is None else self.runtime.wrap(bias, writable=False))
+        buffers["weight"] = lent[2]
+        if bias is not None:
+            buffers["bias"] = lent[3]
 
     def _take_staging(self) -> dict[str, np.ndarray]:
         """A set of pinned staging arrays no other call holds (made when all are in use)."""
