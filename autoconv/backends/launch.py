@@ -16,7 +16,6 @@ How host arrays reach the kernels is the runtime's `host_memory`:
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -33,11 +32,6 @@ from autoconv.spec import ConvSpec
 from autoconv.tensors import check_operands
 
 HOST_MEMORY_MODES = ("shared", "mapped", "staged")
-# Host arrays autoconv allocates for kernels to write start on this boundary: what OpenCL devices
-# ask of host pointers they use in place (CL_DEVICE_MEM_BASE_ADDR_ALIGN is 1024 bits on PoCL;
-# integrated GPUs want a page).
-HOST_ALIGNMENT = 4096
-
 Enqueue = Callable[[Mapping[str, Any]], Any]
 
 
@@ -164,14 +158,6 @@ def prepare_on(runtime: Runtime, algorithms: tuple[str, ...], spec: ConvSpec, pl
     scratch = algorithm.scratch_bytes(spec, plan.params)
     check_fits(runtime.device, spec, scratch, sources)
     return LaunchedConv(runtime, spec, plan, sources, scratch, library_gemm=algorithm.library_gemm)
-
-
-def aligned_empty(shape: tuple[int, ...], alignment: int = HOST_ALIGNMENT) -> np.ndarray:
-    """An uninitialised float32 host array whose data starts on an `alignment` boundary."""
-    count = math.prod(shape)
-    raw = np.empty(count + alignment // 4, dtype=np.float32)
-    start = (-raw.__array_interface__["data"][0] % alignment) // 4
-    return raw[start:start + count].reshape(shape)
 
 
 def same_values(kept: np.ndarray, given: np.ndarray) -> bool:

@@ -17,8 +17,7 @@ import numpy as np
 from autoconv.backends.base import select_index
 from autoconv.backends.compiler_output import captured_stderr
 from autoconv.backends.device_array import DeviceArray
-from autoconv.backends.launch import (HOST_MEMORY_MODES, Enqueue, LaunchedConv, aligned_empty, prepare_on,
-                                      runtime_algorithms)
+from autoconv.backends.launch import HOST_MEMORY_MODES, Enqueue, LaunchedConv, prepare_on, runtime_algorithms
 from autoconv.device import DeviceInfo, normalise_vendor
 from autoconv.errors import (BackendUnavailableError, InvalidParamsError, InvalidSpecError, KernelCompileError,
                              KernelLaunchError)
@@ -113,8 +112,7 @@ def _probe(cl: Any, device: Any) -> tuple[str, str]:
         queue = cl.CommandQueue(context)
         with captured_stderr():
             program = cl.Program(context, _PROBE_SOURCE).build()
-        host = aligned_empty((4,))
-        host[:] = 0.0
+        host = np.zeros(4, dtype=np.float32)
         buffer = cl.Buffer(context, cl.mem_flags.READ_WRITE | cl.mem_flags.USE_HOST_PTR, hostbuf=host)
         cl.Kernel(program, "probe")(queue, (4,), None, buffer).wait()
         in_place = bool(np.all(host == 1.0))  # written where the host reads, without a map
