@@ -13,7 +13,7 @@ from autoconv.algorithms import get_algorithm
 from autoconv.backends.base import Backend
 from autoconv.errors import InvalidSpecError
 from autoconv.plan import Plan
-from autoconv.serve.runner import host_operand
+from autoconv.serve.runner import batched_shape, host_operand
 from autoconv.serve.session import Session, default_session, device_runtime
 from autoconv.spec import ConvSpec, IntOrPair, as_pair
 from autoconv.tensors import as_float_array
@@ -103,15 +103,10 @@ def conv2d(
     b = None if bias is None else host_operand(bias, "bias")
     if b is not None and b.ndim != 1:
         raise InvalidSpecError(f"bias: expected a 1-D array of k values, got shape {b.shape}")
-    shape = tuple(x.shape)
-    if len(shape) not in (3, 4):
-        raise InvalidSpecError(f"input: expected a 3-D (c, h, w) unbatched or 4-D (n, c, h, w) array, "
-                               f"got shape {shape}")
+    unbatched = len(x.shape) == 3
+    shape = batched_shape(tuple(x.shape))
     if w.ndim != 4:
         raise InvalidSpecError(f"weight: expected a 4-D (k, c/groups, r, s) array, got shape {w.shape}")
-    unbatched = len(shape) == 3
-    if unbatched:
-        shape = (1, *shape)
     batch = shape[0]
     # An empty batch is a valid call (torch returns an empty result): the layer is checked as if
     # it had one image, and nothing runs.

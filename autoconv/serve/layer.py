@@ -17,7 +17,7 @@ from autoconv.backends.base import Backend, PreparedConv
 from autoconv.errors import InvalidSpecError
 from autoconv.plan import Plan
 from autoconv.serve.api import resolve_padding
-from autoconv.serve.runner import Runner
+from autoconv.serve.runner import Runner, batched_shape
 from autoconv.serve.session import Session, default_session, device_runtime
 from autoconv.spec import ACTIVATIONS, ConvSpec, IntOrPair, as_pair
 from autoconv.tensors import as_float_array
@@ -165,12 +165,8 @@ class Conv2d:
             return runner
 
     def _spec_for(self, shape: tuple[int, ...], residual: bool) -> ConvSpec:
-        if len(shape) not in (3, 4):
-            raise InvalidSpecError(f"input: expected a 3-D (c, h, w) unbatched or 4-D (n, c, h, w) array, "
-                                   f"got shape {shape}")
-        shape4 = (1, *shape) if len(shape) == 3 else shape
         begin, end = self._padding
-        return ConvSpec.from_shapes(shape4, self._weight.shape, stride=self.stride, padding=begin,
+        return ConvSpec.from_shapes(batched_shape(shape), self._weight.shape, stride=self.stride, padding=begin,
                                     dilation=self.dilation, groups=self.groups, bias=self._bias is not None,
                                     padding_end=end, activation=self.activation, residual=residual)
 

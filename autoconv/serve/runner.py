@@ -22,6 +22,14 @@ def host_operand(value: Any, name: str) -> np.ndarray:
     return value
 
 
+def batched_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """An input's (n, c, h, w): an unbatched (c, h, w) input is one image."""
+    if len(shape) not in (3, 4):
+        raise InvalidSpecError(f"input: expected a 3-D (c, h, w) unbatched or 4-D (n, c, h, w) array, "
+                               f"got shape {shape}")
+    return (1, *shape) if len(shape) == 3 else shape
+
+
 def check_shape(shape: tuple[int, ...], expected: tuple[int, ...], name: str) -> None:
     if shape != expected:
         raise InvalidSpecError(f"{name}: expected shape {expected}, got {shape}")

@@ -13,7 +13,7 @@ from typing import Callable
 
 from autoconv.algorithms import BASELINE, get_algorithm
 from autoconv.backends import create_backend
-from autoconv.backends.base import Backend, PreparedConv
+from autoconv.backends.base import Backend
 from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidSpecError
 from autoconv.plan import Plan
@@ -71,7 +71,6 @@ class Session:
         self._settings = settings or read_settings()
         self._contents: dict[str, tuple[tuple, DatabaseContents]] = {}
         self._plans: dict[tuple, Plan] = {}
-        self._prepared: OrderedDict[tuple, PreparedConv] = OrderedDict()
         self._runners: OrderedDict[tuple, Runner] = OrderedDict()
         self._paths: dict[str | None, list[Path]] = {}
         self._specs: dict[tuple, ConvSpec] = {}
@@ -92,7 +91,6 @@ class Session:
         with self._lock:
             self._contents.clear()
             self._plans.clear()
-            self._prepared.clear()
             self._runners.clear()
             self._paths.clear()
             self._specs.clear()
@@ -225,21 +223,6 @@ class Session:
             while len(self._runners) > MAX_PREPARED:
                 self._runners.popitem(last=False)
         return runner
-
-    def prepared(self, spec: ConvSpec, backend: Backend, plan: Plan) -> PreparedConv:
-        """A prepared conv reused across calls with the same spec, backend and plan."""
-        key = (id(backend), spec, plan)
-        with self._lock:
-            conv = self._prepared.get(key)
-            if conv is not None:
-                self._prepared.move_to_end(key)
-                return conv
-        conv = backend.prepare(spec, plan)
-        with self._lock:
-            self._prepared[key] = conv
-            while len(self._prepared) > MAX_PREPARED:
-                self._prepared.popitem(last=False)
-        return conv
 
 
 def device_runtime(backend: Backend) -> Backend | None:
