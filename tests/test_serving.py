@@ -42,6 +42,26 @@ def assert_close(result, spec: ConvSpec, operands: tuple) -> None:
     assert error < TOLERANCE, f"{spec}: relative error {error:.2e}"
 
 
+def run_at_once(worker, count: int) -> list[BaseException]:
+    """worker(0) .. worker(count - 1) on threads released together; what any of them raised."""
+    start = threading.Barrier(count)
+    failures: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            worker(i)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failures
+
+
 def fused(spec: ConvSpec, activation, residual: bool) -> ConvSpec:
     return spec.replace(activation=activation, residual=residual)
 
@@ -116,23 +136,13 @@ def test_threads_calling_one_layer_get_their_own_results(device):
         layer = Conv2d(w, b, padding=1, activation="relu", backend=device, algorithm=algorithm)
         inputs = [random_operands(spec, seed=100 + i) for i in range(8)]
         results: dict[int, list] = {}
-        failures: list[BaseException] = []
-        start = threading.Barrier(len(inputs))
 
         def worker(i: int) -> None:
             x, _, _, r = inputs[i]
-            try:
-                start.wait()
-                results[i] = [layer(x, residual=r) if j % 2 == 0 else np.asarray(layer(device.adopt(x), residual=r))
-                              for j in range(4)]
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-                failures.append(exc)
+            results[i] = [layer(x, residual=r) if j % 2 == 0 else np.asarray(layer(device.adopt(x), residual=r))
+                          for j in range(4)]
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        failures = run_at_once(worker, len(inputs))
         assert not failures, failures
         for i, (x, _, _, r) in enumerate(inputs):
             expected = reference_output(spec, (x, w, b, r))
@@ -343,24 +353,18 @@ def test_threads_calling_conv2d_with_different_weights_get_their_own_results(ope
     copies (staged memory) stay loaded until the call that loaded them has queued its kernels."""
     operands = [random_operands(SPEC, seed=200 + i) for i in range(6)]
     expected = [reference_output(SPEC, ops) for ops in operands]
-    failures: list[str] = []
-    start = threading.Barrier(len(operands))
+    wrong: list[str] = []
 
     def worker(i: int) -> None:
         x, w, b = operands[i]
-        start.wait()
         for _ in range(4):
             for algorithm in (WINOGRAD, "implicit_gemm"):
                 error = relative_error(autoconv.conv2d(x, w, b, padding=1, algorithm=algorithm), expected[i])
                 if not error < TOLERANCE:
-                    failures.append(f"thread {i} {algorithm}: relative error {error:.1e}")
+                    wrong.append(f"thread {i} {algorithm}: relative error {error:.1e}")
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(operands))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not failures, failures
+    failures = run_at_once(worker, len(operands))
+    assert not failures and not wrong, (failures, wrong)
 
 
 def test_results_are_reused_only_once_nobody_holds_them(opencl):

@@ -173,7 +173,7 @@ class CudaBackend:
     def span_ms(self, events: Any) -> float | None:
         return None  # launches record no events; time() measures with CUDA events instead
 
-    def new_array(self, shape: tuple[int, ...], ready: Any = None) -> tuple[Any, Any]:
+    def new_array(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
         with self._device_context:
             array = self._guard(lambda: self._cupy.empty(shape, dtype=self._cupy.float32), "allocating")
         return array, array.reshape(-1)

@@ -102,7 +102,7 @@ class Runtime(Protocol):
         (None where the runtime cannot tell)."""
         ...
 
-    def new_array(self, shape: tuple[int, ...], ready: Any = None) -> tuple[Any, Any]:
+    def new_array(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
         """A new float32 device array of that shape (what a layer returns for a device input)
         and its buffer."""
         ...

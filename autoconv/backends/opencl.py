@@ -400,12 +400,12 @@ class OpenCLBackend:
             self._pooled_bytes += count * 4
             return entry.host.reshape(shape), entry.buffer
 
-    def new_array(self, shape: tuple[int, ...], ready: Any = None) -> tuple[DeviceArray, Any]:
+    def new_array(self, shape: tuple[int, ...]) -> tuple[DeviceArray, Any]:
         if self.host_memory == "shared":  # the device computes in host memory: keep a host view
             host, buffer = self.host_output(shape)
         else:
             host, buffer = None, self.alloc(int(np.prod(shape)) * 4)
-        return DeviceArray(self, buffer, shape, host=host, ready=ready), buffer
+        return DeviceArray(self, buffer, shape, host=host), buffer
 
     def adopt(self, host: np.ndarray) -> DeviceArray:
         if self.host_memory == "shared":
