@@ -61,8 +61,8 @@ MEASURE_ROUNDS = 3
 MIN_SAMPLE_MS = 1.0
 # After the host BLAS is timed on a machine whose cores a CPU device shares: longer than
 # OpenBLAS's idle threads spin (2^28 cycles by default, about 0.1 s), so the next device kernel
-# is not timed beside them (measured: a PoCL kernel right after a 2-thread OpenBLAS call took
-# 1.18x as long).
+# is not timed beside them (in a one-off check, not a committed benchmark, a PoCL kernel right
+# after a 2-thread OpenBLAS call took 1.18x as long).
 BLAS_SETTLE_S = 0.15
 # Trials go to the tunable algorithms within this factor of the best time so far.
 CANDIDATE_FACTOR = 2.0
