@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 
 from autoconv.algorithms import get_algorithm
@@ -102,7 +102,7 @@ def _layer_manifest(entry: ExportEntry, device: DeviceInfo, dialect: Dialect, ve
     layer = {
         "name": entry.name, "key": spec.key(),
         "shape": {"n": spec.n, "c": spec.c, "h": spec.h, "w": spec.w, "k": spec.k, "r": spec.r, "s": spec.s,
-                  "stride": list(spec.stride), "padding": list(spec.padding), "padding_end": list(spec.padding_end),
+                  "stride": list(spec.stride), "padding": list(spec.padding), "padding_end": list(spec.bottom_right),
                   "dilation": list(spec.dilation),
                   "groups": spec.groups, "bias": spec.bias, "dtype": spec.dtype, "layout": spec.layout,
                   "activation": spec.activation, "residual": spec.residual, "p": spec.p, "q": spec.q},
@@ -145,7 +145,7 @@ def layer_description(layer: dict) -> str:
     return "".join(parts)
 
 
-def layer_checksum(layer: dict, files: dict[str, str | bytes]) -> str:
+def layer_checksum(layer: dict[str, Any], files: Mapping[str, str | bytes]) -> str:
     state = fnv1a64(layer_description(layer).encode("ascii"))
     for kernel in layer["kernels"]:
         content = files[kernel["file"]]
@@ -287,7 +287,7 @@ def export(entries: Iterable[ExportEntry], device: DeviceInfo, out_dir: str | Pa
     dialect = dialect_for(device)
     out = Path(out_dir)
     _check_replaceable(out)
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": "autoconv-export", "version": MANIFEST_VERSION, "autoconv_version": __version__,
         "template_hash": template_hash(), "language": dialect.name,
         "device": {"fingerprint": device.fingerprint(), "name": device.name, "platform": device.platform,

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+from typing import Any
+
 from autoconv.errors import InvalidSpecError
-from autoconv.spec import ConvSpec
+from autoconv.spec import ConvSpec, as_pair
 
 _LAYER_FIELDS = ("n", "c", "h", "w", "k", "r", "s", "stride", "pad", "pad_bottom", "pad_right", "dilation", "groups",
                  "bias", "residual", "act")
@@ -27,7 +29,7 @@ class NamedLayer:
 
 
 @lru_cache(maxsize=1)
-def _models_json() -> dict[str, list[dict[str, object]]]:
+def _models_json() -> dict[str, list[dict[str, Any]]]:
     text = resources.files("autoconv").joinpath("data/models.json").read_text()
     return {name: rows for name, rows in json.loads(text).items() if not name.startswith("_")}
 
@@ -44,7 +46,8 @@ def model_layers(model: str, batch: int = 1) -> list[NamedLayer]:
     layers = []
     for row in models[model]:
         spec = ConvSpec(n=batch, c=int(row["c"]), h=int(row["h"]), w=int(row["w"]), k=int(row["k"]),
-                        r=int(row["r"]), s=int(row["s"]), stride=int(row["stride"]), padding=int(row["pad"]),
+                        r=int(row["r"]), s=int(row["s"]), stride=as_pair(int(row["stride"]), "stride"),
+                        padding=as_pair(int(row["pad"]), "pad"),
                         groups=int(row.get("groups", 1)))
         layers.append(NamedLayer(model, str(row["name"]), spec))
     return layers
@@ -93,9 +96,9 @@ def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
         raise InvalidSpecError(f"layer: missing {', '.join(missing)} in {text!r}")
     n = batch if batch is not None else values.get("n", 1)
     spec = ConvSpec(n=n, c=values["c"], h=values["h"], w=values["w"], k=values["k"], r=values["r"],
-                    s=values["s"], stride=values.get("stride", 1), padding=values.get("pad", 0),
+                    s=values["s"], stride=as_pair(values.get("stride", 1), "stride"), padding=as_pair(values.get("pad", 0), "pad"),
                     padding_end=(values.get("pad_bottom", values.get("pad", 0)), values.get("pad_right", values.get("pad", 0))),
-                    dilation=values.get("dilation", 1), groups=values.get("groups", 1),
+                    dilation=as_pair(values.get("dilation", 1), "dilation"), groups=values.get("groups", 1),
                     bias=bool(values.get("bias", 0)), activation=texts.get("act", "none"),
                     residual=bool(values.get("residual", 0)))
     return NamedLayer("custom", str(spec), spec)
@@ -120,8 +123,8 @@ def layer_text(spec: ConvSpec) -> str | None:
     if len({*spec.stride}) > 1 or len({*spec.dilation}) > 1 or len({*spec.padding}) > 1:
         return None
     parts = [f"n={spec.n}", f"c={spec.c}", f"h={spec.h}", f"w={spec.w}", f"k={spec.k}", f"r={spec.r}", f"s={spec.s}"]
-    optional = [("stride", spec.stride[0], 1), ("pad", spec.padding[0], 0), ("pad_bottom", spec.padding_end[0], spec.padding[0]),
-                ("pad_right", spec.padding_end[1], spec.padding[1]), ("dilation", spec.dilation[0], 1),
+    optional = [("stride", spec.stride[0], 1), ("pad", spec.padding[0], 0), ("pad_bottom", spec.bottom_right[0], spec.padding[0]),
+                ("pad_right", spec.bottom_right[1], spec.padding[1]), ("dilation", spec.dilation[0], 1),
                 ("groups", spec.groups, 1), ("bias", int(spec.bias), 0), ("residual", int(spec.residual), 0),
                 ("act", spec.activation, "none")]
     parts += [f"{key}={value}" for key, value, default in optional if value != default]

@@ -94,18 +94,19 @@ def onnx_layers(path: str | Path, batch: int | None = None) -> tuple[list[NamedL
         if not x_shape or not w_shape or len(x_shape) != 4 or len(w_shape) != 4:
             problems.append(f"{name}: not a 2-D conv with known input and weight shapes")
             continue
-        n = batch if batch is not None else (x_shape[0] or 1)
+        n: int = batch if batch is not None else (x_shape[0] or 1)
         if any(d is None for d in x_shape[1:]) or any(d is None for d in w_shape):
             problems.append(f"{name}: symbolic spatial or channel dimensions")
             continue
+        x_dims, w_dims = [int(d or 0) for d in x_shape], [int(d or 0) for d in w_shape]  # no None left
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         try:
-            kernel, strides, dilations, begin_end = _geometry(attrs, x_shape, w_shape)
+            kernel, strides, dilations, begin_end = _geometry(attrs, x_dims, w_dims)
         except InvalidSpecError as exc:
             problems.append(f"{name}: {exc}")
             continue
         try:
-            spec = ConvSpec(n=int(n), c=int(x_shape[1]), h=int(x_shape[2]), w=int(x_shape[3]), k=int(w_shape[0]),
+            spec = ConvSpec(n=int(n), c=x_dims[1], h=x_dims[2], w=x_dims[3], k=w_dims[0],
                             r=kernel[0], s=kernel[1], stride=strides, padding=(begin_end[0][0], begin_end[1][0]),
                             padding_end=(begin_end[0][1], begin_end[1][1]),
                             dilation=dilations, groups=int(attrs.get("group", 1)), bias=len(node.input) > 2 and bool(node.input[2]))

@@ -14,6 +14,8 @@ import numpy as np
 
 from autoconv.algorithms import IMPLICIT_GEMM, get_algorithm
 from autoconv.backends.base import Backend
+from autoconv.backends.runtime import is_device_backend
+from autoconv.errors import InvalidParamsError
 from autoconv.plan import Plan
 from autoconv.render import KernelArg, KernelSource, int_args, render_template
 from autoconv.spec import ConvSpec
@@ -44,7 +46,10 @@ def measure_roofs(backend: Backend, repeats: int = 5) -> DeviceRoofs:
     """Time the GEMM and the copy on a device backend (one with kernels and the Runtime primitives)."""
     conv = backend.prepare(PEAK_SPEC, Plan(IMPLICIT_GEMM, get_algorithm(IMPLICIT_GEMM).heuristic(PEAK_SPEC, backend.device)))
     peak_ms = conv.time(*random_operands(PEAK_SPEC), warmup=1, repeats=repeats).min_ms
-    runtime = backend  # the device backends are their own runtimes (autoconv.backends.launch.Runtime)
+    if not is_device_backend(backend):
+        raise InvalidParamsError(f"backend: the roofline is measured with device kernels; the {backend.name} "
+                                 "backend has none")
+    runtime = backend
     text = render_template("shared/pad.j2", dialect=runtime.dialect, entry="pad_input")
     args = (KernelArg("x", "input"), KernelArg("xp", "scratch"),
             *int_args(H=COPY_ROWS, W=COPY_WIDTH, PH=0, PW=0, ROWS=COPY_ROWS, SLACK=0))

@@ -6,7 +6,7 @@ import math
 
 import operator
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence, Union
+from typing import Any, Sequence, Union, cast
 
 import numpy as np
 
@@ -35,7 +35,7 @@ def as_pair(value: IntOrPair, name: str) -> tuple[int, int]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
         single = _as_index(value, name, value)
         return (single, single)
-    items = tuple(value)
+    items = tuple(cast(Sequence[int], value))
     if len(items) != 2:
         raise InvalidSpecError(f"{name}: expected an int or a pair of ints, got {value!r}")
     return (_as_index(items[0], name, value), _as_index(items[1], name, value))
@@ -97,7 +97,7 @@ class ConvSpec:
             raise InvalidSpecError(f"stride: must be positive, got {self.stride}")
         if min(self.padding) < 0:
             raise InvalidSpecError(f"padding: must be non-negative, got {self.padding}")
-        if min(self.padding_end) < 0:
+        if min(self.bottom_right) < 0:
             raise InvalidSpecError(f"padding_end: must be non-negative, got {self.padding_end}")
         if min(self.dilation) <= 0:
             raise InvalidSpecError(f"dilation: must be positive, got {self.dilation}")
@@ -166,7 +166,7 @@ class ConvSpec:
                    padding=as_pair(padding, "padding"), dilation=as_pair(dilation, "dilation"),
                    groups=groups, bias=bias, dtype=dtype,
                    padding_end=None if padding_end is None else as_pair(padding_end, "padding_end"),
-                   activation=activation, residual=residual)
+                   activation=activation or "none", residual=residual)
 
     @property
     def p(self) -> int:
@@ -179,13 +179,20 @@ class ConvSpec:
         return (self.padded_w - self.dilation[1] * (self.s - 1) - 1) // self.stride[1] + 1
 
     @property
+    def bottom_right(self) -> tuple[int, int]:
+        """The zeros after the input (bottom, right): `padding_end` as construction normalised it."""
+        end = self.padding_end
+        assert end is not None  # set in __post_init__
+        return end
+
+    @property
     def padded_h(self) -> int:
         """Input height with its zero rows above and below."""
-        return self.h + self.padding[0] + self.padding_end[0]
+        return self.h + self.padding[0] + self.bottom_right[0]
 
     @property
     def padded_w(self) -> int:
-        return self.w + self.padding[1] + self.padding_end[1]
+        return self.w + self.padding[1] + self.bottom_right[1]
 
     @property
     def padded(self) -> bool:
@@ -199,7 +206,7 @@ class ConvSpec:
     def padding_text(self) -> str:
         if self.symmetric:
             return str(self.padding)
-        return f"(top {self.padding[0]}, bottom {self.padding_end[0]}, left {self.padding[1]}, right {self.padding_end[1]})"
+        return f"(top {self.padding[0]}, bottom {self.bottom_right[0]}, left {self.padding[1]}, right {self.bottom_right[1]})"
 
     @property
     def c_per_group(self) -> int:
@@ -273,7 +280,7 @@ class ConvSpec:
             f"n{self.n}_c{self.c}_h{self.h}_w{self.w}_k{self.k}_r{self.r}_s{self.s}"
             f"_st{self.stride[0]}x{self.stride[1]}_pd{self.padding[0]}x{self.padding[1]}"
             # Symmetric layers keep the key they always had; asymmetric ones add their end padding.
-            + ("" if self.symmetric else f"_pe{self.padding_end[0]}x{self.padding_end[1]}") +
+            + ("" if self.symmetric else f"_pe{self.bottom_right[0]}x{self.bottom_right[1]}") +
             f"_dl{self.dilation[0]}x{self.dilation[1]}_g{self.groups}_b{int(self.bias)}"
             f"_{self.dtype}_{self.layout}"
             # Layers without an epilogue keep the key they always had.
@@ -308,7 +315,7 @@ class ConvSpec:
         if self.stride != (1, 1):
             extras.append(f"stride={self.stride[0]}" if self.stride[0] == self.stride[1] else f"stride={self.stride}")
         if not self.symmetric:
-            extras.append(f"pad=({self.padding[0]},{self.padding_end[0]},{self.padding[1]},{self.padding_end[1]})")
+            extras.append(f"pad=({self.padding[0]},{self.bottom_right[0]},{self.padding[1]},{self.bottom_right[1]})")
         elif self.padding != (0, 0):
             extras.append(f"pad={self.padding[0]}" if self.padding[0] == self.padding[1] else f"pad={self.padding}")
         if self.dilation != (1, 1):

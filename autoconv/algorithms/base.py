@@ -65,6 +65,8 @@ class Params(Mapping[str, int]):
     attributes too (params.MWG). Built only by ParamSpace.validate."""
 
     __slots__ = ("_items", "_space")
+    _items: tuple[tuple[str, int], ...]
+    _space: "ParamSpace"
 
     def __init__(self, items: tuple[tuple[str, int], ...], space: "ParamSpace") -> None:
         object.__setattr__(self, "_items", items)

@@ -19,7 +19,7 @@ DEVICE_IM2COL = im2col_gemm.SPACE.validate(dict(NWG=16, WPTN=1, VWN=1, IM2COL_RO
 def im2col(spec: ConvSpec, x: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     """The patch matrix [groups, C/g·R·S, N·P·Q], rows ordered (c, r, s) like the weights."""
     xp = padded_input(x, spec, dtype)
-    cols = np.empty((spec.c, spec.r, spec.s, spec.n, spec.p, spec.q), dtype=dtype)
+    cols: np.ndarray = np.empty((spec.c, spec.r, spec.s, spec.n, spec.p, spec.q), dtype=dtype)
     for r in range(spec.r):
         for s in range(spec.s):
             cols[:, r, s] = window(xp, spec, r, s).transpose(1, 0, 2, 3)

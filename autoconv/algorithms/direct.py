@@ -13,7 +13,7 @@ from autoconv.spec import ConvSpec
 
 
 def _padded(x: np.ndarray, spec: ConvSpec, dtype: type) -> np.ndarray:
-    (top, left), (bottom, right) = spec.padding, spec.padding_end
+    (top, left), (bottom, right) = spec.padding, spec.bottom_right
     return np.pad(x.astype(dtype, copy=False), ((0, 0), (0, 0), (top, bottom), (left, right)))
 
 
@@ -32,8 +32,8 @@ def direct_conv(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.ndar
                 dtype: type) -> np.ndarray:
     """Direct convolution on the host, tap by tap. In float64 it is the reference."""
     xp = _padded(x, spec, dtype)
-    wt = weight.astype(dtype, copy=False)
-    out = np.zeros(spec.output_shape, dtype=dtype)
+    wt: np.ndarray = weight.astype(dtype, copy=False)
+    out: np.ndarray = np.zeros(spec.output_shape, dtype=dtype)
     cg, kg = spec.c_per_group, spec.k_per_group
     for g in range(spec.groups):
         xs = xp[:, g * cg:(g + 1) * cg]

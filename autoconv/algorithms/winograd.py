@@ -33,7 +33,8 @@ WINOGRAD4_MAX_CHANNELS = 4096
 
 _F = Fraction
 # (B^T, G, A^T) with the interpolation points 0, -1, 1 (m = 2) and 0, +-1, +-2 (m = 4) of Lavin & Gray.
-TRANSFORMS: dict[int, tuple[list[list[Fraction]], list[list[Fraction]], list[list[Fraction]]]] = {
+Matrix = list[list[Fraction | int]]
+TRANSFORMS: dict[int, tuple[Matrix, Matrix, Matrix]] = {
     2: ([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
         [[1, 0, 0], [_F(1, 2), _F(1, 2), _F(1, 2)], [_F(1, 2), _F(-1, 2), _F(1, 2)], [0, 0, 1]],
         [[1, 1, 1, 0], [0, 1, -1, -1]]),
@@ -50,10 +51,11 @@ ALIGN_FLOATS = 16
 
 def transform_matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(B^T, G, A^T) of F(m x m, 3 x 3) as float64 arrays."""
-    return tuple(np.array(_floats(mat)) for mat in TRANSFORMS[m])  # type: ignore[return-value]
+    bt, g, at = (np.array(_floats(mat), dtype=np.float64) for mat in TRANSFORMS[m])
+    return bt, g, at
 
 
-def _floats(mat: list[list[Fraction]]) -> list[list[float]]:
+def _floats(mat: Matrix) -> list[list[float]]:
     return [[float(v) for v in row] for row in mat]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
@@ -95,8 +96,22 @@ class PreparedConv(Protocol):
 
     spec: ConvSpec
     plan: Plan
-    transforms_weights: bool  # runs kernels on the weights alone when they change (a filter transform)
-    lends_weights: bool  # `call(weight=...)` may read the caller's weights in place
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by each call while it enqueues: a caller that loads weights and calls under it
+        runs with its own weights, whoever calls next."""
+        ...
+
+    @property
+    def transforms_weights(self) -> bool:
+        """Whether it runs kernels on the weights alone when they change (a filter transform)."""
+        ...
+
+    @property
+    def lends_weights(self) -> bool:
+        """Whether `call(weight=...)` may read the caller's weights in place."""
+        ...
 
     def run(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
             residual: np.ndarray | None = None, *, poison: bool = False) -> np.ndarray:

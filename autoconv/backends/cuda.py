@@ -6,13 +6,14 @@ tensor) without a copy. Host arrays travel through pinned memory with non-blocki
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from autoconv import epilogue
 from autoconv.backends.base import select_index
-from autoconv.backends.launch import Enqueue, LaunchedConv, prepare_on, runtime_algorithms
+from autoconv.backends.launch import LaunchedConv, prepare_on, runtime_algorithms
+from autoconv.backends.runtime import DeviceBackend, Enqueue
 from autoconv.device import DeviceInfo
 from autoconv.errors import (BackendUnavailableError, InvalidParamsError, InvalidSpecError, KernelCompileError,
                              KernelLaunchError)
@@ -64,7 +65,7 @@ def launch_geometry(source: KernelSource) -> tuple[tuple[int, int, int], tuple[i
     return grid, block  # type: ignore[return-value]
 
 
-class CudaBackend:
+class CudaBackend(DeviceBackend):
     """Runs generated kernels on one CUDA device (CuPy's current stream, event-timed): the
     launcher's Runtime for CUDA, with cuBLAS as its library GEMM."""
 
@@ -161,17 +162,36 @@ class CudaBackend:
     def copy(self, dst: Any, src: Any) -> None:
         self._guard(lambda: dst.__setitem__(Ellipsis, src), "copying on the device")
 
-    def launch(self, kernel: Any, source: KernelSource, args: tuple) -> Any:
+    def launch(self, kernel: Any, source: KernelSource, args: tuple[Any, ...]) -> Any:
         grid, block = launch_geometry(source)
         return self._guard(lambda: kernel(grid, block, args), f"launching {source.entry}")
 
-    def wait(self, events: Any) -> None:
+    def wait(self, events: Sequence[Any]) -> None:
         # Kernels and copies are ordered on the current stream: waiting for it waits for all.
         with self._device_context:
             self._guard(lambda: self._cupy.cuda.get_current_stream().synchronize(), "waiting for the device")
 
-    def span_ms(self, events: Any) -> float | None:
+    def elapsed_ms(self, enqueue: Callable[[], list[Any]]) -> float:
+        """CUDA events recorded around the launches on the current stream."""
+        cp = self._cupy
+
+        def run() -> float:
+            stream = cp.cuda.get_current_stream()
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            enqueue()
+            end.record(stream)
+            end.synchronize()
+            return float(cp.cuda.get_elapsed_time(start, end))
+        with self._device_context:
+            return float(self._guard(run, "timing"))
+
+    def span_ms(self, events: Sequence[Any]) -> float | None:
         return None  # launches record no events; time() measures with CUDA events instead
+
+    def host_output(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Any]:
+        raise InvalidParamsError(f"{self.device.name} has memory of its own: results are copied, not written "
+                                 "into host arrays")
 
     def new_array(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
         with self._device_context:

@@ -18,122 +18,18 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
 from autoconv.algorithms import get_algorithm
-from autoconv.backends.base import Timing, calibrated_runs, check_fits, conv_buffers
-from autoconv.device import DeviceInfo
+from autoconv.backends.base import PreparedConv, Timing, calibrated_runs, check_fits, conv_buffers
+from autoconv.backends.runtime import Runtime
 from autoconv.errors import InvalidParamsError
 from autoconv.plan import Plan
-from autoconv.render import Dialect, KernelSource
+from autoconv.render import KernelSource
 from autoconv.spec import ConvSpec
 from autoconv.tensors import check_operands
-
-HOST_MEMORY_MODES = ("shared", "mapped", "staged")
-Enqueue = Callable[[Mapping[str, Any]], Any]
-
-
-class Runtime(Protocol):
-    """A device's primitives. Errors of the underlying library become KernelCompileError (kernel)
-    or KernelLaunchError (launch, copy, wait)."""
-
-    device: DeviceInfo
-    dialect: Dialect
-    lock: threading.RLock  # one queue or stream: enqueues from several threads take turns
-    has_library_gemm: bool
-    host_memory: str  # one of HOST_MEMORY_MODES
-
-    def kernel(self, source: KernelSource) -> Any:
-        """The compiled kernel for a source (cached per source hash and device)."""
-        ...
-
-    def bind(self, kernel: Any, source: KernelSource) -> Enqueue:
-        """An enqueuer for one kernel: given the buffers by kind, it launches the kernel with its
-        arguments in order (the ints are the source's own) and returns its event. Called with
-        the runtime's lock held."""
-        ...
-
-    def alloc(self, nbytes: int) -> Any:
-        ...
-
-    def wrap(self, host: np.ndarray, writable: bool) -> Any:
-        """A buffer over a host array's own memory, no copy ("shared" and "mapped" runtimes)."""
-        ...
-
-    def expose(self, buffer: Any, host: np.ndarray) -> None:
-        """Make a wrapped host array current after kernels wrote it (a map where memory is
-        "mapped"; nothing where it is "shared")."""
-        ...
-
-    def pinned(self, count: int) -> np.ndarray:
-        """`count` float32 of page-locked host memory, the staging of non-blocking copies."""
-        ...
-
-    def host_output(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Any]:
-        """A new host array for kernels to write (as the caller sees it: no other caller holds
-        it) and a buffer over it ("shared" and "mapped" runtimes)."""
-        ...
-
-    def upload(self, buffer: Any, host: np.ndarray, *, blocking: bool = True) -> Any:
-        ...
-
-    def download(self, host: np.ndarray, buffer: Any, *, blocking: bool = True) -> Any:
-        ...
-
-    def copy(self, dst: Any, src: Any) -> None:
-        ...
-
-    def launch(self, kernel: Any, source: KernelSource, args: tuple) -> Any:
-        """Enqueue one kernel with its arguments (buffers and np.int32 values) in order."""
-        ...
-
-    def wait(self, events: Sequence[Any]) -> None:
-        """Block until everything enqueued up to the last of `events` has finished."""
-        ...
-
-    def elapsed_ms(self, enqueue: Callable[[], list[Any]]) -> float:
-        """Run `enqueue` (which launches kernels) and return the device time it took, in ms."""
-        ...
-
-    def span_ms(self, events: Sequence[Any]) -> float | None:
-        """Device time from the first event's start to the last one's end, once they finished
-        (None where the runtime cannot tell)."""
-        ...
-
-    def new_array(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
-        """A new float32 device array of that shape (what a layer returns for a device input)
-        and its buffer."""
-        ...
-
-    def set_ready(self, array: Any, event: Any) -> None:
-        """Record the event after which a device array made by new_array holds its result."""
-        ...
-
-    def retain(self, event: Any, objects: Any) -> None:
-        """Keep `objects` (the events of kernels not waited for, and the buffers they read and
-        write) alive until `event` has completed: a buffer over host memory that the caller drops
-        (an intermediate DeviceArray of a chain) must not free that memory under a kernel still
-        queued, and PoCL 3.1 fails ("PTHREAD ERROR in can_run_command") when an event is released
-        while its command is queued."""
-        ...
-
-    def device_buffer(self, value: Any, name: str) -> Any | None:
-        """The buffer of a float32, C-ordered device array of this device (None when `value` is
-        not a device array); InvalidSpecError for an array on another device."""
-        ...
-
-    def adopt(self, host: np.ndarray) -> Any:
-        """A device array holding a host array's contents (the host array itself where memory is
-        "shared": the caller gives it up)."""
-        ...
-
-    def library_gemm(self, spec: ConvSpec, buffers: dict[str, Any]) -> None:
-        """out = weight x scratch (+ bias, + epilogue) with the runtime's BLAS, for library_gemm
-        algorithms."""
-        ...
-
 
 def runtime_algorithms(runtime_has_library_gemm: bool) -> tuple[str, ...]:
     """What a device runtime runs: every algorithm with device kernels, and the library-GEMM ones
@@ -174,7 +70,7 @@ def same_values(kept: np.ndarray, given: np.ndarray) -> bool:
     return bool(np.array_equal(kept.reshape(-1).view(np.uint32), given.reshape(-1).view(np.uint32)))
 
 
-class LaunchedConv:
+class LaunchedConv(PreparedConv):
     """Compiled kernels, resident weights and scratch for one ConvSpec under one Plan; reused
     across calls. Calls enqueue on the runtime's one in-order queue, so the scratch buffer is
     never used by two calls at once and concurrent callers get their own results."""
@@ -202,6 +98,10 @@ class LaunchedConv:
         self._resident: tuple[np.ndarray, np.ndarray | None] | None = None
         self.last_events: tuple[Any, ...] = ()  # the latest call's kernel events (benchmarks read their span)
         self._lent: tuple[Any, ...] | None = None  # the weights lent to the latest call, and their buffers
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self.runtime.lock
 
     @property
     def transforms_weights(self) -> bool:
@@ -313,10 +213,12 @@ class LaunchedConv:
         copy_out: list[Any] = []
         with runtime.lock:
             for kind, value in staged:
+                assert staging is not None
                 np.copyto(staging[kind].reshape(value.shape), value)
                 copies_in.append(runtime.upload(buffers[kind], staging[kind], blocking=False))
             events = self._enqueue(buffers)
             if not device_output and not zero_copy:
+                assert staging is not None
                 copy_out.append(runtime.download(staging["output"], buffers["output"], blocking=False))
         self.last_events = tuple(events)
         queued = [event for event in (*copies_in, *events, *copy_out) if event is not None]
@@ -334,6 +236,7 @@ class LaunchedConv:
                     runtime.expose(buffers["output"], host_out)
                 result = host_out
             else:
+                assert staging is not None
                 result = staging["output"].reshape(spec.output_shape).copy()
         if staging is not None:  # every copy through it has finished (waited for above)
             self._staging.put(staging)

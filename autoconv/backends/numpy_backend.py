@@ -4,13 +4,14 @@ the host CPU, timed with the wall clock."""
 from __future__ import annotations
 
 import platform
+import threading
 import time as _time
 
 import numpy as np
 
 from autoconv import epilogue
 from autoconv.algorithms import get_algorithm, list_algorithms
-from autoconv.backends.base import Timing, calibrated_runs
+from autoconv.backends.base import Backend, PreparedConv, Timing, calibrated_runs
 from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidParamsError
 from autoconv.plan import Plan
@@ -19,17 +20,27 @@ from autoconv.spec import ConvSpec
 from autoconv.tensors import check_operands
 
 
-class NumpyConv:
+class NumpyConv(PreparedConv):
     """A ConvSpec prepared on the host: nothing to compile, so preparing only checks the plan."""
 
-    transforms_weights = False
-    lends_weights = True  # host code reads the caller's weights where they are
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
+    @property
+    def transforms_weights(self) -> bool:
+        return False
+
+    @property
+    def lends_weights(self) -> bool:
+        return True  # host code reads the caller's weights where they are
 
     def __init__(self, spec: ConvSpec, plan: Plan) -> None:
         self.spec = spec
         self.plan = plan
         self._algorithm = get_algorithm(plan.algorithm)
         self._weights: tuple[np.ndarray, np.ndarray | None] | None = None
+        self._lock = threading.RLock()
 
     def load_weights(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
         self._weights = (np.array(weight, dtype=np.float32, order="C"),
@@ -89,7 +100,7 @@ class NumpyConv:
         return Timing(tuple(time_runs(runs, i * runs) / runs for i in range(repeats)))
 
 
-class NumpyBackend:
+class NumpyBackend(Backend):
     """The host CPU through numpy; its im2col_blas is the library-BLAS baseline."""
 
     name = "numpy"

@@ -17,7 +17,8 @@ import numpy as np
 from autoconv.backends.base import select_index
 from autoconv.backends.compiler_output import captured_stderr
 from autoconv.backends.device_array import DeviceArray
-from autoconv.backends.launch import HOST_MEMORY_MODES, Enqueue, LaunchedConv, prepare_on, runtime_algorithms
+from autoconv.backends.launch import LaunchedConv, prepare_on, runtime_algorithms
+from autoconv.backends.runtime import HOST_MEMORY_MODES, DeviceBackend, Enqueue
 from autoconv.device import DeviceInfo, normalise_vendor
 from autoconv.errors import (BackendUnavailableError, InvalidParamsError, InvalidSpecError, KernelCompileError,
                              KernelLaunchError)
@@ -187,7 +188,7 @@ def select_device(device: int | str | None) -> tuple[OpenCLDevice, Any]:
     return chosen
 
 
-class OpenCLBackend:
+class OpenCLBackend(DeviceBackend):
     """Runs generated kernels on one OpenCL device through one in-order profiling queue (the
     launcher's Runtime for OpenCL).
 

@@ -11,6 +11,7 @@ from typing import Any, Iterator, List, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import TaskID
 from rich.text import Text
 
 from autoconv.cli.db import db_app
@@ -253,7 +254,7 @@ def compare(
     _print_compiler_output([backend], verbose)
 
 
-def _compare_plot(records: list[dict[str, Any]], backend: Any, path: Path, roofs: Any = None) -> bytes:
+def _compare_plot(records: list[dict[str, Any]], backend: Any, path: Path | None, roofs: Any = None) -> bytes:
     from autoconv.plots import MethodPoint, compare_figure
     from autoconv.roofline import measure_roofs
 
@@ -409,7 +410,7 @@ def tune(
 
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[best]}", markup=False), TimeElapsedColumn())
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
     live = errors.is_terminal
     bar = Progress(*columns, console=errors, transient=False) if live else None
     with SQLiteStore(path) as database, (bar if bar is not None else contextlib.nullcontext()):
@@ -552,6 +553,7 @@ def export_command(
             by_layer.setdefault(r.spec, []).append(r)
         for spec, found in by_layer.items():
             best = fastest(found)
+            assert best is not None  # every layer here has a result
             entries.append(ExportEntry(str(spec), spec, Plan(best.algorithm, best.params, "tuned"), True))
     for named in (_layers(layer or [], model, batch) if (layer or model) else []):
         plan = lookup(named.spec, info, path, generated_only=True, shipped=False)

@@ -122,7 +122,7 @@ def conv2d(
         raise InvalidSpecError(f"bias: expected shape ({spec.k},), got {b.shape}")
     if batch == 0:
         out = np.zeros((0, spec.k, spec.p, spec.q), dtype=np.float32)
-        return out[0] if unbatched else (runtime.adopt(out) if on_device else out)
+        return out[0] if unbatched else (runtime.adopt(out) if runtime is not None and on_device else out)
     chosen_plan = plan or session.choose_plan(spec, chosen_backend, db, algorithm=algorithm)
     out = session.runner(spec, chosen_backend, chosen_plan)(x, weight=w, bias=b)
     return out.reshape(out.shape[1:]) if unbatched else out

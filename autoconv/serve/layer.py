@@ -103,7 +103,8 @@ class Conv2d:
         if kept_weight.shape != self._weight.shape:
             raise InvalidSpecError(f"weight: expected shape {self._weight.shape}, got {kept_weight.shape}")
         kept_bias = None if bias is None else _kept(as_float_array(bias, "bias"))
-        if (kept_bias is None) != (self._bias is None) or (kept_bias is not None and kept_bias.shape != self._bias.shape):
+        if (kept_bias is None) != (self._bias is None) or (
+                kept_bias is not None and self._bias is not None and kept_bias.shape != self._bias.shape):
             expected = "no bias" if self._bias is None else f"a bias of shape {self._bias.shape}"
             raise InvalidSpecError(f"bias: the layer was made with {expected}")
         with self._lock:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from autoconv.backends.base import PreparedConv
+from autoconv.backends.runtime import DeviceBackend
 from autoconv.errors import InvalidSpecError
 from autoconv.plan import Plan
 from autoconv.spec import ConvSpec
@@ -41,7 +42,7 @@ class Runner:
     that runs on the host (the library baseline on OpenCL) reads device arrays through
     numpy.asarray, no copy where the device shares host memory, and returns them adopted."""
 
-    def __init__(self, spec: ConvSpec, plan: Plan, conv: PreparedConv, runtime: Any | None, *,
+    def __init__(self, spec: ConvSpec, plan: Plan, conv: PreparedConv, runtime: DeviceBackend | None, *,
                  on_device: bool) -> None:
         self.spec, self.plan, self.conv, self.runtime = spec, plan, conv, runtime
         self.on_device = on_device  # the conv runs on `runtime` (else on the host)
@@ -83,11 +84,11 @@ class Runner:
         if weight is not None and not conv.lends_weights:
             # Compared by contents (an array changed in place is reloaded), and held loaded until
             # this call's kernels are queued: another caller's weights may be next.
-            with conv.runtime.lock:
+            with conv.lock:
                 conv.ensure_weights(weight, bias)
                 result = conv.call(operand, extra, device_output=device_output)
         else:
             result = conv.call(operand, extra, weight=weight, bias=bias, device_output=device_output)
-        if on_device and not self.on_device:
+        if on_device and not self.on_device and self.runtime is not None:
             return self.runtime.adopt(result)
         return result

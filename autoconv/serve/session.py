@@ -14,6 +14,7 @@ from typing import Callable
 from autoconv.algorithms import BASELINE, get_algorithm
 from autoconv.backends import create_backend
 from autoconv.backends.base import Backend
+from autoconv.backends.runtime import DeviceBackend, is_device_backend
 from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidSpecError
 from autoconv.plan import Plan
@@ -67,9 +68,9 @@ class Session:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self._lock = threading.RLock()
-        self._backends: dict[tuple[str, int | str | None], Backend] = {}
+        self._backends: dict[tuple[object, ...], Backend] = {}
         self._settings = settings or read_settings()
-        self._contents: dict[str, tuple[tuple, DatabaseContents]] = {}
+        self._contents: dict[str, tuple[tuple[int, ...] | None, DatabaseContents]] = {}
         self._plans: dict[tuple, Plan] = {}
         self._runners: OrderedDict[tuple, Runner] = OrderedDict()
         self._paths: dict[str | None, list[Path]] = {}
@@ -225,9 +226,9 @@ class Session:
         return runner
 
 
-def device_runtime(backend: Backend) -> Backend | None:
+def device_runtime(backend: Backend) -> DeviceBackend | None:
     """The backend when it is a device runtime whose device arrays layers accept (None: the host)."""
-    return backend if hasattr(backend, "device_buffer") else None
+    return backend if is_device_backend(backend) else None
 
 
 def _warn_if_unusable(path: Path) -> None:

@@ -69,7 +69,10 @@ class ResultStore(Protocol):
                            message: str = "", *, spread: float | None = None, repeats: int | None = None) -> None:
         ...
 
-    def save_result(self, result: TunedResult, *, refresh_default: bool = False) -> bool:
+    def save_result(self, result: TunedResult, *, refresh_default: bool = False, replace: bool = False) -> bool:
+        """Store a verified result if it is faster than the stored one for its key (whatever it
+        is with `replace`: the tuner's re-timed winner); True when stored. refresh_default stores
+        the result's default time even when the stored best stays."""
         ...
 
     def results(self, device: str | None = None, template_hash: str | None = None) -> list[TunedResult]:

@@ -29,7 +29,7 @@ from autoconv.algorithms import Params, get_algorithm
 from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidParamsError, InvalidSpecError, TuningDBError
 from autoconv.spec import ConvSpec
-from autoconv.store.base import STATUSES, TunedResult
+from autoconv.store.base import STATUSES, ResultStore, TunedResult
 
 # Params are a small JSON object; anything longer is damage (or an attack), refused before parsing.
 MAX_PARAMS_TEXT = 4096
@@ -53,28 +53,28 @@ migrations = Migrations("autoconv")
 
 @migrations()
 def m001_initial(db: sqlite_utils.Database) -> None:
-    db["devices"].create({
+    db.table("devices").create({
         "fingerprint": str, "backend": str, "platform": str, "vendor": str, "name": str, "driver": str,
         "device_type": str, "compute_units": int, "local_mem_bytes": int, "max_work_group_size": int,
         "max_work_item_sizes": str, "first_seen": str,
     }, pk="fingerprint")
-    db["layers"].create({
+    db.table("layers").create({
         "key": str, "n": int, "c": int, "h": int, "w": int, "k": int, "r": int, "s": int,
         "stride_h": int, "stride_w": int, "pad_h": int, "pad_w": int, "dilation_h": int, "dilation_w": int,
         "groups": int, "bias": int, "dtype": str, "layout": str,
     }, pk="key")
-    db["results"].create({
+    db.table("results").create({
         "id": int, "device": str, "layer": str, "dtype": str, "algorithm": str, "template_hash": str,
         "params": str, "median_ms": float, "gflops": float, "rel_error": float, "verified": int,
         "baseline": str, "baseline_ms": float, "default_ms": float, "trials": int,
         "autoconv_version": str, "created": str,
     }, pk="id", foreign_keys=[("device", "devices", "fingerprint"), ("layer", "layers", "key")])
-    db["results"].create_index(["device", "layer", "dtype", "algorithm", "template_hash"], unique=True)
-    db["measurements"].create({
+    db.table("results").create_index(["device", "layer", "dtype", "algorithm", "template_hash"], unique=True)
+    db.table("measurements").create({
         "id": int, "device": str, "layer": str, "dtype": str, "algorithm": str, "template_hash": str,
         "params": str, "status": str, "median_ms": float, "rel_error": float, "message": str, "created": str,
     }, pk="id", foreign_keys=[("device", "devices", "fingerprint"), ("layer", "layers", "key")])
-    db["measurements"].create_index(["device", "layer", "template_hash"])
+    db.table("measurements").create_index(["device", "layer", "template_hash"])
 
 
 @migrations()
@@ -84,45 +84,45 @@ def m002_one_row_per_algorithm(db: sqlite_utils.Database) -> None:
     A v1 row held the generated GEMM's best with the baseline's time beside it (params NULL when
     the baseline had won): its baseline becomes an im2col_blas row of the same key, a baseline-won
     row becomes that row itself, and each result gets columns for its spread and repeat count."""
-    for row in list(db["results"].rows):
+    for row in list(db.table("results").rows):
         baseline_ms = row.get("baseline_ms")
         usable = isinstance(baseline_ms, (int, float)) and not isinstance(baseline_ms, bool) \
             and math.isfinite(baseline_ms) and baseline_ms > 0
         if row.get("params") is None:
-            db["results"].update(row["id"], {"algorithm": "im2col_blas", "params": "{}", "default_ms": None})
+            db.table("results").update(row["id"], {"algorithm": "im2col_blas", "params": "{}", "default_ms": None})
         elif usable and row.get("algorithm") == "im2col_gemm":
-            db["results"].insert({
+            db.table("results").insert({
                 "device": row["device"], "layer": row["layer"], "dtype": row["dtype"], "algorithm": "im2col_blas",
                 "template_hash": row["template_hash"], "params": "{}", "median_ms": baseline_ms, "gflops": None,
                 "rel_error": None, "verified": 1, "default_ms": None, "trials": 1,
                 "autoconv_version": row["autoconv_version"], "created": row["created"],
             }, ignore=True)
-    db["results"].transform(drop={"baseline", "baseline_ms"})
-    db["results"].add_column("spread", float)
-    db["results"].add_column("repeats", int)
-    db["results"].create_index(["device", "layer", "dtype", "algorithm", "template_hash"], unique=True,
+    db.table("results").transform(drop={"baseline", "baseline_ms"})
+    db.table("results").add_column("spread", float)
+    db.table("results").add_column("repeats", int)
+    db.table("results").create_index(["device", "layer", "dtype", "algorithm", "template_hash"], unique=True,
                                if_not_exists=True)
 
 
 @migrations()
 def m003_asymmetric_padding(db: sqlite_utils.Database) -> None:
     """v3: a layer's padding after the input (bottom, right); NULL in older rows means symmetric."""
-    db["layers"].add_column("pad_bottom", int)
-    db["layers"].add_column("pad_right", int)
+    db.table("layers").add_column("pad_bottom", int)
+    db.table("layers").add_column("pad_right", int)
 
 
 @migrations()
 def m004_measurement_spread(db: sqlite_utils.Database) -> None:
     """v4: every measurement keeps its spread (IQR / median) and repeat count, as results do."""
-    db["measurements"].add_column("spread", float)
-    db["measurements"].add_column("repeats", int)
+    db.table("measurements").add_column("spread", float)
+    db.table("measurements").add_column("repeats", int)
 
 
 @migrations()
 def m005_fused_epilogue(db: sqlite_utils.Database) -> None:
     """v5: a layer's fused epilogue (activation after the residual); NULL in older rows means none."""
-    db["layers"].add_column("activation", str)
-    db["layers"].add_column("residual", int)
+    db.table("layers").add_column("activation", str)
+    db.table("layers").add_column("residual", int)
 
 
 SCHEMA_VERSION = len(migrations._migrations)  # noqa: SLF001 - the count of migrations is the version
@@ -178,7 +178,7 @@ def spec_row(spec: ConvSpec) -> dict[str, Any]:
         "stride_h": spec.stride[0], "stride_w": spec.stride[1], "pad_h": spec.padding[0], "pad_w": spec.padding[1],
         "dilation_h": spec.dilation[0], "dilation_w": spec.dilation[1], "groups": spec.groups,
         "bias": int(spec.bias), "dtype": spec.dtype, "layout": spec.layout,
-        "pad_bottom": spec.padding_end[0], "pad_right": spec.padding_end[1],
+        "pad_bottom": spec.bottom_right[0], "pad_right": spec.bottom_right[1],
         "activation": spec.activation, "residual": int(spec.residual),
     }
 
@@ -197,7 +197,7 @@ def spec_from_row(row: dict[str, Any]) -> ConvSpec:
                     dilation=(row["dilation_h"], row["dilation_w"]), groups=row["groups"], bias=bool(row["bias"]),
                     dtype=row["dtype"], layout=row["layout"],
                     padding_end=None if row.get("pad_bottom") is None and row.get("pad_right") is None
-                    else (row.get("pad_bottom"), row.get("pad_right")),
+                    else (row["pad_bottom"], row["pad_right"]),
                     activation=activation or "none", residual=bool(residual))
 
 
@@ -296,7 +296,7 @@ def _wal_in_use(path: Path) -> bool:
         return False
 
 
-class SQLiteStore:
+class SQLiteStore(ResultStore):
     """One SQLite tuning database file. Writers open it read-write (created and migrated on
     demand); readers (readonly=True) never write: no schema, no WAL conversion, no -wal/-shm
     files left behind, and they work in read-only directories. A reader of an older schema
@@ -374,7 +374,7 @@ class SQLiteStore:
     def _applied(self) -> list[str]:
         if "_sqlite_migrations" not in self.db.table_names():
             return []
-        return [row["name"] for row in self.db["_sqlite_migrations"].rows_where("migration_set = ?", ["autoconv"])]
+        return [row["name"] for row in self.db.table("_sqlite_migrations").rows_where("migration_set = ?", ["autoconv"])]
 
     def _check_not_newer(self) -> None:
         tables = set(self.db.table_names())
@@ -440,7 +440,7 @@ class SQLiteStore:
 
     def record_device(self, info: DeviceInfo) -> None:
         with self._writing():
-            self.db["devices"].insert({
+            self.db.table("devices").insert({
                 "fingerprint": info.fingerprint(), "backend": info.backend, "platform": info.platform,
                 "vendor": info.vendor, "name": info.name, "driver": info.driver, "device_type": info.device_type,
                 "compute_units": info.compute_units, "local_mem_bytes": info.local_mem_bytes,
@@ -450,7 +450,7 @@ class SQLiteStore:
 
     def record_layer(self, spec: ConvSpec) -> None:
         with self._writing():
-            self.db["layers"].insert(spec_row(spec), ignore=True)
+            self.db.table("layers").insert(spec_row(spec), ignore=True)
 
     def record_measurement(self, device: str, spec: ConvSpec, algorithm: str, template_hash: str,
                            params: Params | None, status: str, median_ms: float, rel_error: float,
@@ -458,7 +458,7 @@ class SQLiteStore:
         if status not in STATUSES:
             raise ValueError(f"status: {status!r} is not one of {STATUSES}")
         with self._writing():
-            self.db["measurements"].insert({
+            self.db.table("measurements").insert({
                 "device": device, "layer": spec.key(), "dtype": spec.dtype, "algorithm": algorithm,
                 "template_hash": template_hash, "params": params_json(params), "status": status,
                 "median_ms": median_ms if median_ms != float("inf") else None,
@@ -487,9 +487,9 @@ class SQLiteStore:
                 if refresh_default and result.default_ms is not None:
                     changes["default_ms"] = result.default_ms
                 if changes:
-                    self.db["results"].update(existing["id"], changes)
+                    self.db.table("results").update(existing["id"], changes)
                 return False
-            self.db["layers"].insert(spec_row(result.spec), ignore=True)
+            self.db.table("layers").insert(spec_row(result.spec), ignore=True)
             row = {
                 "device": result.device, "layer": result.spec.key(), "dtype": result.spec.dtype,
                 "algorithm": result.algorithm, "template_hash": result.template_hash,
@@ -500,15 +500,15 @@ class SQLiteStore:
                 "created": result.created or _now(),
             }
             if existing is not None:
-                self.db["results"].update(existing["id"], row)
+                self.db.table("results").update(existing["id"], row)
             else:
-                self.db["results"].insert(row)
+                self.db.table("results").insert(row)
             return True
 
     # Reading -----------------------------------------------------------------------------------
 
     def _result_row(self, device: str, spec: ConvSpec, algorithm: str, template_hash: str) -> dict[str, Any] | None:
-        rows = list(self.db["results"].rows_where(
+        rows = list(self.db.table("results").rows_where(
             "device = ? and layer = ? and dtype = ? and algorithm = ? and template_hash = ?",
             [device, spec.key(), spec.dtype, algorithm, template_hash]))
         return rows[0] if rows else None
@@ -540,7 +540,7 @@ class SQLiteStore:
     def devices(self) -> list[dict[str, Any]]:
         """The devices rows whose every column is well-formed; a damaged one is skipped with a warning."""
         with self._reading():
-            rows = list(self.db["devices"].rows)
+            rows = list(self.db.table("devices").rows)
         good = []
         for row in rows:
             try:
@@ -558,18 +558,18 @@ class SQLiteStore:
         """Every measurement of a layer on a device, in order; rows whose status is not a known
         status are skipped (a damaged row)."""
         with self._reading():
-            rows = list(self.db["measurements"].rows_where("device = ? and layer = ?", [device, spec.key()],
+            rows = list(self.db.table("measurements").rows_where("device = ? and layer = ?", [device, spec.key()],
                                                            order_by="id"))
         yield from (row for row in rows if row.get("status") in STATUSES)
 
     # Maintenance -------------------------------------------------------------------------------
 
-    def merge_from(self, other: "SQLiteStore") -> tuple[int, int]:
+    def merge_from(self, other: ResultStore) -> tuple[int, int]:
         """Copy devices, layers and results from another DB keeping the best verified result per
         key; returns (results stored, results kept as they were)."""
         for device_row in other.devices():
             with self._writing():
-                self.db["devices"].insert(device_row, ignore=True)
+                self.db.table("devices").insert(device_row, ignore=True)
         stored = kept = 0
         for result in other.results():
             if self.save_result(result):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from autoconv.algorithms import BASELINE, Params, get_algorithm, list_algorithms
-from autoconv.backends.base import Backend
+from autoconv.backends.base import Backend, Timing
 from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidParamsError, KernelCompileError, KernelLaunchError, ResourceLimitError, TuningDBError
 from autoconv.plan import Plan
@@ -173,7 +173,7 @@ class DeviceEvaluator:
             error = relative_error(conv.run(*self.operands, poison=True), self.reference)
             if not error < TOLERANCE:
                 return Outcome(STATUS_WRONG_RESULT, INF, error, f"relative error {error:.2e} >= {TOLERANCE:.0e}")
-            best = None
+            best: Timing | None = None
             # Up to MEASURE_ROUNDS rounds until one is steady: a busy core shows as a wide spread.
             for _ in range(MEASURE_ROUNDS):
                 with host_threads_for(backend):
@@ -183,6 +183,7 @@ class DeviceEvaluator:
                     best = timing
                 if timing.spread <= MAX_SPREAD:
                     break
+            assert best is not None  # MEASURE_ROUNDS >= 1
         except KernelLaunchError as exc:
             return Outcome(STATUS_LAUNCH_FAILED, INF, INF, str(exc))
         except ResourceLimitError as exc:
@@ -347,10 +348,10 @@ class LayerTuning:
         study.conclude(proposal, status, ms, error, measured=proposal.known is None)
         best = study.best()
         if best is not None and (before is None or best[1] < before[1]):
-            measured_now = outcome is not None and best[0] == proposal.params
+            measured_now = outcome if outcome is not None and best[0] == proposal.params else None
             self._save(name, best[0], best[1], best[2], study.default_ms(), study.completed,
-                       spread=outcome.spread if measured_now else None,
-                       repeats=outcome.repeats if measured_now else None)
+                       spread=measured_now.spread if measured_now else None,
+                       repeats=measured_now.repeats if measured_now else None)
         if self.progress is not None:
             self.report.trials = sum(s.completed for s in self.studies.values())
             self.progress(self.report, self.trials or 0)

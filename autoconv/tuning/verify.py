@@ -3,6 +3,8 @@ the float64 reference, and the relative-error check every kernel must pass."""
 
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import numpy as np
 
 from autoconv import epilogue
@@ -14,7 +16,11 @@ from autoconv.spec import ConvSpec
 TOLERANCE = 1e-4
 
 
-def random_operands(spec: ConvSpec, seed: int = 0) -> tuple[np.ndarray | None, ...]:
+Operands = Union[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]],
+                 tuple[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray]]
+
+
+def random_operands(spec: ConvSpec, seed: int = 0) -> Operands:
     """Random, never-zero float32 (input, weight, bias or None), and the residual after them when
     the layer adds one: the order PreparedConv.run takes them (`conv.run(*operands)`)."""
     # float64 draws for magnitude and sign, then the float32 arrays: about five times their size.
@@ -40,9 +46,10 @@ def relative_error(result: np.ndarray, reference: np.ndarray) -> float:
     return float(np.max(np.abs(result.astype(np.float64) - reference))) / scale
 
 
-def reference_output(spec: ConvSpec, operands: tuple) -> np.ndarray:
+def reference_output(spec: ConvSpec, operands: tuple[np.ndarray | None, ...]) -> np.ndarray:
     """The float64 reference result every generated kernel is checked against (direct loops in
     float64 on the host, then the epilogue)."""
     check_host(f"the float64 reference of {spec}", host_working_bytes(spec, 8))
-    x, weight, bias, residual = (*operands, None)[:4]
+    x, weight, bias, residual = (*operands, None, None)[:4]
+    assert x is not None and weight is not None
     return epilogue.apply(spec, direct_conv(spec, x, weight, bias, np.float64), residual)
