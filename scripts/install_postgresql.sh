@@ -6,13 +6,6 @@ set -euo pipefail
 if ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1; then
     exit 0
 fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install_postgresql.sh: no apt-get here; install a PostgreSQL server with your package manager (the distributed-tuning tests skip without one)" >&2
-    exit 0
-fi
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null
-echo "install_postgresql.sh: installed postgresql"
+exec bash "$(dirname "$0")/apt_install.sh" install_postgresql.sh 0 \
+    "install a PostgreSQL server with your package manager (the distributed-tuning tests skip without one)" \
+    postgresql

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -33,8 +35,42 @@ def backend_or_skip(name: str) -> Backend:
         pytest.skip(f"{name} backend unavailable here: {exc}")
 
 
-@pytest.fixture(params=["numpy", "opencl", "cuda"])
+@pytest.fixture(scope="session")
+def cuda_simulator_modules():
+    """One FakeCupy (the CuPy test double over the CUDA simulator) for the whole test run."""
+    from autoconv.testing.cuda_simulator import SimulatorUnavailable, compiler
+
+    try:
+        compiler()
+    except SimulatorUnavailable as exc:
+        pytest.skip(str(exc))
+    from autoconv.testing.fake_cupy import FakeCupy
+
+    fake = FakeCupy()
+    yield fake
+    fake.simulator.close()
+
+
+@pytest.fixture
+def simulated_cuda(cuda_simulator_modules, monkeypatch: pytest.MonkeyPatch):
+    """CuPy replaced by the FakeCupy test double for one test: the cuda backend runs on the
+    simulator (semantics, never speed)."""
+    from autoconv.serve.session import default_session
+
+    monkeypatch.setitem(sys.modules, "cupy", cuda_simulator_modules.cupy)
+    monkeypatch.setitem(sys.modules, "cupyx", cuda_simulator_modules.cupyx)
+    default_session().drop_backends("cuda")
+    yield cuda_simulator_modules
+    default_session().drop_backends("cuda")
+
+
+@pytest.fixture(params=["numpy", "opencl", "cuda", "simulated-cuda"])
 def backend(request: pytest.FixtureRequest) -> Backend:
+    """Every backend: the real cuda one skips without a GPU; simulated-cuda is CudaBackend on the
+    FakeCupy test double."""
+    if request.param == "simulated-cuda":
+        request.getfixturevalue("simulated_cuda")
+        return get_backend("cuda")
     return backend_or_skip(request.param)
 
 

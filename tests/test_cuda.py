@@ -10,6 +10,7 @@ import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from autoconv import ConvSpec, Plan, default_gemm_params, get_algorithm
@@ -122,16 +123,30 @@ def test_the_tuner_plugs_into_the_cuda_backend(tmp_path):
     assert report.trials == 10 and report.baseline is not None and set(report.bests) == set(Fake.algorithms)
 
 
-@pytest.mark.gpu
-def test_cuda_matches_the_reference_on_a_gpu():
+@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu), "simulated"])
+def cupy_module(request):
+    """CuPy on a real GPU (skipped without one), or the FakeCupy test double whose kernels run on
+    the CUDA simulator: the same checks run on both."""
+    if request.param == "simulated":
+        return request.getfixturevalue("simulated_cuda").cupy
+    from autoconv.backends import get_backend
+
+    try:
+        get_backend("cuda")
+        import cupy
+    except (BackendUnavailableError, ImportError) as exc:
+        pytest.skip(str(exc))
+    return cupy
+
+
+def test_cuda_matches_the_reference(cupy_module):
+    """Every algorithm's CUDA kernels (each structural variant, every epilogue, Winograd's stages,
+    im2col), launched with launch_geometry's grid and block, against the float64 reference."""
     from autoconv.backends import get_backend
 
     from conftest import assert_matches_reference, heuristic_plan
 
-    try:
-        backend = get_backend("cuda")
-    except BackendUnavailableError as exc:
-        pytest.skip(str(exc))
+    backend = get_backend("cuda")
     for params in STRUCTURAL + SAMPLED:
         assert_matches_reference(backend, SPEC, Plan("im2col_gemm", params, "gpu check"))
     for params in IMPLICIT_STRUCTURAL + IMPLICIT_SAMPLED:
@@ -151,19 +166,14 @@ def test_cuda_matches_the_reference_on_a_gpu():
     assert_matches_reference(backend, FUSED_WINOGRAD, heuristic_plan(FUSED_WINOGRAD, backend.device, WINOGRAD))
 
 
-@pytest.mark.gpu
-def test_layers_chain_cupy_arrays_on_a_gpu():
+def test_layers_chain_cupy_arrays(cupy_module):
     """Conv2d on CuPy arrays returns CuPy arrays (no copy to the host between layers), matches
     the float64 reference fused and unfused, and reads DLPack / __cuda_array_interface__ arrays."""
 
     import autoconv
     from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
 
-    try:
-        autoconv.get_backend("cuda")
-        import cupy
-    except (BackendUnavailableError, ImportError) as exc:
-        pytest.skip(str(exc))
+    cupy = cupy_module
     spec = FUSED.replace(groups=1, c=6, k=6, padding=(1, 1), padding_end=None, s=3)
     x, w, b, r = random_operands(spec, seed=2)
     expected = reference_output(spec, (x, w, b, r))
@@ -173,17 +183,35 @@ def test_layers_chain_cupy_arrays_on_a_gpu():
         assert isinstance(y, cupy.ndarray)
         assert relative_error(cupy.asnumpy(y), expected) < TOLERANCE, algorithm
         assert relative_error(layer(x, residual=r), expected) < TOLERANCE, algorithm  # host arrays, pinned copies
+        chained = autoconv.Conv2d(w, None, padding=1, backend="cuda", algorithm=algorithm)(y)  # y stays on the device
+        assert isinstance(chained, cupy.ndarray)
+        second = reference_output(spec.unfused().replace(bias=False), (cupy.asnumpy(y), w))
+        assert relative_error(cupy.asnumpy(chained), second) < TOLERANCE, algorithm
 
     class Interface:  # what PyTorch and Numba CUDA arrays offer
         def __init__(self, array):
             self.array, self.__cuda_array_interface__ = array, array.__cuda_array_interface__
             self.shape = array.shape
 
+    class DLPackOnly:  # a CUDA array of another library, reached through DLPack only
+        def __init__(self, array):
+            self.array, self.shape = array, array.shape
+
+        def __dlpack__(self, **kwargs):
+            return self.array.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self.array.__dlpack_device__()
+
     plain = spec.unfused()
     layer = autoconv.Conv2d(w, b, padding=1, backend="cuda")
-    y = layer(Interface(cupy.asarray(x)))
-    assert isinstance(y, cupy.ndarray)
-    assert relative_error(cupy.asnumpy(y), reference_output(plain, (x, w, b))) < TOLERANCE
+    for wrapped in (Interface(cupy.asarray(x)), DLPackOnly(cupy.asarray(x))):
+        y = layer(wrapped)
+        assert isinstance(y, cupy.ndarray)
+        assert relative_error(cupy.asnumpy(y), reference_output(plain, (x, w, b))) < TOLERANCE
+    strided = cupy.asarray(np.ascontiguousarray(x.transpose(0, 1, 3, 2))).transpose(0, 1, 3, 2)  # not C order
+    assert not strided.flags.c_contiguous
+    assert relative_error(cupy.asnumpy(layer(strided)), reference_output(plain, (x, w, b))) < TOLERANCE
     try:
         import torch
     except ImportError:

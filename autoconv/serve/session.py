@@ -97,6 +97,14 @@ class Session:
             self._specs.clear()
             self._shipped_states.clear()
 
+    def drop_backends(self, name: str) -> None:
+        """Forget the backends of that name (the next ask makes a new one): for a runtime swapped
+        under them, as the tests' simulated CUDA is."""
+        with self._lock:
+            for key in [key for key in self._backends if key[0] == name]:
+                del self._backends[key]
+            self.clear_cache()
+
     def backend(self, name: str = "opencl", device: int | str | None = None) -> Backend:
         """The backend of that name on a device, shared so compiled kernels are reused: every
         selector of one device (None, its index, its name) gives the same backend, so device
