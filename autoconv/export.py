@@ -18,7 +18,7 @@ from autoconv.algorithms import get_algorithm
 from autoconv.device import DeviceInfo
 from autoconv.errors import AutoconvError
 from autoconv.plan import Plan
-from autoconv.render import BUFFER_ARGS, CUDA, OPENCL, Dialect, KernelSource, template_hash
+from autoconv.render import BUFFER_ARGS, CUDA, OPENCL, Dialect, KernelSource, source_text, template_hash
 from autoconv.spec import ConvSpec
 
 MANIFEST = "manifest.json"
@@ -50,7 +50,7 @@ def dialect_for(device: DeviceInfo) -> Dialect:
 
 
 def _file_stem(entry: ExportEntry) -> str:
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in entry.name)
+    safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_" else "_" for ch in entry.name)
     return f"{safe}__{entry.spec.key()}"
 
 
@@ -65,7 +65,7 @@ def _comment_header(entry: ExportEntry, device: DeviceInfo, source: KernelSource
         f"plan    {entry.plan.source}{'' if entry.tuned else ' (not tuned for this device: fallback plan)'}",
         f"templates {template_hash()}; launch: see manifest.json / {HEADER}",
     ]
-    return "/*\n" + "".join(f" * {line}\n" for line in lines) + " */\n"
+    return "/*\n" + "".join(f" * {source_text(line)}\n" for line in lines) + " */\n"
 
 
 def _sources(entry: ExportEntry, dialect: Dialect) -> list[KernelSource]:
@@ -154,7 +154,7 @@ def layer_checksum(layer: dict[str, Any], files: Mapping[str, str | bytes]) -> s
 
 
 def _c_string(text: str) -> str:
-    return json.dumps(text)  # a JSON string of printable ASCII is a valid C string literal
+    return f'"{source_text(text)}"'  # the manifest keeps the exact text
 
 
 def _header(manifest: dict) -> str:
@@ -162,7 +162,7 @@ def _header(manifest: dict) -> str:
     max_args = max((len(k["args"]) for layer in manifest["layers"] for k in layer["kernels"]), default=1)
     max_kernels = max((len(layer["kernels"]) for layer in manifest["layers"]), default=1)
     out = [
-        f"/* autoconv {manifest['autoconv_version']} export for {manifest['device']['name']}: "
+        f"/* autoconv {source_text(manifest['autoconv_version'])} export for {source_text(manifest['device']['name'])}: "
         "the launch description of every exported kernel (the same data as manifest.json). */",
         "#ifndef AUTOCONV_KERNELS_H", "#define AUTOCONV_KERNELS_H", "", "#include <stddef.h>", "",
         f"#define AUTOCONV_EXPORT_HASH {_c_string(manifest['export_hash'])}",
@@ -274,6 +274,30 @@ def _check_replaceable(out: Path) -> None:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ExportError(f"--out: {out} holds files that are not part of an earlier autoconv export ({shown}); "
                           "choose a new or empty directory")
+    edited = _edited_files(out, manifest)
+    if edited:
+        shown = ", ".join(edited[:3]) + (f" and {len(edited) - 3} more" if len(edited) > 3 else "")
+        raise ExportError(f"--out: the earlier export in {out} was edited since it was written ({shown}); "
+                          "choose a new or empty directory, or move your edits away")
+
+
+def _edited_files(out: Path, manifest: dict) -> list[str]:
+    """Files of an earlier export whose contents are no longer what it wrote: a layer's kernel
+    files against its checksum, the header against the one its manifest gives."""
+    edited = []
+    try:
+        for layer in manifest["layers"]:
+            names = [kernel["file"] for kernel in layer["kernels"]]
+            on_disk = {name: (out / name).read_bytes() for name in names if (out / name).is_file()}
+            if len(on_disk) != len(names) or layer_checksum(layer, on_disk) != layer["checksum"]:
+                edited += [name for name in names if name in on_disk] or names
+        header = out / HEADER
+        if header.is_file() and header.read_bytes() != _header(manifest).encode("ascii"):
+            edited.append(HEADER)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, UnicodeError):
+        raise ExportError(f"--out: {out} holds an earlier export this version cannot check; choose a new or empty "
+                          "directory") from None
+    return sorted(set(edited))
 
 
 def export(entries: Iterable[ExportEntry], device: DeviceInfo, out_dir: str | Path, *, reference: bool = False) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ def _pyplot() -> Any:
         import matplotlib
 
         matplotlib.use("Agg")  # files only, never a window
+        # Device, layer and ONNX names are text: a "$\\frac{" in one is not TeX to typeset.
+        matplotlib.rcParams["text.parse_math"] = False
         import matplotlib.pyplot as plt
     except ImportError:
         raise PlotError("plots need matplotlib: pip install 'autoconv[plot]'") from None
@@ -57,17 +60,33 @@ def check_output_path(path: Path, suffixes: tuple[str, ...] = SUFFIXES, option: 
         raise PlotError(f"{option}: the directory {path.parent} does not exist")
     if path.is_dir():
         raise PlotError(f"{option}: {path} is a directory")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PlotError(f"{option}: the directory {path.parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PlotError(f"{option}: {path} exists and is not writable")
     _pyplot()
     return path
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode a replaced file keeps, else what the umask gives a new file (as open() would)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_atomically(path: Path, data: bytes) -> None:
     """The whole file or nothing: written beside its target, then renamed into place."""
     try:
+        mode = _new_file_mode(path)
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as stream:
                 stream.write(data)
+                os.fchmod(stream.fileno(), mode)  # mkstemp makes 0600
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -128,6 +128,19 @@ class KernelSource:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
 
+# Characters that mean nothing to C, C++, OpenCL C or CUDA inside a comment or a string literal.
+# Everything else (the '*' of a comment terminator, '\\', '"', '?' of trigraphs, '%' itself,
+# control characters, NUL and non-ASCII) is written as %XX of its UTF-8 bytes.
+SOURCE_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 -_.,:;()[]{}+=#<>!@&|~^'$/")
+
+
+def source_text(value: object) -> str:
+    """A string fit to go into a generated source or header (a comment or a string literal): the
+    one way any text from a database, a device or a user reaches those files."""
+    return "".join(ch if ch in SOURCE_SAFE else "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+                   for ch in str(value))
+
+
 def template_dir() -> Path:
     """templates/ inside an installed wheel, else the repository's top-level templates/."""
     packaged = Path(__file__).resolve().parent / "templates"

@@ -12,12 +12,14 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from autoconv.cli.output import LiteralConsole
 from autoconv.errors import AutoconvError
 
 # Markup off: device names, paths, layer names and messages are printed literally (a name such
 # as "a[/]b" is text, not a tag). Colour comes from styles and Text objects.
-console = Console(markup=False, highlight=False)
-errors = Console(stderr=True, markup=False, highlight=False)
+# Control characters are shown as visible stand-ins (output.terminal_safe).
+console = LiteralConsole()
+errors = LiteralConsole(stderr=True)
 
 
 def error_line(message: str, label: str = "error:", style: str = "bold red") -> Text:

@@ -6,6 +6,7 @@ Library errors (AutoconvError) become one red line on stderr and exit code 2.
 from __future__ import annotations
 
 import contextlib
+import shlex
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
@@ -100,9 +101,14 @@ def _tune_argument(named: Any) -> str | None:
     from autoconv.layers import layer_text
 
     if named.model != "custom":
-        return named.label + ("" if named.spec.n == 1 else f" --batch {named.spec.n}")
+        return shlex.quote(named.label) + ("" if named.spec.n == 1 else f" --batch {named.spec.n}")
     text = layer_text(named.spec)
-    return None if text is None else f"'{text}'"
+    return None if text is None else shlex.quote(text)
+
+
+def _db_argument(db: Optional[Path]) -> str:
+    """` --db PATH`, quoted so that a pasted hint runs `autoconv tune` and nothing else."""
+    return "" if db is None else f" --db {shlex.quote(str(db))}"
 
 
 def _fallback_hint(untuned: list[tuple[Any, str]], device_name: str, db: Optional[Path]) -> None:
@@ -112,7 +118,7 @@ def _fallback_hint(untuned: list[tuple[Any, str]], device_name: str, db: Optiona
     labels = [named.label for named, _ in untuned]
     shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
     sources = sorted({source for _, source in untuned})
-    db_part = f" --db {db}" if db is not None else ""
+    db_part = _db_argument(db)
     commands = [f"autoconv tune {argument}{db_part}" for named, _ in untuned[:3]
                 if (argument := _tune_argument(named)) is not None]
     how = "; ".join(commands) if commands else "autoconv tune with the layer as key=value pairs"
@@ -479,7 +485,7 @@ def explain(
             break
     lines = [f"device: {backend.device.name} ({backend.device.platform}, driver {backend.device.driver})",
              *explanation(named.label, named.spec, records, served, roofs, tuned,
-                             f"autoconv tune {_tune_argument(named) or 'LAYER'}" + (f" --db {db}" if db else ""))]
+                             f"autoconv tune {_tune_argument(named) or 'LAYER'}" + _db_argument(db))]
     for line in lines:
         console.print(line, soft_wrap=True)
     if html is not None:

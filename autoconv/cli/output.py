@@ -21,6 +21,35 @@ from rich.text import Text
 
 Record = dict[str, Any]
 
+# Control characters from a device name, a layer or ONNX node name or a path (ESC starts the
+# sequences that clear a screen or retitle a window) are shown as visible stand-ins, one for one:
+# C0 as their Unicode control pictures (ESC as U+241B), DEL and C1 as U+FFFD. Newline and tab stay.
+_TERMINAL_SAFE = {code: 0x2400 + code for code in range(0x20) if code not in (0x09, 0x0A)}
+_TERMINAL_SAFE.update({code: 0xFFFD for code in range(0x7F, 0xA0)})
+
+
+def terminal_safe(text: str) -> str:
+    """Text that cannot drive the terminal it is printed on."""
+    return text.translate(_TERMINAL_SAFE)
+
+
+class LiteralConsole(Console):
+    """A Console that prints every string and Text literally: no markup, no control sequences."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(markup=False, highlight=False, **kwargs)
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        safe: list[Any] = []
+        for item in objects:
+            if isinstance(item, str):
+                item = terminal_safe(item)
+            elif isinstance(item, Text):
+                item = item.copy()
+                item.plain = terminal_safe(item.plain)
+            safe.append(item)
+        super().print(*safe, **kwargs)
+
 
 @dataclass(frozen=True)
 class Field:
@@ -35,8 +64,8 @@ class Field:
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
             return "-"
         if self.show is not None:
-            return self.show(value)
-        return str(value)
+            return terminal_safe(self.show(value))
+        return terminal_safe(str(value))
 
 
 def ms(value: float) -> str:
@@ -94,6 +123,8 @@ def write_csv(records: list[Record], fields: list[Field]) -> None:
         row = []
         for f in fields:
             value = _json_value(record.get(f.key))
+            if isinstance(value, str):
+                value = terminal_safe(value)
             row.append("" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else value)
         writer.writerow(row)
 

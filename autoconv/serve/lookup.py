@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from autoconv.algorithms import IM2COL_GEMM, Params, get_algorithm
 from autoconv.device import DeviceInfo
 from autoconv.errors import AutoconvError
 from autoconv.plan import Plan
-from autoconv.spec import ConvSpec, same_family, shape_distance
+from autoconv.spec import ACTIVATIONS, ConvSpec, same_family, shape_distance
 from autoconv.store import TunedResult, fastest
 
 # What the lookup serves where nothing is tuned: the generated im2col + GEMM, heuristic params.
@@ -37,24 +37,39 @@ class DatabaseContents:
     devices: dict[str, dict] = field(default_factory=dict)
 
 
-def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *,
-            generated_only: bool = False, algorithm: str | None = None) -> Plan:
-    """The plan for a spec on a device. generated_only: only algorithms with device kernels (what
-    export writes); algorithm: that algorithm only (its tuned params, else its heuristic)."""
+def epilogue_variants(spec: ConvSpec) -> tuple[str, ...]:
+    """The layer keys of every epilogue of the spec's convolution (with or without bias, residual,
+    each activation): the rows an indexed read fetches for the first two steps of the lookup."""
+    return tuple(sorted({spec.replace(bias=bias, activation=activation, residual=residual).key()
+                         for bias in (False, True) for activation in ACTIVATIONS for residual in (False, True)}))
+
+
+def _allowed(spec: ConvSpec, info: DeviceInfo, generated_only: bool, algorithm: str | None) -> Callable[[TunedResult], bool]:
     limits = info.limits()
-    if algorithm is not None:
-        reason = get_algorithm(algorithm).supports(spec, info)
-        if reason is not None:
-            raise UnsupportedAlgorithmError(f"algorithm: {algorithm} does not support {spec}: {reason}")
 
     def allowed(result: TunedResult) -> bool:
         chosen = get_algorithm(result.algorithm) if _registered(result.algorithm) else None
         return (chosen is not None and (algorithm is None or result.algorithm == algorithm)
                 and (not generated_only or chosen.device_kernels)
                 and chosen.supports(spec, info) is None and not result.params.violations(limits, spec))
+    return allowed
 
+
+def _check_forced(spec: ConvSpec, info: DeviceInfo, algorithm: str | None) -> None:
+    if algorithm is not None:
+        reason = get_algorithm(algorithm).supports(spec, info)
+        if reason is not None:
+            raise UnsupportedAlgorithmError(f"algorithm: {algorithm} does not support {spec}: {reason}")
+
+
+def tuned_plan(spec: ConvSpec, info: DeviceInfo, results: Iterable[TunedResult], *, generated_only: bool = False,
+               algorithm: str | None = None) -> Plan | None:
+    """The first two steps alone: this layer tuned on this device, else its convolution tuned with
+    another epilogue; None when neither is among `results` (which may hold other rows too)."""
+    _check_forced(spec, info, algorithm)
+    allowed = _allowed(spec, info, generated_only, algorithm)
     fingerprint = info.fingerprint()
-    mine = [r for contents in dbs for r in contents.results if r.device == fingerprint and allowed(r)]
+    mine = [r for r in results if r.device == fingerprint and allowed(r)]
     exact = fastest([r for r in mine if r.spec == spec])
     if exact is not None:
         return Plan(exact.algorithm, exact.params, "tuned")
@@ -63,7 +78,20 @@ def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *
     if same_convolution is not None:
         return Plan(same_convolution.algorithm, same_convolution.params,
                     f"tuned for {same_convolution.spec} (the same convolution, another epilogue)")
+    return None
 
+
+def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *,
+            generated_only: bool = False, algorithm: str | None = None) -> Plan:
+    """The plan for a spec on a device. generated_only: only algorithms with device kernels (what
+    export writes); algorithm: that algorithm only (its tuned params, else its heuristic)."""
+    tuned = tuned_plan(spec, info, (r for contents in dbs for r in contents.results), generated_only=generated_only,
+                       algorithm=algorithm)
+    if tuned is not None:
+        return tuned
+    allowed = _allowed(spec, info, generated_only, algorithm)
+    fingerprint = info.fingerprint()
+    mine = [r for contents in dbs for r in contents.results if r.device == fingerprint and allowed(r)]
     winners = _winners(mine)
     similar = [r for r in winners if same_family(r.spec, spec)]
     if similar:

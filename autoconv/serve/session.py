@@ -19,11 +19,11 @@ from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidSpecError
 from autoconv.plan import Plan
 from autoconv.render import template_hash
-from autoconv.serve.lookup import DatabaseContents, resolve
+from autoconv.serve.lookup import DatabaseContents, epilogue_variants, resolve, tuned_plan
 from autoconv.serve.runner import Runner
 from autoconv.settings import Settings, read_settings
 from autoconv.spec import ConvSpec
-from autoconv.store import SQLiteStore
+from autoconv.store import SQLiteStore, TunedResult
 
 DeviceArg = DeviceInfo | Backend | int | str | None
 
@@ -63,6 +63,23 @@ def read_contents(path: Path) -> DatabaseContents:
         store.close()
 
 
+def read_layer_results(path: Path, device: str, layers: tuple[str, ...]) -> tuple[TunedResult, ...]:
+    """The current-template verified results of some layers on one device, through the results
+    index (not the whole table); a missing or damaged database has none."""
+    if not path.is_file():
+        return ()
+    store = SQLiteStore.open_for_lookup(path)
+    if store is None:
+        return ()
+    try:
+        return tuple(store.results(device=device, template_hash=template_hash(), layers=layers))
+    except Exception as exc:  # noqa: BLE001 - a damaged DB is a miss, never a crash
+        warnings.warn(f"autoconv: ignoring tuning database {path}: {exc}", RuntimeWarning, stacklevel=2)
+        return ()
+    finally:
+        store.close()
+
+
 class Session:
     """Backends, database contents, plans and prepared convs of one process (thread-safe)."""
 
@@ -71,6 +88,8 @@ class Session:
         self._backends: dict[tuple[object, ...], Backend] = {}
         self._settings = settings or read_settings()
         self._contents: dict[str, tuple[tuple[int, ...] | None, DatabaseContents]] = {}
+        self._layer_results: dict[tuple, tuple[TunedResult, ...]] = {}
+        self._read_locks: dict[str, threading.Lock] = {}  # one reader per database; the others wait for it
         self._plans: dict[tuple, Plan] = {}
         self._runners: OrderedDict[tuple, Runner] = OrderedDict()
         self._paths: dict[str | None, list[Path]] = {}
@@ -91,6 +110,7 @@ class Session:
     def clear_cache(self) -> None:
         with self._lock:
             self._contents.clear()
+            self._layer_results.clear()
             self._plans.clear()
             self._runners.clear()
             self._paths.clear()
@@ -142,17 +162,41 @@ class Session:
                 self._paths[cache_key] = paths
         return list(paths)
 
-    def contents(self, path: Path) -> DatabaseContents:
-        """A database's contents, read again only when the file changed."""
-        state = file_state(path)
+    def _read_lock(self, path: Path) -> threading.Lock:
         with self._lock:
-            cached = self._contents.get(str(path))
+            return self._read_locks.setdefault(str(path), threading.Lock())
+
+    def contents(self, path: Path) -> DatabaseContents:
+        """A database's contents, read again only when the file changed, by one thread: the others
+        asking meanwhile wait for that read and share it."""
+        state = file_state(path)
+        cached = self._contents.get(str(path))
         if cached is not None and cached[0] == state:
             return cached[1]
-        contents = read_contents(path) if state is not None else DatabaseContents()
-        with self._lock:
-            self._contents[str(path)] = (state, contents)
+        with self._read_lock(path):
+            state = file_state(path)
+            cached = self._contents.get(str(path))
+            if cached is not None and cached[0] == state:
+                return cached[1]
+            contents = read_contents(path) if state is not None else DatabaseContents()
+            with self._lock:
+                self._contents[str(path)] = (state, contents)
         return contents
+
+    def layer_results(self, path: Path, device: str, layers: tuple[str, ...]) -> tuple[TunedResult, ...]:
+        """Some layers' results on one device (an indexed read), cached until the file changes."""
+        key = (str(path), file_state(path), device, layers)
+        found = self._layer_results.get(key)
+        if found is None:
+            with self._read_lock(path):
+                found = self._layer_results.get(key)
+                if found is None:
+                    found = read_layer_results(path, device, layers) if key[1] is not None else ()
+                    with self._lock:
+                        if len(self._layer_results) >= MAX_PLANS:
+                            self._layer_results.clear()
+                        self._layer_results[key] = found
+        return found
 
     def lookup(self, spec: ConvSpec, device: DeviceArg = None, db: str | Path | None = None, *,
                generated_only: bool = False, algorithm: str | None = None, shipped: bool = True) -> Plan:
@@ -169,8 +213,13 @@ class Session:
             plan = self._plans.get(key)
         if plan is not None:
             return plan
-        plan = resolve(spec, info, [self.contents(p) for p in paths], generated_only=generated_only,
-                       algorithm=algorithm)
+        # The layer's own rows first, through the index; the whole databases only for a fallback.
+        keys = epilogue_variants(spec)
+        plan = tuned_plan(spec, info, (r for p in paths for r in self.layer_results(p, info.fingerprint(), keys)),
+                          generated_only=generated_only, algorithm=algorithm)
+        if plan is None:
+            plan = resolve(spec, info, [self.contents(p) for p in paths], generated_only=generated_only,
+                           algorithm=algorithm)
         with self._lock:
             if len(self._plans) >= MAX_PLANS:
                 self._plans.clear()

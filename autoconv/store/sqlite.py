@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
@@ -513,10 +513,15 @@ class SQLiteStore(ResultStore):
             [device, spec.key(), spec.dtype, algorithm, template_hash]))
         return rows[0] if rows else None
 
-    def results(self, device: str | None = None, template_hash: str | None = None) -> list[TunedResult]:
-        """Verified results (optionally for one device / template hash); a row with a damaged
-        column (wrong type, out of range, params that fail validation) is skipped with a warning."""
+    def results(self, device: str | None = None, template_hash: str | None = None,
+                layers: Sequence[str] | None = None) -> list[TunedResult]:
+        """Verified results (optionally for one device / template hash / set of layer keys, read
+        through the results index); a row with a damaged column (wrong type, out of range, params
+        that fail validation) is skipped with a warning."""
         where, args = _conditions(("r.device = ?", device), ("r.template_hash = ?", template_hash))
+        if layers is not None:
+            where.append(f"r.layer in ({', '.join('?' for _ in layers) or 'null'})")
+            args = [*args, *layers]
         where.insert(0, "r.verified = 1")
         sql = ("select r.*, l.n, l.c, l.h, l.w, l.k, l.r, l.s, l.stride_h, l.stride_w, l.pad_h, l.pad_w, "
                "l.dilation_h, l.dilation_w, l.groups, l.bias, l.layout, l.pad_bottom, l.pad_right, l.activation, l.residual "

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import socket
 import threading
 import time
@@ -49,6 +50,48 @@ def study_name(device: DeviceInfo, spec: ConvSpec, algorithm: str, templates: st
     return f"autoconv {algorithm} {spec} #{hashlib.sha256(readable.encode()).hexdigest()[:16]}"
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+JOURNAL_START = b'{"op_code":'  # how Optuna begins every journal entry
+
+
+def refuse_unless_journal(path: Path, what: str) -> None:
+    """Raise unless `path` is absent, an empty regular file, or an Optuna journal (its first entry
+    whole, or torn only by a kill mid-write). Reads at most 64 KiB and never writes: a tuning
+    database, a FIFO or a user's text file given by mistake stays as it was."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TuningDBError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise TuningDBError(f"{what}: {path} is a directory; give the journal file's path")
+    if not stat.S_ISREG(mode):
+        raise TuningDBError(f"{what}: {path} is not a regular file (a FIFO, socket or device): give a new file's "
+                            "path or an existing Optuna journal")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError as exc:
+        raise TuningDBError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+    if not head:
+        return
+    first, newline, _ = head.partition(b"\n")
+    if newline:
+        try:
+            entry = json.loads(first)
+        except (ValueError, RecursionError):
+            entry = None
+        if isinstance(entry, dict) and "op_code" in entry:
+            return
+    elif head.startswith(JOURNAL_START) or JOURNAL_START.startswith(head):
+        return  # a journal whose first entry was torn: repair keeps nothing and sets it aside
+    kind = "an SQLite database (a tuning database?)" if head.startswith(SQLITE_MAGIC) else "not an Optuna journal"
+    hint = f"; for an Optuna SQLite storage write sqlite:///{path}" if head.startswith(SQLITE_MAGIC) else ""
+    raise TuningDBError(f"{what}: {path} is {kind}, and is left untouched: give a new file's path, an existing "
+                        f"Optuna journal or a storage URL{hint}")
+
+
 def repair_journal(path: Path) -> Path | None:
     """Keep the valid prefix of an Optuna journal and move a damaged tail (a torn last line after
     a power loss or full disk, or garbage) aside, under the journal's own lock. Returns where the
@@ -57,6 +100,7 @@ def repair_journal(path: Path) -> Path | None:
 
     if not path.is_file():
         return None
+    refuse_unless_journal(path, "journal")
     lock = JournalFileSymlinkLock(str(path))
     lock.acquire()
     try:
@@ -107,8 +151,7 @@ def open_storage(storage: str) -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if "://" not in storage:
         path = Path(storage).expanduser()
-        if path.is_dir():
-            raise TuningDBError(f"--storage: {path} is a directory; give the journal file's path")
+        refuse_unless_journal(path, "--storage")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -131,16 +174,45 @@ def open_storage(storage: str) -> Any:
             failure = exc
             time.sleep(0.5 * (attempt + 1))
     reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+    # The driver's message may quote the URL, or the tail of a password with an unescaped '@'.
+    reason = without_password(reason, storage)
+    for secret in url_secrets(storage):
+        pieces = secret.split("@")
+        for i in range(1, len(pieces)):  # what a driver reads as the host part, and the password's start
+            tail, head = "@".join(pieces[i:]), "@".join(pieces[:i])
+            reason = reason.replace(f"{tail}@", "***@").replace(f":{head}@", ":***@")
+            for fragment in (tail, head):
+                if len(fragment) >= 4:  # shorter ones would mask unrelated text
+                    reason = reason.replace(fragment, "***")
     raise TuningDBError(f"--storage: cannot open the Optuna storage at {without_password(storage)}: {reason}")
 
 
-def without_password(url: str) -> str:
-    """A storage URL fit to print: its password masked."""
+PASSWORD_KEYS = ("password", "passwd", "pwd", "pass")
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords in a storage URL (its credentials and password= query values), raw and
+    percent-decoded, longest first."""
+    from urllib.parse import parse_qsl, unquote
+
     scheme, _, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    found = []
+    credentials, at, _ = rest.partition("/")[0].rpartition("@") if "@" in rest.partition("?")[0] else ("", "", "")
+    if at and ":" in credentials:
+        found.append(credentials.split(":", 1)[1])
+    query = rest.partition("?")[2]
+    found += [value for key, value in parse_qsl(query, keep_blank_values=True) if key.lower() in PASSWORD_KEYS]
+    found += [part.split("=", 1)[1] for part in query.split("&")
+              if "=" in part and part.split("=", 1)[0].lower() in PASSWORD_KEYS]
+    secrets = {s for v in found for s in (v, unquote(v)) if s}
+    return sorted(secrets, key=len, reverse=True)
+
+
+def without_password(text: str, url: str | None = None) -> str:
+    """Text fit to print: every password of the storage URL (`url`, else `text` itself) masked."""
+    for secret in url_secrets(url if url is not None else text):
+        text = text.replace(secret, "***")
+    return text
 
 
 def journal_file_storage(path: Path) -> Any:
@@ -153,6 +225,8 @@ def journal_file_storage(path: Path) -> Any:
     try:
         repair_journal(path)
         return JournalStorage(JournalFileBackend(str(path)))
+    except TuningDBError:
+        raise
     except OSError as exc:
         raise TuningDBError(f"the Optuna journal {path} cannot be used: {exc.strerror or exc}") from None
     except Exception as exc:  # noqa: BLE001 - optuna raises plain ValueError/KeyError on a bad replay
