@@ -239,3 +239,50 @@ def test_pocl_threads_are_pinned_unless_the_user_says_otherwise(tmp_path):
     assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "1"
     assert subprocess.run([sys.executable, "-c", probe], env={**env, "POCL_AFFINITY": "0"}, capture_output=True,
                           text=True).stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("offset_s", [0.0, 0.05, 0.15, 0.3, 0.6, 1.0])
+def test_builders_die_with_a_tuner_killed_however_early(tmp_path, offset_s):
+    """SIGKILL lands 0 to 1 s after the builders' spawn, before or after they read who their
+    parent is: every builder and the resource tracker go, the caller's communicate() returns, and
+    nothing is said about leaked semaphores."""
+    import signal
+    import subprocess
+    import sys
+    import uuid
+
+    marker = f"autoconv-test-{uuid.uuid4().hex}"
+    script = tmp_path / "tuner.py"
+    script.write_text(
+        "import os, time\n"
+        "from autoconv.tuning.build_pool import builder_processes\n"
+        "if __name__ == '__main__':\n"
+        "    pool = builder_processes(2)\n"
+        "    futures = [pool.submit(time.sleep, 30) for _ in range(2)]\n"
+        "    print('spawned', flush=True)\n"
+        "    time.sleep(60)\n")
+    tuner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "AUTOCONV_TEST_MARK": marker})
+    assert tuner.stdout.readline().strip() == "spawned"
+    time.sleep(offset_s)
+    tuner.send_signal(signal.SIGKILL)
+    _, stderr = tuner.communicate(timeout=30)  # hangs while a child holds the pipes
+
+    def marked() -> list[int]:
+        alive = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if marker.encode() in open(f"/proc/{entry}/environ", "rb").read() and \
+                        "Z" not in open(f"/proc/{entry}/stat").read().split()[2]:
+                    alive.append(int(entry))
+            except OSError:
+                continue
+        return alive
+
+    deadline = time.monotonic() + 15
+    while marked() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not marked(), "a builder or the resource tracker outlived its tuner"
+    assert "leaked semaphore" not in stderr, stderr

@@ -249,10 +249,14 @@ class LaunchedConv(PreparedConv):
                                      "the weights in place; load them (load_weights) instead")
         lent = self._lent
         if lent is None or lent[0] is not weight or lent[1] is not bias:
-            # Kept for the next call with the same arrays (conv2d in a loop): the kernels read them
-            # in place, so contents changed since are seen; it holds them until then.
-            lent = self._lent = (weight, bias, self.runtime.wrap(weight, writable=False),
-                                 None if bias is None else self.runtime.wrap(bias, writable=False))
+            lent = (weight, bias, self.runtime.wrap(weight, writable=False),
+                    None if bias is None else self.runtime.wrap(bias, writable=False))
+            # Kept for the next call with the same arrays (conv2d in a loop) only where the kernels
+            # read them in place, so contents changed since are seen. A read-only array is lent as
+            # a copy (a device buffer over host memory needs it writable), and a read-only view's
+            # memory can still change under it: never kept.
+            if weight.flags.writeable and (bias is None or bias.flags.writeable):
+                self._lent = lent
         buffers["weight"] = lent[2]
         if bias is not None:
             buffers["bias"] = lent[3]

@@ -93,6 +93,12 @@ def conv2d(
     then the shipped DBs; an untuned shape falls back to the nearest tuned one, then defaults).
     algorithm= forces one algorithm (autoconv.list_algorithms()): its tuned params for this layer
     and device if any, else its heuristic.
+
+    Weights changed in place are always seen (compared by contents, or read in place). To make a
+    loop of calls cheap, the session keeps the last layers it prepared (up to 64), and each holds
+    the weight and bias arrays of its latest call: those arrays stay alive after you drop them,
+    until 64 other layers have been used or `autoconv.default_session().clear_cache()` is called.
+    A layer you call often is better made once as `autoconv.Conv2d`, which holds its own copy.
     """
     session = default_session()
     chosen_backend = session.backend(backend, device)

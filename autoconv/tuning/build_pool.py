@@ -36,11 +36,20 @@ BATCH_PER_JOB = 2
 Warm = Callable[[str, Params], Any]
 
 
-def _start_builder() -> None:
+# The resource tracker of a SIGKILLed tuner cleans up its queues' semaphores and would say so on
+# the user's terminal; that is not news to the user who killed it.
+QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
+def _start_builder(parent: int) -> None:
+    """A builder's first act. `parent` is the tuner's PID, given by the tuner itself: a tuner killed
+    before the builder got this far is noticed here, however early the kill landed."""
     # Ctrl-C goes to the whole process group: the tuner stops the builders itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A tuner killed outright (SIGKILL) cannot stop its builders: they stop when it is gone.
-    parent = os.getppid()
+    # (Not prctl's PR_SET_PDEATHSIG: it fires when the *thread* that spawned the builder ends.)
+    if os.getppid() != parent:
+        os._exit(0)
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -72,7 +81,16 @@ def builder_processes(jobs: int) -> Executor | None:
     """`jobs` builder processes (none for 1: everything then happens in the tuner's process)."""
     if jobs <= 1:
         return None
-    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_builder)
+    warnings_before = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (warnings_before, QUIET_TRACKER)))
+    try:  # the resource tracker and the builders start with the environment of this moment
+        return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_builder,
+                                   initargs=(os.getpid(),))
+    finally:
+        if warnings_before is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = warnings_before
 
 
 class BuildPool:
