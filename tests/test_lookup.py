@@ -172,3 +172,25 @@ def test_conv2d_runs_the_tuned_plan_and_the_baseline_plan(opencl, tmp_path):
     assert choose_plan(spec, opencl, baseline_db).algorithm == "im2col_blas"
     out = autoconv.conv2d(x, w, b, padding=1, db=baseline_db)
     assert relative_error(out, expected) < 1e-4 and np.all(np.isfinite(out))
+
+
+def test_direct_loops_stored_alone_are_never_served_over_the_fallbacks(tmp_path):
+    """A tuning cut short (or a baseline dropped as unsteady) can leave only the reference loops
+    stored for a layer: the lookup goes on down the chain instead of serving them, for that layer,
+    as a nearest shape, and as the device default, also after a merge."""
+    db = tmp_path / "cut.db"
+    store(db, RES3, median_ms=1.0, baseline_ms=2.0)  # a whole tuning: im2col_gemm won
+    store(db, RES2, median_ms=160.0, baseline_ms=None, algorithm="direct")  # only direct stored
+    plan = lookup(RES2, GPU, db)
+    assert plan.algorithm != "direct" and plan.source.startswith("nearest tuned shape"), plan
+    only_direct = tmp_path / "only-direct.db"
+    store(only_direct, RES2, median_ms=160.0, baseline_ms=None, algorithm="direct")
+    store(only_direct, RES4, median_ms=150.0, baseline_ms=None, algorithm="direct")
+    plan = lookup(RES2, GPU, only_direct)
+    assert plan.algorithm != "direct" and plan.source == "heuristic", plan
+    merged = tmp_path / "merged.db"
+    with SQLiteStore(merged) as target, SQLiteStore(only_direct, readonly=True) as source:
+        target.merge_from(source)
+    assert lookup(RES2, GPU, merged).source == "heuristic"
+    store(db, RES2, median_ms=150.0, baseline_ms=1.0, algorithm="direct")  # with the baseline beside it
+    assert lookup(RES2, GPU, db) == autoconv.Plan("im2col_blas", get_algorithm("im2col_blas").space.validate({}), "tuned")

@@ -686,3 +686,16 @@ def test_result_rows_with_arbitrary_values_are_served_only_when_valid(fuzz_db, t
         assert result.default_ms is None or (result.default_ms > 0 and np.isfinite(result.default_ms))
         assert all(isinstance(v, int) for v in result.params.values())
     assert isinstance(plan, Plan) and plan.params.get("MWG", 8) in (8, 16, 32, 64, 128)
+
+
+def test_a_layer_whose_time_share_ran_out_gets_every_algorithms_default(tmp_path):
+    """The last layer of a time budget that earlier layers used up: every tunable algorithm's
+    default is still measured, so the layer never ends with "0 trials, best direct"."""
+    from autoconv.tuning.tuner import tunable
+
+    with SQLiteStore(tmp_path / "late.db") as db:
+        report = tune_layer(L_SPEC, FAKE_GPU, FakeEvaluator(), db, trials=None, deadline=time.monotonic() - 1.0)
+        tunables = [name for name in report.bests if tunable(name)]
+        assert tunables and report.trials == len(tunables), report
+        assert all(report.trials_by_algorithm.get(name) == 1 for name in tunables)
+    assert lookup(L_SPEC, FAKE_GPU, tmp_path / "late.db").algorithm != DIRECT

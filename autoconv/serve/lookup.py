@@ -62,6 +62,22 @@ def _check_forced(spec: ConvSpec, info: DeviceInfo, algorithm: str | None) -> No
             raise UnsupportedAlgorithmError(f"algorithm: {algorithm} does not support {spec}: {reason}")
 
 
+def measured_against_alternatives(result: TunedResult) -> bool:
+    """Whether a result's algorithm is one a layer's tuning measures to find the fastest: a tunable
+    one or the library baseline, not the reference loops (direct), which nobody tunes."""
+    if not _registered(result.algorithm):
+        return False
+    chosen = get_algorithm(result.algorithm)
+    return bool(chosen.space.params) or chosen.library_gemm
+
+
+def trusted(results: list[TunedResult]) -> list[TunedResult]:
+    """A layer's stored results, when they can stand for its tuning: at least one tunable or library
+    algorithm among them. Direct loops stored alone (a tuning cut short, the baseline dropped as
+    unsteady) are not served over the fallbacks."""
+    return results if any(measured_against_alternatives(r) for r in results) else []
+
+
 def tuned_plan(spec: ConvSpec, info: DeviceInfo, results: Iterable[TunedResult], *, generated_only: bool = False,
                algorithm: str | None = None) -> Plan | None:
     """The first two steps alone: this layer tuned on this device, else its convolution tuned with
@@ -70,11 +86,12 @@ def tuned_plan(spec: ConvSpec, info: DeviceInfo, results: Iterable[TunedResult],
     allowed = _allowed(spec, info, generated_only, algorithm)
     fingerprint = info.fingerprint()
     mine = [r for r in results if r.device == fingerprint and allowed(r)]
-    exact = fastest([r for r in mine if r.spec == spec])
+    keep = trusted if algorithm is None else list  # a forced algorithm: its own rows are what was asked for
+    exact = fastest(keep([r for r in mine if r.spec == spec]))
     if exact is not None:
         return Plan(exact.algorithm, exact.params, "tuned")
     plain = spec.convolution()
-    same_convolution = fastest([r for r in mine if r.spec.convolution() == plain])
+    same_convolution = fastest(keep([r for r in mine if r.spec.convolution() == plain]))
     if same_convolution is not None:
         return Plan(same_convolution.algorithm, same_convolution.params,
                     f"tuned for {same_convolution.spec} (the same convolution, another epilogue)")
@@ -92,7 +109,7 @@ def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *
     allowed = _allowed(spec, info, generated_only, algorithm)
     fingerprint = info.fingerprint()
     mine = [r for contents in dbs for r in contents.results if r.device == fingerprint and allowed(r)]
-    winners = _winners(mine)
+    winners = _winners(mine, algorithm is not None)
     similar = [r for r in winners if same_family(r.spec, spec)]
     if similar:
         nearest = min(similar, key=lambda r: (shape_distance(r.spec, spec), r.spec.key()))
@@ -106,7 +123,7 @@ def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *
              if fp != fingerprint and row.get("backend") == info.backend and row.get("vendor") == info.vendor
              and row.get("device_type") == info.device_type}
     vendor = [r for contents in dbs for r in contents.results if r.device in peers and allowed(r)]
-    winner = _most_frequent(_winners(vendor))
+    winner = _most_frequent(_winners(vendor, algorithm is not None))
     if winner is not None:
         return Plan(*winner, f"vendor default ({info.vendor} {info.device_type})")
     chosen = algorithm or DEFAULT_ALGORITHM
@@ -121,12 +138,13 @@ def _registered(name: str) -> bool:
     return True
 
 
-def _winners(results: Iterable[TunedResult]) -> list[TunedResult]:
-    """The fastest result of each (device, layer)."""
+def _winners(results: Iterable[TunedResult], forced: bool = False) -> list[TunedResult]:
+    """The fastest result of each (device, layer) whose results can be trusted (all, for a forced
+    algorithm)."""
     by_layer: dict[tuple[str, ConvSpec], list[TunedResult]] = {}
     for r in results:
         by_layer.setdefault((r.device, r.spec), []).append(r)
-    return [best for group in by_layer.values() if (best := fastest(group)) is not None]
+    return [best for group in by_layer.values() if (best := fastest(group if forced else trusted(group))) is not None]
 
 
 def _most_frequent(results: Iterable[TunedResult]) -> tuple[str, Params] | None:

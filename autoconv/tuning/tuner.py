@@ -311,12 +311,13 @@ class LayerTuning:
             if outcome.ok:
                 self.times[name] = outcome.median_ms
 
-    def spent(self) -> bool:
-        """The budget is used up: trials measured and in flight reach it, or the deadline passed."""
+    def spent(self, deadline: bool = True) -> bool:
+        """The budget is used up: trials measured and in flight reach it, or (`deadline`) the
+        deadline passed."""
         in_flight = len(self.pipeline)
         if self.trials is not None and sum(s.completed for s in self.studies.values()) + in_flight >= self.trials:
             return True
-        return self.past_deadline()
+        return deadline and self.past_deadline()
 
     def past_deadline(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -356,14 +357,14 @@ class LayerTuning:
             self.report.trials = sum(s.completed for s in self.studies.values())
             self.progress(self.report, self.trials or 0)
 
-    def _run(self, choose: Callable[[set[str]], str | None]) -> None:
+    def _run(self, choose: Callable[[set[str]], str | None], deadline: bool = True) -> None:
         """Keep the pipeline full with the trials `choose` names (None: no more), measuring the
         oldest in turn (on a CPU device a new batch starts only when the last one is measured);
-        at the deadline the trials still waiting are abandoned, unmeasured."""
+        at the deadline (unless `deadline` is off) the trials still waiting are abandoned, unmeasured."""
         exhausted: set[str] = set()
         while True:
             if not (self.pool.batched and self.pipeline):
-                while len(self.pipeline) < self.pool.depth and not self.spent():
+                while len(self.pipeline) < self.pool.depth and not self.spent(deadline):
                     name = choose(exhausted)
                     if name is None:
                         break
@@ -371,7 +372,7 @@ class LayerTuning:
                         exhausted.add(name)
             if not self.pipeline:
                 return
-            if self.past_deadline():
+            if deadline and self.past_deadline():
                 while self.pipeline:
                     name, proposal, build = self.pipeline.popleft()
                     if build is not None:
@@ -384,9 +385,11 @@ class LayerTuning:
         return sum(1 for entry in self.pipeline if entry[0] == name)
 
     def measure_defaults(self) -> None:
-        """Each tunable algorithm's default first (a resumed study has it already)."""
+        """Each tunable algorithm's default first (a resumed study has it already), even past the
+        deadline: a layer whose share of a time budget ran out still gets every algorithm's
+        default, never only the untunable ones (the time budget may run over by them)."""
         todo = [name for name, study in self.studies.items() if study.default not in study.known]
-        self._run(lambda exhausted: todo.pop(0) if todo else None)
+        self._run(lambda exhausted: todo.pop(0) if todo else None, deadline=False)
 
     def share_budget(self) -> None:
         """One trial at a time to the tunable algorithms within CANDIDATE_FACTOR of the best time
