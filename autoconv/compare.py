@@ -158,6 +158,10 @@ def explanation(label: str, spec: ConvSpec, records: list[dict[str, Any]], serve
             why += (f" ({mine[0].median_ms:.3f} ms vs {mine[1].algorithm} {mine[1].median_ms:.3f} ms in the database; "
                     "the times above are this run's)")
         lines += [plan_line, f"  why: {why}."]
+    elif tuned:
+        lines += [plan_line, f"  why: its tuning here is incomplete (only {', '.join(sorted({r.algorithm for r in tuned}))} "
+                  f"measured, no tunable or library algorithm), so a fallback ({served.source}); "
+                  f"`{tune_command}` measures every algorithm here."]
     else:
         lines += [plan_line, f"  why: not tuned on this device, so a fallback ({served.source}); "
                   f"`{tune_command}` measures every algorithm here."]

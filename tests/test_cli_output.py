@@ -5,6 +5,7 @@ explain report, hints, and --version."""
 import csv
 import io
 import json
+import shlex
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ TUNE_KEYS = {"layer", "shape", "trials", "fastest", "fastest_ms", "best_generate
 DEVICE_KEYS = {"index", "platform", "device", "type", "driver", "compute_units", "local_mem_kib", "max_work_group",
                "host_memory", "usable", "default", "problem"}
 LIST_KEYS = {"device", "layer", "key", "algorithm", "served", "ms", "spread", "repeats", "gflops", "vs_default",
-             "vs_baseline", "trials", "params", "templates"}
+             "vs_baseline", "trials", "params", "templates", "note"}
 SHOW_KEYS = {"device", "layer", "algorithm", "rank", "status", "ms", "spread", "repeats", "rel_error", "best", "params"}
 
 
@@ -150,7 +151,7 @@ def test_a_bad_plot_name_is_refused_before_measuring(tmp_path):
 
 def test_an_untuned_layer_gets_a_hint_with_the_command(opencl):
     result = invoke("run", SMALL, "--repeats", "1")
-    assert "hint:" in result.stderr and f"autoconv tune '{SMALL}'" in result.stderr
+    assert "hint:" in result.stderr and f"autoconv tune {shlex.quote(SMALL)}" in result.stderr
     named = invoke("run", "resnet50/res5_3x3", "--batch", "2", "--repeats", "1").stderr.replace("\n", "")
     assert "autoconv tune resnet50/res5_3x3 --batch 2" in named
 

@@ -547,16 +547,20 @@ def test_a_noisy_baseline_is_not_stored(opencl, monkeypatch):
     assert len(calls) == 3 and not outcome.steady  # re-measured, still too wide
 
 
-def test_a_noisy_baseline_is_not_stored_by_the_tuner(opencl, monkeypatch, tmp_path):
+def test_a_noisy_baseline_is_stored_flagged_where_no_steady_one_is(opencl, monkeypatch, tmp_path):
+    """Re-measured (with a settle pause), still unsteady, nothing steady stored: it is stored with
+    its spread, flagged, and still compared, so the layer is not left to direct loops alone."""
     from autoconv.backends.base import Timing
     from autoconv.backends.numpy_backend import NumpyConv
 
     monkeypatch.setattr(NumpyConv, "time", lambda self, *a, **k: Timing((0.2, 0.2, 13.9, 0.3, 16.0, 0.2, 9.0)))
     spec = ConvSpec(1, 4, 6, 6, 4, 3, 3, padding=1)
-    with SQLiteStore(tmp_path / "t.db") as db, pytest.warns(RuntimeWarning, match="not stored"):
+    with SQLiteStore(tmp_path / "t.db") as db, pytest.warns(RuntimeWarning, match="flagged as unsteady"):
         report = tune_layer(spec, opencl.device, DeviceEvaluator(opencl, spec, repeats=1), db, trials=1,
-                            algorithms=(IM2COL_BLAS,))
-        assert report.baseline is None and db.results() == []
+                            algorithms=(IM2COL_BLAS, DIRECT))
+        (stored,) = [r for r in db.results() if r.algorithm == IM2COL_BLAS]
+        assert stored.unsteady and stored.spread > 1.0 and report.baseline is not None
+    assert lookup(spec, opencl.device, tmp_path / "t.db").source == "tuned"  # compared: the layer counts as tuned
 
 
 def test_a_stored_baseline_is_replaced_by_the_next_steady_measurement(tmp_path):
@@ -699,3 +703,41 @@ def test_a_layer_whose_time_share_ran_out_gets_every_algorithms_default(tmp_path
         assert tunables and report.trials == len(tunables), report
         assert all(report.trials_by_algorithm.get(name) == 1 for name in tunables)
     assert lookup(L_SPEC, FAKE_GPU, tmp_path / "late.db").algorithm != DIRECT
+
+
+def test_a_cut_short_tuning_with_an_unsteady_baseline_is_not_served_direct_loops(tmp_path):
+    """The reported scenario: the budget ran out on the last layer and its BLAS measurement was
+    unsteady. The baseline is stored flagged, the defaults are measured, direct is not served."""
+    db_path = tmp_path / "sq.db"
+    with SQLiteStore(db_path) as db, pytest.warns(RuntimeWarning, match="flagged as unsteady"):
+        tune_layer(L_SPEC, FAKE_GPU, FakeEvaluator(baseline_ms=1.2, baseline_spread=0.13), db, trials=None,
+                   deadline=time.monotonic() - 1.0)
+    plan = lookup(L_SPEC, FAKE_GPU, db_path)
+    assert plan.algorithm != DIRECT and plan.source == "tuned", plan
+
+
+def test_db_list_says_a_tuning_is_incomplete_or_unsteady(tmp_path):
+    db_path = tmp_path / "notes.db"
+    with SQLiteStore(db_path) as db:
+        db.record_device(FAKE_GPU)
+        for spec, algorithm, spread in ((L_SPEC, DIRECT, 0.01), (L_SPEC.replace(k=8), IM2COL_BLAS, 0.4)):
+            db.save_result(TunedResult(device=FAKE_GPU.fingerprint(), spec=spec, algorithm=algorithm,
+                                       template_hash=template_hash(), params=get_algorithm(algorithm).space.validate({}),
+                                       median_ms=5.0, gflops=1.0, rel_error=1e-6, default_ms=None, trials=1,
+                                       spread=spread, repeats=7))
+    listed = json.loads(cli("db", "list", "--db", str(db_path), "--json").output)
+    notes = {r["algorithm"]: (r["note"], r["served"]) for r in listed}
+    assert notes[DIRECT][0].startswith("tuning incomplete") and not notes[DIRECT][1]
+    assert notes[IM2COL_BLAS] == ("unsteady (busy cores?)", True)
+
+
+def test_explain_says_a_tuning_is_incomplete(opencl, tmp_path):
+    db_path = tmp_path / "direct-only.db"
+    with SQLiteStore(db_path) as db:
+        db.record_device(opencl.device)
+        db.save_result(TunedResult(device=opencl.device.fingerprint(), spec=L_SPEC, algorithm=DIRECT,
+                                   template_hash=template_hash(), params=get_algorithm(DIRECT).space.validate({}),
+                                   median_ms=5.0, gflops=1.0, rel_error=1e-6, default_ms=None, trials=1))
+    result = cli("explain", L, "--db", str(db_path), "--repeats", "1")
+    assert result.exit_code == 0, result.output
+    assert "tuning here is incomplete (only direct measured" in result.output.replace("\n", " ")

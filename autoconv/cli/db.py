@@ -44,7 +44,7 @@ LIST_FIELDS = [
     Field("ms", "ms", ms, numeric=True), Field("spread", "spread", percent, numeric=True),
     Field("gflops", "GFLOP/s", one_decimal, numeric=True), Field("vs_default", "vs default", ratio, numeric=True),
     Field("vs_baseline", "vs baseline", ratio, numeric=True), Field("trials", "trials", numeric=True),
-    Field("templates", "templates"),
+    Field("templates", "templates"), Field("note", "note"),
 ]
 
 
@@ -62,6 +62,7 @@ def list_results(
     from autoconv.algorithms import BASELINE
     from autoconv.layers import layer_name
     from autoconv.render import template_hash
+    from autoconv.serve.lookup import trusted
     from autoconv.store import fastest
 
     fmt = output_format(json_flag, csv_flag)
@@ -76,7 +77,8 @@ def list_results(
                 layers.setdefault((r.spec, r.template_hash), []).append(r)
             device_records = []
             for (spec, templates), found in layers.items():
-                served = fastest(found)
+                served = fastest(trusted(found))
+                incomplete = "tuning incomplete: only direct loops measured; the lookup falls back" if not trusted(found) else ""
                 baseline = next((r for r in found if r.algorithm == BASELINE), None)
                 for r in sorted(found, key=lambda r: r.median_ms):
                     device_records.append({
@@ -84,7 +86,8 @@ def list_results(
                         "served": r is served and templates == current, "ms": r.median_ms, "spread": r.spread,
                         "repeats": r.repeats, "gflops": r.gflops, "vs_default": r.speedup_vs_default,
                         "vs_baseline": baseline.median_ms / r.median_ms if baseline else None, "trials": r.trials,
-                        "params": r.params.as_dict(), "templates": "current" if templates == current else "stale"})
+                        "params": r.params.as_dict(), "templates": "current" if templates == current else "stale",
+                        "note": incomplete or ("unsteady (busy cores?)" if r.unsteady else "")})
             if fmt == "table":
                 emit(console, fmt, f"{row['name']} ({row['platform']}, driver {row['driver']})", LIST_FIELDS,
                      device_records, styles=lambda r, f: "bold" if r["served"] else

@@ -5,7 +5,7 @@ conformance class over every implementation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 from autoconv.algorithms import Params
 from autoconv.device import DeviceInfo
@@ -17,6 +17,10 @@ STATUS_LAUNCH_FAILED = "launch_failed"
 STATUS_WRONG_RESULT = "wrong_result"
 STATUS_TOO_LARGE = "too_large"  # the buffers the config needs exceed the device's memory limits
 STATUSES = (STATUS_OK, STATUS_COMPILE_FAILED, STATUS_LAUNCH_FAILED, STATUS_WRONG_RESULT, STATUS_TOO_LARGE)
+
+
+# A measurement whose spread is wider than this was taken while something else loaded the cores.
+UNSTEADY_SPREAD = 0.10
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,12 @@ class TunedResult:
     @property
     def speedup_vs_default(self) -> float | None:
         return None if not self.default_ms else self.default_ms / self.median_ms
+
+    @property
+    def unsteady(self) -> bool:
+        """Measured with a spread (IQR / median) wider than UNSTEADY_SPREAD: stored only where no
+        steady measurement of its key is, and flagged wherever it is shown."""
+        return self.spread is not None and self.spread > UNSTEADY_SPREAD
 
     def better_than(self, other: "TunedResult") -> bool:
         return self.median_ms < other.median_ms
@@ -75,7 +85,8 @@ class ResultStore(Protocol):
         the result's default time even when the stored best stays."""
         ...
 
-    def results(self, device: str | None = None, template_hash: str | None = None) -> list[TunedResult]:
+    def results(self, device: str | None = None, template_hash: str | None = None,
+                layers: Sequence[str] | None = None) -> list[TunedResult]:
         ...
 
     def devices(self) -> list[dict[str, Any]]:

@@ -50,13 +50,15 @@ from autoconv.tuning.study import (
     without_password,
 )
 from autoconv.serve.lookup import DatabaseContents
+from autoconv.store.base import UNSTEADY_SPREAD
 from autoconv.tuning.warm_start import warm_start_configs
 from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
 
 # A time is stored for an untuned config only when its spread (IQR / median) is below this: a
 # measurement taken while something else loaded the cores must not decide which plan is served.
-MAX_SPREAD = 0.10
+MAX_SPREAD = UNSTEADY_SPREAD
 MEASURE_ROUNDS = 3
+REMEASURE_SETTLE_S = 0.3  # the pause before measuring an unsteady time again
 # Each timing sample lasts at least this long (back-to-back runs of a tiny kernel, averaged).
 MIN_SAMPLE_MS = 1.0
 # After the host BLAS is timed on a machine whose cores a CPU device shares: longer than
@@ -175,7 +177,9 @@ class DeviceEvaluator:
                 return Outcome(STATUS_WRONG_RESULT, INF, error, f"relative error {error:.2e} >= {TOLERANCE:.0e}")
             best: Timing | None = None
             # Up to MEASURE_ROUNDS rounds until one is steady: a busy core shows as a wide spread.
-            for _ in range(MEASURE_ROUNDS):
+            for round_index in range(MEASURE_ROUNDS):
+                if round_index:
+                    time.sleep(REMEASURE_SETTLE_S)  # let whatever loaded the cores pass
                 with host_threads_for(backend):
                     timing = conv.time(*self.operands, warmup=self.warmup, repeats=max(self.repeats, 5),
                                        min_sample_ms=MIN_SAMPLE_MS)
@@ -306,8 +310,18 @@ class LayerTuning:
                 self._save(name, params, outcome.median_ms, outcome.rel_error, None, 1, spread=outcome.spread,
                            repeats=outcome.repeats, replace=True)
             elif outcome.ok:
-                warnings.warn(f"autoconv: {name} on {self.spec} varied by {outcome.spread:.0%} over its repeats "
-                              "(busy cores?); it is not stored", RuntimeWarning, stacklevel=3)
+                stored = [r for r in self.db.results(device=self.fingerprint, template_hash=self.templates,
+                                                     layers=(self.spec.key(),))
+                          if r.algorithm == name and r.spec == self.spec]
+                if stored and not stored[0].unsteady:
+                    warnings.warn(f"autoconv: {name} on {self.spec} varied by {outcome.spread:.0%} over its repeats "
+                                  "(busy cores?); it is not stored: the steady measurement stays", RuntimeWarning,
+                                  stacklevel=3)
+                else:  # still compared, so that a layer is never left to the reference loops alone
+                    warnings.warn(f"autoconv: {name} on {self.spec} varied by {outcome.spread:.0%} over its repeats "
+                                  "(busy cores?); it is stored flagged as unsteady", RuntimeWarning, stacklevel=3)
+                    self._save(name, params, outcome.median_ms, outcome.rel_error, None, 1, spread=outcome.spread,
+                               repeats=outcome.repeats, replace=True)
             if outcome.ok:
                 self.times[name] = outcome.median_ms
 
