@@ -13,6 +13,7 @@ import stat
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,8 @@ def untouched(path: Path):
 def record(path: Path, device: DeviceInfo, spec: ConvSpec = L_SPEC) -> None:
     with SQLiteStore(path) as db:
         db.record_device(device)
-        db.save_result(TunedResult(device=device.fingerprint(), spec=spec, algorithm="direct",
-                                   template_hash=template_hash(), params=get_algorithm("direct").space.validate({}),
+        db.save_result(TunedResult(device=device.fingerprint(), spec=spec, algorithm="im2col_gemm",
+                                   template_hash=template_hash(), params=get_algorithm("im2col_gemm").heuristic(spec, device),
                                    median_ms=1.0, gflops=1.0, rel_error=1e-6, default_ms=1.0, trials=1))
 
 
@@ -176,7 +177,7 @@ def test_a_tuned_layer_is_looked_up_without_reading_the_whole_database(tmp_path,
     record(db, FAKE_GPU)
     record(db, FAKE_GPU, L_SPEC.replace(k=L_SPEC.k + 1))
 
-    def whole_read(path):
+    def whole_read(path, device=None):
         raise AssertionError("the whole database was read for a tuned layer")
     monkeypatch.setattr(session_module, "read_contents", whole_read)
     session = session_module.Session(session_module.Settings(db_path=db, shipped_db_dir=None))
@@ -184,6 +185,19 @@ def test_a_tuned_layer_is_looked_up_without_reading_the_whole_database(tmp_path,
     assert "another epilogue" in session.lookup(L_SPEC.replace(activation="relu"), FAKE_GPU).source
     with pytest.raises(AssertionError, match="whole database"):
         session.lookup(L_SPEC.replace(r=1, s=1, padding=0), FAKE_GPU)  # a fallback reads it
+
+
+def test_a_fallback_reads_only_this_device_and_its_peers(tmp_path):
+    from autoconv.serve.session import read_contents
+
+    db = tmp_path / "many.db"
+    other = DeviceInfo("cuda", "CUDA", "nvidia", "Some GPU", "12.0", "gpu", 100, 49152, 1024, (1024, 1024, 64))
+    peer = replace(FAKE_GPU, name="Fake GPU 2")
+    for device in (FAKE_GPU, other, peer):
+        record(db, device)
+    fingerprints = {r.device for r in read_contents(db, FAKE_GPU).results}
+    assert fingerprints == {FAKE_GPU.fingerprint(), peer.fingerprint()}
+    assert len(read_contents(db).results) == 3
 
 
 def test_threads_share_one_re_read_of_a_changed_database(tmp_path, monkeypatch):
@@ -194,10 +208,10 @@ def test_threads_share_one_re_read_of_a_changed_database(tmp_path, monkeypatch):
     reads = []
     real = session_module.read_contents
 
-    def slow_read(path):
+    def slow_read(path, device=None):
         reads.append(path)
         time.sleep(0.3)
-        return real(path)
+        return real(path, device)
     monkeypatch.setattr(session_module, "read_contents", slow_read)
     session = session_module.Session(session_module.Settings(db_path=db, shipped_db_dir=None))
     threads = [threading.Thread(target=session.contents, args=(db,)) for _ in range(4)]

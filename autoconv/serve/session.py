@@ -45,17 +45,25 @@ def file_state(path: Path) -> tuple[int, int, int, int] | None:
     return (main.st_mtime_ns, main.st_size, *wal_state)
 
 
-def read_contents(path: Path) -> DatabaseContents:
-    """Every current-template verified result of a database and its device rows; a missing,
-    damaged or foreign database is empty (with a warning), never a crash."""
+def read_contents(path: Path, device: DeviceInfo | None = None) -> DatabaseContents:
+    """Every current-template verified result of a database and its device rows; with `device`,
+    only the results of that device and of its peers (same backend, vendor and type: what the
+    lookup's fallbacks read), each read through the results index. A missing, damaged or foreign
+    database is empty (with a warning), never a crash."""
     if not path.is_file():
         return DatabaseContents()
     store = SQLiteStore.open_for_lookup(path)
     if store is None:
         return DatabaseContents()
     try:
-        return DatabaseContents(tuple(store.results(template_hash=template_hash())),
-                                {row["fingerprint"]: row for row in store.devices()})
+        devices = {row["fingerprint"]: row for row in store.devices()}
+        if device is None:
+            return DatabaseContents(tuple(store.results(template_hash=template_hash())), devices)
+        wanted = [fp for fp, row in devices.items() if fp == device.fingerprint() or (
+            row.get("backend") == device.backend and row.get("vendor") == device.vendor
+            and row.get("device_type") == device.device_type)]
+        return DatabaseContents(tuple(r for fp in wanted for r in store.results(device=fp, template_hash=template_hash())),
+                                devices)
     except Exception as exc:  # noqa: BLE001 - a damaged DB is a miss, never a crash
         warnings.warn(f"autoconv: ignoring tuning database {path}: {exc}", RuntimeWarning, stacklevel=2)
         return DatabaseContents()
@@ -166,21 +174,23 @@ class Session:
         with self._lock:
             return self._read_locks.setdefault(str(path), threading.Lock())
 
-    def contents(self, path: Path) -> DatabaseContents:
-        """A database's contents, read again only when the file changed, by one thread: the others
-        asking meanwhile wait for that read and share it."""
+    def contents(self, path: Path, device: DeviceInfo | None = None) -> DatabaseContents:
+        """A database's contents (with `device`: only its and its peers' results), read again only
+        when the file changed, by one thread: the others asking meanwhile wait for that read and
+        share it."""
+        key = str(path) if device is None else f"{path}\0{device.fingerprint()}"
         state = file_state(path)
-        cached = self._contents.get(str(path))
+        cached = self._contents.get(key)
         if cached is not None and cached[0] == state:
             return cached[1]
         with self._read_lock(path):
             state = file_state(path)
-            cached = self._contents.get(str(path))
+            cached = self._contents.get(key)
             if cached is not None and cached[0] == state:
                 return cached[1]
-            contents = read_contents(path) if state is not None else DatabaseContents()
+            contents = read_contents(path, device) if state is not None else DatabaseContents()
             with self._lock:
-                self._contents[str(path)] = (state, contents)
+                self._contents[key] = (state, contents)
         return contents
 
     def layer_results(self, path: Path, device: str, layers: tuple[str, ...]) -> tuple[TunedResult, ...]:
@@ -218,7 +228,7 @@ class Session:
         plan = tuned_plan(spec, info, (r for p in paths for r in self.layer_results(p, info.fingerprint(), keys)),
                           generated_only=generated_only, algorithm=algorithm)
         if plan is None:
-            plan = resolve(spec, info, [self.contents(p) for p in paths], generated_only=generated_only,
+            plan = resolve(spec, info, [self.contents(p, info) for p in paths], generated_only=generated_only,
                            algorithm=algorithm)
         with self._lock:
             if len(self._plans) >= MAX_PLANS:
