@@ -330,15 +330,18 @@ class ConvSpec:
         return f"{self.n}x{self.c}x{self.h}x{self.w} * {self.k}x{self.c_per_group}x{self.r}x{self.s}{tail}"
 
 
+def grouping_kind(spec: ConvSpec) -> str:
+    """"dense", "depthwise" or "grouped<g>": layers of different kinds have different best methods."""
+    if spec.groups == 1:
+        return "dense"
+    return "depthwise" if spec.groups == spec.c else f"grouped{spec.groups}"
+
+
 def same_family(a: ConvSpec, b: ConvSpec) -> bool:
     """Same kernel size, stride, dilation, dtype and kind of grouping (dense, depthwise or
     grouped): layers whose best configs are worth trying on each other."""
-    def grouping(spec: ConvSpec) -> str:
-        if spec.groups == 1:
-            return "dense"
-        return "depthwise" if spec.groups == spec.c else f"grouped{spec.groups}"
-
-    return (a.r, a.s, a.stride, a.dilation, grouping(a), a.dtype) == (b.r, b.s, b.stride, b.dilation, grouping(b), b.dtype)
+    return ((a.r, a.s, a.stride, a.dilation, grouping_kind(a), a.dtype)
+            == (b.r, b.s, b.stride, b.dilation, grouping_kind(b), b.dtype))
 
 
 def shape_distance(a: ConvSpec, b: ConvSpec) -> float:

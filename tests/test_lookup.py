@@ -194,3 +194,19 @@ def test_direct_loops_stored_alone_are_never_served_over_the_fallbacks(tmp_path)
     assert lookup(RES2, GPU, merged).source == "heuristic"
     store(db, RES2, median_ms=150.0, baseline_ms=1.0, algorithm="direct")  # with the baseline beside it
     assert lookup(RES2, GPU, db) == autoconv.Plan("im2col_blas", get_algorithm("im2col_blas").space.validate({}), "tuned")
+
+
+def test_a_depthwise_layer_never_takes_the_dense_layers_default(tmp_path):
+    """A device whose most frequent winner is Winograd (on dense 3x3 layers): an untuned depthwise
+    layer is not served it; with a depthwise layer tuned, that layer's winner is its default."""
+    db = tmp_path / "w.db"
+    for spec in (RES2, RES3, RES4):
+        store(db, spec, median_ms=1.0, baseline_ms=3.0, algorithm="winograd")
+    depthwise = ConvSpec(1, 32, 112, 112, 32, 3, 3, padding=1, groups=32)
+    plan = lookup(depthwise, GPU, db)
+    assert plan.algorithm != "winograd" and plan.source == "heuristic", plan
+    store(db, ConvSpec(1, 64, 56, 56, 64, 3, 3, stride=2, padding=1, groups=64), median_ms=2.0, baseline_ms=1.0)
+    plan = lookup(depthwise, GPU, db)
+    assert plan.algorithm == "im2col_blas" and plan.source == "device default for depthwise layers (most frequent tuned winner)"
+    dense = lookup(POINTWISE, GPU, db)  # dense: the dense layers' winners that can run it (not Winograd, 3x3 only)
+    assert dense.algorithm == "im2col_blas" and dense.source.startswith("device default for dense layers")

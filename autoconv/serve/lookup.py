@@ -18,7 +18,7 @@ from autoconv.algorithms import IM2COL_GEMM, Params, get_algorithm
 from autoconv.device import DeviceInfo
 from autoconv.errors import AutoconvError
 from autoconv.plan import Plan
-from autoconv.spec import ACTIVATIONS, ConvSpec, same_family, shape_distance
+from autoconv.spec import ACTIVATIONS, ConvSpec, grouping_kind, same_family, shape_distance
 from autoconv.store import TunedResult, fastest
 
 # What the lookup serves where nothing is tuned: the generated im2col + GEMM, heuristic params.
@@ -115,19 +115,29 @@ def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *
         nearest = min(similar, key=lambda r: (shape_distance(r.spec, spec), r.spec.key()))
         return Plan(nearest.algorithm, nearest.params, f"nearest tuned shape {nearest.spec}")
 
-    winner = _most_frequent(winners)
+    winner = _most_frequent(_kindred(winners, spec))
     if winner is not None:
-        return Plan(*winner, "device default (most frequent tuned winner)")
+        return Plan(*winner, f"device default for {grouping_kind(spec)} layers (most frequent tuned winner)")
 
     peers = {fp for contents in dbs for fp, row in contents.devices.items()
              if fp != fingerprint and row.get("backend") == info.backend and row.get("vendor") == info.vendor
              and row.get("device_type") == info.device_type}
     vendor = [r for contents in dbs for r in contents.results if r.device in peers and allowed(r)]
-    winner = _most_frequent(_winners(vendor, algorithm is not None))
+    winner = _most_frequent(_kindred(_winners(vendor, algorithm is not None), spec))
     if winner is not None:
-        return Plan(*winner, f"vendor default ({info.vendor} {info.device_type})")
+        return Plan(*winner, f"vendor default ({info.vendor} {info.device_type}, {grouping_kind(spec)} layers)")
     chosen = algorithm or DEFAULT_ALGORITHM
     return Plan(chosen, get_algorithm(chosen).heuristic(spec, info), "heuristic")
+
+
+def _kindred(winners: list[TunedResult], spec: ConvSpec) -> list[TunedResult]:
+    """The winners worth counting for a layer no tuned shape of its family is near: those of its
+    kernel size and kind of grouping, else of its kind of grouping; never of another kind (a
+    depthwise layer's best method is not a dense one's)."""
+    kind = grouping_kind(spec)
+    same_kind = [r for r in winners if grouping_kind(r.spec) == kind]
+    same_kernel = [r for r in same_kind if (r.spec.r, r.spec.s) == (spec.r, spec.s)]
+    return same_kernel or same_kind
 
 
 def _registered(name: str) -> bool:
