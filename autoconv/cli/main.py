@@ -355,7 +355,7 @@ def tune(
     backend_name: str = typer.Option("opencl", "--backend", help="opencl or cuda"),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     trials: Optional[int] = typer.Option(None, min=1, help="measured configs per layer (default 60 without --time-budget)"),
-    time_budget: Optional[str] = typer.Option(None, help="wall time for all layers, e.g. 90s, 10m, 1h"),
+    time_budget: Optional[str] = typer.Option(None, help="wall time for all layers, e.g. 90s, 10m, 1h (a bare number is seconds)"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     repeats: int = typer.Option(7, min=1, help="timed runs per config (the median counts)"),
     seed: int = typer.Option(0, help="sampler and data seed"),
