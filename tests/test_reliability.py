@@ -741,3 +741,18 @@ def test_explain_says_a_tuning_is_incomplete(opencl, tmp_path):
     result = cli("explain", L, "--db", str(db_path), "--repeats", "1")
     assert result.exit_code == 0, result.output
     assert "tuning here is incomplete (only direct measured" in result.output.replace("\n", " ")
+
+
+def test_a_run_killed_after_the_references_is_not_served_direct_loops(tmp_path):
+    """Killed (Ctrl-C) before any tunable algorithm was measured, with the baseline unsteady: what
+    is stored still beats serving the reference loops by default."""
+    class KilledAtTheFirstDefault(FakeEvaluator):
+        def __call__(self, algorithm, params):
+            if algorithm not in (DIRECT, IM2COL_BLAS):
+                raise KeyboardInterrupt
+            return super().__call__(algorithm, params)
+
+    db_path = tmp_path / "killed.db"
+    with SQLiteStore(db_path) as db, pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning):
+        tune_layer(L_SPEC, FAKE_GPU, KilledAtTheFirstDefault(baseline_ms=1.2, baseline_spread=0.5), db, trials=10)
+    assert lookup(L_SPEC, FAKE_GPU, db_path).algorithm == IM2COL_BLAS
