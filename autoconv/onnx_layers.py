@@ -14,7 +14,7 @@ def _onnx() -> Any:
     try:
         import onnx
     except ImportError:
-        raise BackendUnavailableError("--onnx needs the onnx package: pip install 'autoconv[onnx]'") from None
+        raise BackendUnavailableError("--onnx needs the onnx package: pip install onnx (autoconv's [onnx] extra)") from None
     return onnx
 
 

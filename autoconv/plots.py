@@ -1,6 +1,6 @@
 """The pictures behind `autoconv compare --plot`, `autoconv db plot` and `autoconv explain --html`:
 time per method per layer, the roofline (why im2col beats direct loops, and what it costs), and
-tuning curves. matplotlib is an optional extra (`pip install 'autoconv[plot]'`); a figure goes to
+tuning curves. matplotlib is an optional extra (`pip install matplotlib`: autoconv's [plot] extra); a figure goes to
 PNG or SVG by the file's suffix and is written whole (a temporary file renamed into place)."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _pyplot() -> Any:
         matplotlib.rcParams["text.parse_math"] = False
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PlotError("plots need matplotlib: pip install 'autoconv[plot]'") from None
+        raise PlotError("plots need matplotlib: pip install matplotlib (autoconv's [plot] extra)") from None
     return plt
 
 

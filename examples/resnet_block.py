@@ -152,7 +152,24 @@ def median_and_spread(samples: list[float]) -> tuple[float, float]:
     return median, (q3 - q1) / median
 
 
+def missing_extras() -> list[str]:
+    """What this example needs beyond autoconv's main install (pip install '.[bench]' brings both)."""
+    import importlib.util
+
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):
+            return True
+    return [name for name in ("onnx", "onnxruntime") if absent(name)]
+
+
 def main() -> int:
+    missing = missing_extras()
+    if missing:
+        print(f"resnet_block.py needs {' and '.join(missing)}, which autoconv's main install leaves out: "
+              "pip install '.[bench]' (from the autoconv checkout)", file=__import__("sys").stderr)
+        return 2
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=56, help="input height and width (ResNet-50's res2: 56)")

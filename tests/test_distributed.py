@@ -45,7 +45,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def postgres():
     """A throwaway PostgreSQL server on localhost: (bin dir, port, command prefix to run as its user)."""
-    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: pip install 'autoconv[postgres]'")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: pip install 'psycopg[binary]'")
     bindir = _postgres_bin()
     if bindir is None:
         pytest.skip("no PostgreSQL server here: bash scripts/install_postgresql.sh")

@@ -35,3 +35,18 @@ def test_the_resnet_block_example_chains_on_the_device(opencl):
     expected = example.reference_block(weights, x)
     assert example.relative_error(chained, expected) < example.TOLERANCE
     assert example.relative_error(example.run_round_trips(layers, x), expected) < example.TOLERANCE
+
+
+def test_the_resnet_block_example_without_its_extras_says_so_in_one_line(tmp_path):
+    """After only the README's main install (no onnx, no onnxruntime): one line naming the fix."""
+    blocker = tmp_path / "sitecustomize.py"  # onnx and onnxruntime made unimportable for the child
+    blocker.write_text("import importlib.abc, sys\n"
+                       "class Block(importlib.abc.MetaPathFinder):\n"
+                       "    def find_spec(self, name, path=None, target=None):\n"
+                       "        if name.split('.')[0] in ('onnx', 'onnxruntime'):\n"
+                       "            raise ModuleNotFoundError(name)\n"
+                       "sys.meta_path.insert(0, Block())\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    run = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "pip install '.[bench]'" in run.stderr

@@ -21,7 +21,7 @@ from autoconv.plan import Plan
 from autoconv.render import CUDA, KernelSource
 from autoconv.spec import ConvSpec
 
-INSTALL_HINT = "install CuPy for your CUDA version: pip install 'autoconv[cuda]' (cupy-cuda12x)"
+INSTALL_HINT = "install CuPy for your CUDA version: pip install cupy-cuda12x (autoconv's [cuda] extra; cupy-cuda13x for CUDA 13)"
 DEFAULT_BLOCK = 256  # threads per block where the kernel leaves the work-group size free
 NVRTC_OPTIONS = ("--std=c++14",)
 DLPACK_CUDA = 2  # kDLCUDA, the DLPack device type of CUDA memory

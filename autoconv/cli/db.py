@@ -195,7 +195,7 @@ def plot_curves(
     device: Optional[str] = typer.Option(None, help="only devices whose name contains this"),
 ) -> None:
     """Tuning curves: the best time so far against the trial index, per layer and algorithm, from
-    the measurements the tuner recorded (needs autoconv[plot])."""
+    the measurements the tuner recorded (needs matplotlib: autoconv's [plot] extra)."""
     import math
 
     from autoconv.layers import layer_name

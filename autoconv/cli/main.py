@@ -45,7 +45,7 @@ app = typer.Typer(
     help="Generate, tune, run and compare convolution kernels (im2col + GEMM, implicit GEMM, direct) on your own device.",
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode=None,  # help texts such as "autoconv[onnx]" are shown literally
+    rich_markup_mode=None,  # help texts such as "[onnx] extra" are shown literally
 )
 app.add_typer(db_app, name="db")
 
@@ -205,7 +205,7 @@ def compare(
     repeats: int = typer.Option(5, min=1, help="timed runs per method (the median is reported)"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP + "; tuned params of each algorithm come from it"),
     plot: Optional[Path] = typer.Option(None, help="also draw time per method and the roofline to this PNG or SVG "
-                                        "(needs autoconv[plot])"),
+                                        "(needs matplotlib: autoconv's [plot] extra)"),
     json_flag: bool = JSON_OPTION,
     csv_flag: bool = CSV_OPTION,
     verbose: bool = VERBOSE_OPTION,
@@ -350,7 +350,7 @@ def tune(
     layer: List[str] = typer.Argument(None, help=LAYER_HELP, show_default=False),
     layer_option: List[str] = typer.Option(None, "--layer", help="a layer, as LAYER (repeatable)", show_default=False),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    onnx: Optional[Path] = typer.Option(None, help="every Conv node of an ONNX model (needs autoconv[onnx])"),
+    onnx: Optional[Path] = typer.Option(None, help="every Conv node of an ONNX model (needs onnx: autoconv's [onnx] extra)"),
     batch: Optional[int] = typer.Option(None, help="batch size (overrides n)"),
     backend_name: str = typer.Option("opencl", "--backend", help="opencl or cuda"),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
@@ -457,7 +457,7 @@ def explain(
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     repeats: int = typer.Option(5, min=1, help="timed runs per method (the median is reported)"),
     html: Optional[Path] = typer.Option(None, help="also write the report with its plots to this HTML file "
-                                        "(needs autoconv[plot])"),
+                                        "(needs matplotlib: autoconv's [plot] extra)"),
 ) -> None:
     """Why this layer runs the way it does on this device: FLOPs, the bytes each method must move,
     arithmetic intensity against the measured compute and memory limits, measured times, and the

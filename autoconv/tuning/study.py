@@ -139,7 +139,7 @@ def journal_storage(db_path: Path) -> Any:
 
 # Optuna's RDB dialects and the package that drives each (what to install when it is missing).
 STORAGE_OPEN_ATTEMPTS = 3
-STORAGE_DRIVERS = {"postgresql": "psycopg (pip install 'autoconv[postgres]')", "mysql": "PyMySQL",
+STORAGE_DRIVERS = {"postgresql": "psycopg: pip install 'psycopg[binary]' (autoconv's [postgres] extra)", "mysql": "PyMySQL",
                    "sqlite": "nothing (built in)"}
 
 
