@@ -756,3 +756,12 @@ def test_a_run_killed_after_the_references_is_not_served_direct_loops(tmp_path):
     with SQLiteStore(db_path) as db, pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning):
         tune_layer(L_SPEC, FAKE_GPU, KilledAtTheFirstDefault(baseline_ms=1.2, baseline_spread=0.5), db, trials=10)
     assert lookup(L_SPEC, FAKE_GPU, db_path).algorithm == IM2COL_BLAS
+
+
+@pytest.mark.parametrize("args", [("tune", L, "--trials", "0"), ("tune", L, "--time-budget", "x"), ("nosuch",),
+                                  ("db", "nosuch"), ("run", L, "--repeats", "0"), ("tune", L, "--jobs", "zero")])
+def test_usage_errors_are_one_line_without_a_usage_block(args):
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Usage:" not in result.output, result.output

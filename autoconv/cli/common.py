@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.text import Text
 
 from autoconv.cli.output import LiteralConsole
@@ -27,6 +29,36 @@ def error_line(message: str, label: str = "error:", style: str = "bold red") -> 
     return Text.assemble((label, style), " ", message)
 
 F = TypeVar("F", bound=Callable[..., None])
+
+
+# typer's own click (vendored): its exception classes, reached through public names.
+_CLICK_EXCEPTIONS = sys.modules[typer.BadParameter.__module__]
+UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The command group whose usage errors (an option value out of range, a bad argument, an
+    unknown command) are one line and exit code 2, as every other error is: no usage block.
+    A bare command still shows its help."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except _CLICK_EXCEPTIONS.NoArgsIsHelpError as exc:
+            exc.show()
+            result = 2
+        except UsageError as exc:
+            context = getattr(exc, "ctx", None)
+            prefix = f"{context.command_path}: " if context is not None else ""
+            errors.print(error_line(prefix + exc.format_message()), soft_wrap=True)  # type: ignore[attr-defined]
+            result = 2
+        except typer.Abort:  # Ctrl-C or end of input outside a command's own handling
+            errors.print("interrupted")
+            result = 130
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 def reports_errors(command: F) -> F:

@@ -20,6 +20,7 @@ from autoconv.tuning.build_pool import DEFAULT_JOBS
 from autoconv.cli.common import (
     DB_HELP,
     DEVICE_HELP,
+    OneLineUsageErrors,
     console,
     db_path_option,
     device_option,
@@ -42,6 +43,7 @@ from autoconv.cli.output import (
 )
 
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     help="Generate, tune, run and compare convolution kernels (im2col + GEMM, implicit GEMM, direct) on your own device.",
     no_args_is_help=True,
     add_completion=False,
@@ -324,8 +326,8 @@ def run(
 
 TUNE_FIELDS = [
     Field("layer", "layer"), Field("trials", "trials", numeric=True), Field("fastest", "fastest"),
-    Field("fastest_ms", "ms", ms, numeric=True), Field("best_generated", "best generated"),
-    Field("best_generated_ms", "ms ", ms, numeric=True), Field("vs_default", "vs its default", ratio, numeric=True),
+    Field("fastest_ms", "fastest ms", ms, numeric=True), Field("best_generated", "best generated"),
+    Field("best_generated_ms", "best generated ms", ms, numeric=True), Field("vs_default", "vs its default", ratio, numeric=True),
     Field("baseline_ms", "baseline ms", ms, numeric=True), Field("vs_baseline", "fastest vs baseline", ratio, numeric=True),
     Field("failed", "failed", numeric=True), Field("wall_s", "wall s", lambda v: f"{v:.0f}", numeric=True),
 ]
