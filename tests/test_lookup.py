@@ -93,7 +93,8 @@ def test_a_forced_algorithm_without_results_gets_its_heuristic(tmp_path):
 def test_a_forced_algorithm_that_does_not_support_the_shape_says_why(tmp_path, monkeypatch):
     implicit = get_algorithm("implicit_gemm")
     monkeypatch.setattr(type(implicit), "supports", lambda self, spec, device: "only 3x3 here" if spec.r != 3 else None)
-    with pytest.raises(UnsupportedAlgorithmError, match="implicit_gemm does not support .*only 3x3 here"):
+    with pytest.raises(UnsupportedAlgorithmError, match="implicit_gemm does not support .*only 3x3 here"), \
+            pytest.warns(RuntimeWarning, match="does not exist"):
         lookup(POINTWISE, GPU, tmp_path / "none.db", algorithm="implicit_gemm")
     db = tmp_path / "t.db"
     store(db, RES2, median_ms=0.1, baseline_ms=None, algorithm="implicit_gemm", MWG=8)
@@ -122,7 +123,8 @@ def test_a_damaged_database_falls_back_and_never_crashes(tmp_path):
     db.write_bytes(b"\x00garbage" * 500)
     with pytest.warns(RuntimeWarning):
         assert lookup(RES2, GPU, db) == heuristic_plan(RES2, GPU)
-    assert lookup(RES2, GPU, tmp_path / "missing.db") == heuristic_plan(RES2, GPU)
+    with pytest.warns(RuntimeWarning, match="does not exist"):
+        assert lookup(RES2, GPU, tmp_path / "missing.db") == heuristic_plan(RES2, GPU)
 
 
 def test_cached_but_sees_new_results_and_is_thread_safe(tmp_path):

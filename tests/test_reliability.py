@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -205,7 +206,10 @@ RESULT_COLUMNS = {
 def test_a_damaged_result_column_is_never_served_or_merged(opencl, tuned_db, tmp_path, column, value):
     with sqlite3.connect(tuned_db) as conn:
         conn.execute(f"update results set {column} = ?", [value])
-    assert lookup(L_SPEC, opencl, tuned_db, shipped=False).source != "tuned"
+    with warnings.catch_warnings(record=True) as seen:  # a damaged row is skipped with a warning, or not read
+        warnings.simplefilter("always")
+        assert lookup(L_SPEC, opencl, tuned_db, shipped=False).source != "tuned"
+    assert all(issubclass(w.category, RuntimeWarning) and "autoconv: ignoring" in str(w.message) for w in seen)
     listed = cli("db", "list", "--db", str(tuned_db))
     assert listed.exit_code == 0 and "Traceback" not in listed.output
     merged = tmp_path / "merged.db"
@@ -219,7 +223,8 @@ def test_a_damaged_result_column_is_never_served_or_merged(opencl, tuned_db, tmp
 def test_a_damaged_layer_column_is_never_served(opencl, tuned_db, column):
     with sqlite3.connect(tuned_db) as conn:
         conn.execute(f"update layers set {column} = ?", ["broken"])
-    assert lookup(L_SPEC, opencl, tuned_db, shipped=False).source != "tuned"
+    with pytest.warns(RuntimeWarning, match="autoconv: ignoring"):
+        assert lookup(L_SPEC, opencl, tuned_db, shipped=False).source != "tuned"
     assert cli("db", "show", L, "--db", str(tuned_db)).exit_code in (0, 1)
 
 
