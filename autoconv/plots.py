@@ -109,6 +109,16 @@ def _save(figure: Any, path: Path | None) -> bytes:
     return b""
 
 
+def _plain_ticks(*axes: Any) -> None:
+    """Log axes labelled with plain numbers (60, 0.5), not 6x10^1: text, since TeX is off."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    for axis in axes:
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(NullFormatter())
+
+
 def compare_figure(points: Sequence[MethodPoint], roofs: DeviceRoofs | None, device: str,
                    path: Path | None = None) -> bytes:
     """Left: ms per method for each layer (log scale). Right: the roofline with every (layer,
@@ -126,6 +136,9 @@ def compare_figure(points: Sequence[MethodPoint], roofs: DeviceRoofs | None, dev
         ys = [by_key[(layer, method)].ms for layer in layers if (layer, method) in by_key]
         bars.bar(xs, ys, width, label=method, color=colours[method])
     bars.set_yscale("log")
+    fastest = min((p.ms for p in points if p.ms > 0), default=1.0)
+    bars.set_ylim(bottom=fastest / 4)  # the fastest bar stands clear of the floor
+    _plain_ticks(bars.yaxis)
     bars.set_xticks(range(len(layers)))
     bars.set_xticklabels(layers, rotation=30 if len(layers) > 3 else 0, ha="right" if len(layers) > 3 else "center",
                          fontsize=8)
@@ -147,7 +160,10 @@ def compare_figure(points: Sequence[MethodPoint], roofs: DeviceRoofs | None, dev
                   label=f"roof: {roofs.bandwidth_gbs:.0f} GB/s copy, {roofs.peak_gflops:.0f} GFLOP/s GEMM")
     roof.set_xscale("log")
     roof.set_yscale("log")
+    _plain_ticks(roof.xaxis, roof.yaxis)
     roof.set_xlim(low, high)
+    if roofs is not None and any(p.gflops > roofs.bound(p.intensity) for p in points):
+        roof.plot([], [], " ", label="above the roof: FLOPs counted as direct convolution (Winograd does fewer)")
     roof.set_xlabel("arithmetic intensity (FLOP per byte moved, modelled)")
     roof.set_ylabel("GFLOP/s (direct-convolution FLOPs)")
     roof.set_title("Roofline: direct loops re-read memory, im2col pays its buffer once")
@@ -173,6 +189,7 @@ def tuning_curves_figure(curves: dict[str, list[float]], title: str, path: Path 
     axes.set_xlabel("trial (measured config, in order)")
     axes.set_ylabel("best time so far (ms, log scale)")
     axes.set_yscale("log")
+    _plain_ticks(axes.yaxis)
     axes.set_title(title)
     axes.grid(which="both", alpha=0.3)
     if curves:

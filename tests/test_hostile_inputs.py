@@ -288,3 +288,26 @@ def test_an_unwritable_plot_or_html_directory_is_refused_before_measuring():
         check_output_path(unwritable / "plot.png")
     result = cli("explain", L, "--html", str(unwritable / "report.html"))
     assert result.exit_code != 0 and "not writable" in result.output
+
+
+def test_plots_label_log_axes_plainly_and_keep_the_fastest_bar_visible(monkeypatch):
+    """No 6x10^1 (TeX is off, so it would show as raw markup), the fastest bar clear of the
+    floor, and a point above the roof explained in the legend."""
+    pytest.importorskip("matplotlib")
+    from autoconv import plots
+    from autoconv.roofline import DeviceRoofs
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or b"")
+    points = [plots.MethodPoint("l1", "direct", 60.0, 2.0, 0.5), plots.MethodPoint("l1", "winograd", 0.2, 900.0, 20.0),
+              plots.MethodPoint("l2", "im2col_gemm", 1.5, 150.0, 10.0)]
+    plots.compare_figure(points, DeviceRoofs(peak_gflops=500.0, bandwidth_gbs=20.0), "dev")
+    plots.tuning_curves_figure({"l1 winograd": [3.0, 1.0, 0.3]}, "curves")
+    for figure in figures:
+        figure.canvas.draw()
+        for axes in figure.axes:
+            labels = [t.get_text() for t in axes.get_yticklabels() + axes.get_xticklabels()]
+            assert not any("times" in text or "\\\\" in text or "$" in text for text in labels), labels
+    bars, roof = figures[0].axes
+    assert bars.get_ylim()[0] <= 0.2 / 3  # the 0.2 ms bar is a bar, not a sliver at the floor
+    assert any("above the roof" in t.get_text() for t in roof.get_legend().get_texts())
