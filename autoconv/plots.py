@@ -174,10 +174,13 @@ def compare_figure(points: Sequence[MethodPoint], roofs: DeviceRoofs | None, dev
     return _save(figure, path)
 
 
-def tuning_curves_figure(curves: dict[str, list[float]], title: str, path: Path | None = None) -> bytes:
-    """Best time so far against the trial index, one line per (layer, algorithm)."""
+def tuning_curves_figure(curves: dict[str, list[float]], title: str, path: Path | None = None,
+                         stored: dict[str, float] | None = None) -> bytes:
+    """Best time so far against the trial index, one line per (layer, algorithm); `stored` (same
+    labels) marks the time the database serves, re-timed on fresh data, at each curve's end."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=CURVES_SIZE_IN, dpi=FIGURE_DPI)
+    marked = False
     for label, times in curves.items():
         trials, best, running = [], [], math.inf
         for index, value in enumerate(times, 1):
@@ -185,13 +188,18 @@ def tuning_curves_figure(curves: dict[str, list[float]], title: str, path: Path 
             if math.isfinite(running):  # before the first verified config there is nothing to draw
                 trials.append(index)
                 best.append(running)
-        axes.step(trials, best, where="post", label=label)
+        line, = axes.step(trials, best, where="post", label=label)
+        if stored and label in stored and trials:
+            axes.plot([trials[-1]], [stored[label]], marker="o", markerfacecolor="none", color=line.get_color())
+            marked = True
     axes.set_xlabel("trial (measured config, in order)")
     axes.set_ylabel("best time so far (ms, log scale)")
     axes.set_yscale("log")
     _plain_ticks(axes.yaxis)
     axes.set_title(title)
     axes.grid(which="both", alpha=0.3)
+    if marked:
+        axes.plot([], [], "o", markerfacecolor="none", color="grey", label="stored: the served time, re-timed on fresh data")
     if curves:
         axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()

@@ -35,7 +35,8 @@ DEVICE_KEYS = {"index", "platform", "device", "type", "driver", "compute_units",
                "host_memory", "usable", "default", "problem"}
 LIST_KEYS = {"device", "layer", "key", "algorithm", "served", "ms", "spread", "repeats", "gflops", "vs_default",
              "vs_baseline", "trials", "params", "templates", "note"}
-SHOW_KEYS = {"device", "layer", "algorithm", "rank", "status", "ms", "spread", "repeats", "rel_error", "best", "params"}
+SHOW_KEYS = {"device", "layer", "algorithm", "rank", "status", "ms", "spread", "repeats", "rel_error", "measured", "best",
+             "params"}
 
 
 def invoke(*args, env=None):

@@ -35,8 +35,9 @@ def test_tune_then_list_show_merge_prune(opencl, tmp_path):
     served = [line for line in listed.output.splitlines() if " yes " in f"{line} "]
     assert len(served) == 1  # one served algorithm per layer, marked in the served column
     shown = runner.invoke(app, ["db", "show", LAYER, "--db", str(db)], env=WIDE)
-    assert shown.exit_code == 0 and "params MWG=" in shown.output and "im2col_blas measured configs: 1 ok" in shown.output
-    assert "implicit_gemm measured configs:" in shown.output
+    assert shown.exit_code == 0 and "params MWG=" in shown.output
+    assert "im2col_blas: 1 configs measured (1 measurements): 1 ok" in shown.output
+    assert "implicit_gemm: " in shown.output and "configs measured" in shown.output
     with SQLiteStore(db, readonly=True) as store:
         stored = len(store.results())
     assert stored >= 2

@@ -302,7 +302,7 @@ def test_plots_label_log_axes_plainly_and_keep_the_fastest_bar_visible(monkeypat
     points = [plots.MethodPoint("l1", "direct", 60.0, 2.0, 0.5), plots.MethodPoint("l1", "winograd", 0.2, 900.0, 20.0),
               plots.MethodPoint("l2", "im2col_gemm", 1.5, 150.0, 10.0)]
     plots.compare_figure(points, DeviceRoofs(peak_gflops=500.0, bandwidth_gbs=20.0), "dev")
-    plots.tuning_curves_figure({"l1 winograd": [3.0, 1.0, 0.3]}, "curves")
+    plots.tuning_curves_figure({"l1 winograd": [3.0, 1.0, 0.3]}, "curves", None, {"l1 winograd": 0.35})
     for figure in figures:
         figure.canvas.draw()
         for axes in figure.axes:
@@ -311,3 +311,5 @@ def test_plots_label_log_axes_plainly_and_keep_the_fastest_bar_visible(monkeypat
     bars, roof = figures[0].axes
     assert bars.get_ylim()[0] <= 0.2 / 3  # the 0.2 ms bar is a bar, not a sliver at the floor
     assert any("above the roof" in t.get_text() for t in roof.get_legend().get_texts())
+    (curves,) = figures[1].axes  # db plot marks the stored (re-timed) time db list serves
+    assert any("stored" in t.get_text() for t in curves.get_legend().get_texts())

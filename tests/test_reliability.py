@@ -770,3 +770,21 @@ def test_usage_errors_are_one_line_without_a_usage_block(args):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Usage:" not in result.output, result.output
+
+
+def test_db_list_and_db_show_say_the_same_about_one_database(tmp_path):
+    """One row per config in db show (re-timed configs included), the served one marked, with the
+    stored time db list serves."""
+    db_path = tmp_path / "same.db"
+    with SQLiteStore(db_path) as db:
+        tune_layer(L_SPEC, FAKE_GPU, FakeEvaluator(), db, trials=12)
+    listed = json.loads(cli("db", "list", "--db", str(db_path), "--json").output)
+    shown = json.loads(cli("db", "show", L, "--db", str(db_path), "--json", "--top", "50").output)
+    for algorithm in {r["algorithm"] for r in listed}:
+        rows = [r for r in shown if r["algorithm"] == algorithm]
+        configs = [json.dumps(r["params"], sort_keys=True) for r in rows]
+        assert len(configs) == len(set(configs)), f"{algorithm}: a config listed twice"
+        (served,) = [r for r in rows if r["best"]]
+        (stored,) = [r for r in listed if r["algorithm"] == algorithm]
+        assert served["ms"] == stored["ms"] and served["params"] == stored["params"]
+        assert sum(r["measured"] for r in rows) >= len(rows)

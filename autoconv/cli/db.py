@@ -103,9 +103,37 @@ def list_results(
 SHOW_FIELDS = [
     Field("algorithm", "algorithm"), Field("rank", "#", numeric=True), Field("status", "status"),
     Field("ms", "ms", ms, numeric=True), Field("spread", "spread", percent, numeric=True),
-    Field("rel_error", "rel. error", scientific, numeric=True), Field("best", "best", lambda v: "yes" if v else ""),
+    Field("rel_error", "rel. error", scientific, numeric=True), Field("measured", "times measured", numeric=True),
+    Field("best", "served", lambda v: "yes" if v else ""),
     Field("params", "params", lambda p: " ".join(f"{k}={v}" for k, v in p.items()) or "(none)"),
 ]
+
+
+def _measured_configs(measured: list[dict], algorithm: str) -> list[dict]:
+    """One row per config an algorithm measured (a config re-timed several times is one row): its
+    fastest successful measurement, else its last status, and how many times it was measured."""
+    from autoconv.errors import AutoconvError
+    from autoconv.store.sqlite import parse_params
+
+    by_config: dict[object, dict] = {}
+    for m in measured:
+        if m["algorithm"] != algorithm:
+            continue
+        try:  # validated as every stored config is; a damaged one shows as {}
+            params = parse_params(m["params"], algorithm, f"measurement {m['id']}")
+        except (AutoconvError, KeyError):
+            params = None
+        key = params if params is not None else ("damaged", m.get("id"))
+        ok = m["status"] == "ok" and m["median_ms"] is not None
+        entry = by_config.setdefault(key, {"params": params, "status": m["status"], "ms": None, "spread": None,
+                                           "repeats": None, "rel_error": m["rel_error"], "count": 0})
+        entry["count"] += 1
+        if ok and (entry["ms"] is None or m["median_ms"] < entry["ms"]):
+            entry.update(status="ok", ms=m["median_ms"], spread=m.get("spread"), repeats=m.get("repeats"),
+                         rel_error=m["rel_error"])
+        elif entry["ms"] is None:
+            entry["status"] = m["status"]
+    return list(by_config.values())
 
 
 @db_app.command()
@@ -123,9 +151,7 @@ def show(
     params, median, spread and status, and how many configs ended in each status."""
     from collections import Counter
 
-    from autoconv.errors import AutoconvError
     from autoconv.layers import parse_layer
-    from autoconv.store.sqlite import parse_params
 
     fmt = output_format(json_flag, csv_flag)
     spec = parse_layer(layer, batch).spec
@@ -142,25 +168,23 @@ def show(
             device_records = []
             for name in sorted({m["algorithm"] for m in measured} | {r.algorithm for r in mine}):
                 best = next((r for r in mine if r.algorithm == name), None)
-                ranked = sorted((m for m in measured if m["algorithm"] == name),
-                                key=lambda m: (m["status"] != "ok", m["median_ms"] if m["median_ms"] is not None
-                                               else float("inf")))
-                for rank, m in enumerate(ranked[:top], 1):
-                    try:  # validated as every stored config is; a damaged one shows as {}
-                        params = parse_params(m["params"], name, f"measurement {m['id']}")
-                    except (AutoconvError, KeyError):
-                        params = None
+                configs = _measured_configs(measured, name)
+                ranked = sorted(configs, key=lambda c: (c["status"] != "ok", c["ms"] if c["ms"] is not None
+                                                        else float("inf")))
+                for rank, config in enumerate(ranked[:top], 1):
+                    served = best is not None and config["params"] == best.params and config["status"] == "ok"
+                    ms_shown = best.median_ms if served and best is not None else config["ms"]
                     device_records.append({
                         "device": row["name"], "layer": str(spec), "algorithm": name, "rank": rank,
-                        "status": m["status"], "ms": m["median_ms"], "spread": m.get("spread"),
-                        "repeats": m.get("repeats"), "rel_error": m["rel_error"],
-                        "best": best is not None and params == best.params and m["status"] == "ok",
-                        "params": params.as_dict() if params is not None else {}})
+                        "status": config["status"], "ms": ms_shown, "spread": best.spread if served and best else
+                        config["spread"], "repeats": config["repeats"], "rel_error": config["rel_error"],
+                        "measured": config["count"], "best": served,
+                        "params": config["params"].as_dict() if config["params"] is not None else {}})
                 if not ranked[:top] and best is not None:  # a stored best whose measurements were pruned (shipped DBs)
                     device_records.append({
                         "device": row["name"], "layer": str(spec), "algorithm": name, "rank": 1, "status": "ok",
                         "ms": best.median_ms, "spread": best.spread, "repeats": best.repeats,
-                        "rel_error": best.rel_error, "best": True, "params": best.params.as_dict()})
+                        "rel_error": best.rel_error, "measured": 0, "best": True, "params": best.params.as_dict()})
             records += device_records
             if fmt == "table":
                 console.print(Text.assemble((row["name"], "bold"), f" ({row['platform']}, driver {row['driver']})"))
@@ -173,9 +197,18 @@ def show(
                     console.print(f"    templates {r.template_hash}, autoconv {r.autoconv_version}, {r.created}",
                                   style="dim")
                 for name in sorted({m["algorithm"] for m in measured}):
-                    statuses = Counter(m["status"] for m in measured if m["algorithm"] == name)
-                    console.print(f"  {name} measured configs: "
+                    configs = _measured_configs(measured, name)
+                    statuses = Counter(c["status"] for c in configs)
+                    count = sum(1 for m in measured if m["algorithm"] == name)
+                    console.print(f"  {name}: {len(configs)} configs measured ({count} measurements): "
                                   + ", ".join(f"{n} {s}" for s, n in statuses.most_common()))
+                    faster = [r for r in device_records if r["algorithm"] == name and not r["best"]
+                              and r["status"] == "ok" and r["ms"] is not None]
+                    served_rows = [r for r in device_records if r["algorithm"] == name and r["best"]]
+                    if served_rows and any(r["ms"] < served_rows[0]["ms"] for r in faster):
+                        console.print("    a config measured faster than the stored best is not served: the best is "
+                                      "re-timed on fresh data against the runners-up, and the stored time is that "
+                                      "re-timing", style="dim")
                 if top and device_records:
                     emit(console, fmt, f"  fastest {top} measured configs per algorithm", SHOW_FIELDS, device_records,
                          styles=lambda r, f: "bold" if r["best"] else ("red" if r["status"] != "ok" else ""))
@@ -205,7 +238,9 @@ def plot_curves(
     curves: dict[str, list[float]] = {}
     with _open_existing(db) as database:
         rows = _device_rows(database, device)
-        layers = {r.spec for r in database.results()}
+        results = database.results()
+        layers = {r.spec for r in results}
+        stored: dict[str, float] = {}
         for row in rows:
             for spec in sorted(layers, key=lambda s: s.key()):
                 by_algorithm: dict[str, list[float]] = {}
@@ -216,10 +251,14 @@ def plot_curves(
                     if len(times) > 1:  # a single measurement (an untunable method) is no curve
                         label = layer_name(spec) + f" {name}" + (f" ({row['name']})" if len(rows) > 1 else "")
                         curves[label] = times
+                        kept = next((r for r in results if r.device == row["fingerprint"] and r.spec == spec
+                                     and r.algorithm == name), None)
+                        if kept is not None:
+                            stored[label] = kept.median_ms
     if not curves:
         errors.print(f"no tuning measurements in {db_path_option(db)} to plot (shipped databases keep none)")
         raise typer.Exit(1)
-    tuning_curves_figure(curves, "Tuning curves: best time so far per layer and algorithm", out)
+    tuning_curves_figure(curves, "Tuning curves: best time so far per layer and algorithm", out, stored)
     console.print(f"{len(curves)} curve(s) written to {out}", soft_wrap=True)
 
 
