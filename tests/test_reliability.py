@@ -34,7 +34,7 @@ from autoconv.layers import parse_layer
 from autoconv.render import template_hash
 from autoconv.store import SQLiteStore, TunedResult
 from autoconv.tuning.study import journal_path, journal_storage, study_name, worker_identity
-from autoconv.tuning.tuner import DeviceEvaluator, Outcome, tune_layer
+from autoconv.tuning.tuner import DeviceEvaluator, Outcome, tunable, tune_layer
 
 from conftest import heuristic_plan
 
@@ -788,3 +788,20 @@ def test_db_list_and_db_show_say_the_same_about_one_database(tmp_path):
         (stored,) = [r for r in listed if r["algorithm"] == algorithm]
         assert served["ms"] == stored["ms"] and served["params"] == stored["params"]
         assert sum(r["measured"] for r in rows) >= len(rows)
+
+
+def test_a_time_budget_gives_every_layer_its_defaults_before_any_search(opencl, tmp_path):
+    """Three layers, a budget too small for any search: every layer still ends with each tunable
+    algorithm's default measured (the defaults pass runs over all layers first), never 0 trials."""
+    from autoconv.tuning.tuner import tune_layers
+
+    layers = [(f"l{k}", ConvSpec(1, 4, 6, 6, k, 3, 3, padding=1)) for k in (4, 8, 12)]
+    passes = []
+    with SQLiteStore(tmp_path / "budget.db") as db:
+        reports = tune_layers(layers, opencl, db, trials=None, time_budget_s=0.01, repeats=1, warm_start=False,
+                              on_defaults=lambda done, total: passes.append((done, total)))
+        for report in reports:
+            tunables = {a for a in report.trials_by_algorithm if tunable(a)}
+            assert tunables and report.trials >= len(tunables), report
+            assert lookup(report.spec, opencl.device, tmp_path / "budget.db").source == "tuned"
+    assert passes == [(0, 3), (1, 3), (2, 3), (3, 3)]

@@ -433,6 +433,20 @@ def tune(
             text = "no verified config yet" if best is None else f"best {best.algorithm} {best.median_ms:.3f} ms"
             bar.update(tasks[report.label], completed=report.trials, best=text)
 
+        defaults_task: list[TaskID] = []
+
+        def defaults(done: int, total: int) -> None:
+            if bar is None:
+                if done == 0:
+                    errors.print(f"measuring every algorithm's default on each of the {total} layers first "
+                                 "(the time budget is then shared out)", soft_wrap=True)
+                return
+            if not defaults_task:
+                defaults_task.append(bar.add_task("defaults of every layer", total=total, best=""))
+            bar.update(defaults_task[0], completed=done)
+            if done == total:
+                bar.stop_task(defaults_task[0])
+
         def finished(report: LayerReport) -> None:
             if bar is not None:  # the layer's timer stops with it
                 bar.update(tasks[report.label], completed=report.trials, total=max(report.trials, 1),
@@ -443,7 +457,8 @@ def tune(
 
         reports = tune_layers(chosen, backend, database, trials=trials, time_budget_s=budget_s, seed=seed,
                               repeats=repeats, algorithms=tuple(algorithm) if algorithm else None,
-                              progress=update, on_layer_start=start, on_layer_end=finished, warm_start=warm_start,
+                              progress=update, on_layer_start=start, on_layer_end=finished, on_defaults=defaults,
+                              warm_start=warm_start,
                               early_stop=(EARLY_STOP_TRIALS, EARLY_STOP_GAIN) if early_stop else None,
                               jobs=jobs, storage=storage)
     emit(console, fmt, f"tuned on {backend.device.name}", TUNE_FIELDS, [tune_record(r) for r in reports])

@@ -489,6 +489,7 @@ def tune_layer(
     warm: Warm | None = None,
     heartbeat: Heartbeat | None = None,
     sampler: str = "tpe",
+    defaults_only: bool = False,
 ) -> LayerReport:
     """Tune (or resume tuning) one layer over every algorithm that supports it until the tunable
     algorithms' studies hold `trials` measured trials together, the monotonic `deadline` passes,
@@ -498,7 +499,8 @@ def tune_layer(
     built ahead; `sampler` is "tpe" or "random" (new
     studies only: a resumed one keeps how it was sampled in its trials). The studies live in `storage` (default:
     the journal beside the database), which other workers may share. Returns the report and
-    leaves each algorithm's best in the store."""
+    leaves each algorithm's best in the store. `defaults_only`: just each tunable algorithm's
+    default (a resumed study has it already), no references, no search, no re-timing."""
     if trials is None and deadline is None:
         raise InvalidParamsError("tuning needs a budget: a trial count or a time limit")
     started = time.monotonic()
@@ -510,14 +512,16 @@ def tune_layer(
                          records=records, early_stop=early_stop, jobs=jobs, warm=warm, heartbeat=heartbeat,
                          sampler=sampler)
     try:
-        tuning.measure_untunable()
+        if not defaults_only:
+            tuning.measure_untunable()
         tuning.measure_defaults()
-        tuning.share_budget()
+        if not defaults_only:
+            tuning.share_budget()
     finally:
         tuning.pool.close()
         if own_heartbeat:
             heartbeat.stop()
-    return tuning.finish(started, retime=retime)
+    return tuning.finish(started, retime=retime and not defaults_only)
 
 
 def tune_layers(
@@ -537,8 +541,11 @@ def tune_layers(
     early_stop: tuple[int, float] | None = (EARLY_STOP_TRIALS, EARLY_STOP_GAIN),
     jobs: int = 1,
     storage: str | None = None,
+    on_defaults: Callable[[int, int], None] | None = None,
 ) -> list[LayerReport]:
-    """Tune layers one after another; a time budget is shared out evenly over the layers left.
+    """Tune layers one after another; a time budget is shared out evenly over the layers left,
+    after every layer's tunable algorithms have had their defaults measured (so no layer ends a
+    budget with nothing but the reference loops; `on_defaults(done, total)` reports that pass).
     With warm_start, each new study is seeded from this database's and the shipped databases'
     winners on similar layers (read again before each layer: earlier layers of the run count).
     `storage` (an Optuna storage URL or journal path) holds the studies when several workers
@@ -558,6 +565,22 @@ def tune_layers(
     reports = []
     end = None if time_budget_s is None else time.monotonic() + time_budget_s
     try:
+        if end is not None and len(layers) > 1:
+            for index, (label, spec) in enumerate(layers):
+                if on_defaults is not None:
+                    on_defaults(index, len(layers))
+                records = [session.contents(p) for p in session.database_paths(db.path)] if warm_start else None
+                try:  # new studies are seeded here (warm start): the main pass resumes them
+                    tune_layer(spec, backend.device, DeviceEvaluator(backend, spec, repeats=repeats, seed=seed), db,
+                               trials=None, deadline=time.monotonic(), label=label, seed=seed, storage=studies,
+                               algorithms=algorithms, records=records, early_stop=None, jobs=jobs, heartbeat=heartbeat,
+                               warm=None if builders is None else process_warm(builders, backend.name, device_index,
+                                                                               spec),
+                               defaults_only=True)
+                except OSError as exc:
+                    raise TuningDBError(f"the {where} cannot be written: {exc.strerror or exc}") from None
+            if on_defaults is not None:
+                on_defaults(len(layers), len(layers))
         for index, (label, spec) in enumerate(layers):
             if on_layer_start is not None:
                 on_layer_start(label, spec)
