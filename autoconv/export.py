@@ -19,6 +19,7 @@ from autoconv.device import DeviceInfo
 from autoconv.errors import AutoconvError
 from autoconv.plan import Plan
 from autoconv.render import BUFFER_ARGS, CUDA, OPENCL, Dialect, KernelSource, source_text, template_hash
+from autoconv.settings import current_umask
 from autoconv.spec import ConvSpec
 
 MANIFEST = "manifest.json"
@@ -230,12 +231,6 @@ def _reference_files(entry: ExportEntry, stem: str) -> dict[str, bytes]:
     return files
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _export_files(manifest: dict) -> set[str]:
     """Every file an export wrote, from its manifest."""
     names = {MANIFEST, HEADER}
@@ -334,7 +329,7 @@ def export(entries: Iterable[ExportEntry], device: DeviceInfo, out_dir: str | Pa
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 is for the staging; the export gets the user's mode
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 is for the staging; the export gets the user's mode
     except OSError as exc:
         raise ExportError(f"--out: cannot write in {parent}: {exc.strerror or exc}") from None
     try:

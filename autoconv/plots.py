@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from autoconv.errors import AutoconvError
 from autoconv.roofline import DeviceRoofs
+from autoconv.settings import current_umask
 
 FIGURE_DPI = 100
 COMPARE_SIZE_IN = (14.0, 6.0)  # 1400 x 600 pixels
@@ -73,9 +74,7 @@ def _new_file_mode(path: Path) -> int:
     try:
         return stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~current_umask()
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -28,6 +28,13 @@ class Settings:
         return tuple(sorted(self.shipped_db_dir.glob("*.db")))
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and back): the mode files the user gets follow it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _default_shipped_dir() -> Path:
     """tuning_db/ inside an installed wheel, else the repository's top-level tuning_db/."""
     packaged = Path(__file__).resolve().parent / "tuning_db"

@@ -77,8 +77,9 @@ def list_results(
                 layers.setdefault((r.spec, r.template_hash), []).append(r)
             device_records = []
             for (spec, templates), found in layers.items():
-                served = fastest(trusted(found))
-                incomplete = "tuning incomplete: only direct loops measured; the lookup falls back" if not trusted(found) else ""
+                counted = trusted(found)
+                served = fastest(counted)
+                incomplete = "" if counted else "tuning incomplete: only direct loops measured; the lookup falls back"
                 baseline = next((r for r in found if r.algorithm == BASELINE), None)
                 for r in sorted(found, key=lambda r: r.median_ms):
                     device_records.append({

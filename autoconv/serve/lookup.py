@@ -71,11 +71,19 @@ def measured_against_alternatives(result: TunedResult) -> bool:
     return bool(chosen.space.params) or chosen.library_gemm
 
 
-def trusted(results: list[TunedResult]) -> list[TunedResult]:
+def trusted(results: list[TunedResult], forced: bool = False) -> list[TunedResult]:
     """A layer's stored results, when they can stand for its tuning: at least one tunable or library
     algorithm among them. Direct loops stored alone (a tuning cut short, the baseline dropped as
-    unsteady) are not served over the fallbacks."""
-    return results if any(measured_against_alternatives(r) for r in results) else []
+    unsteady) are not served over the fallbacks. With a `forced` algorithm its own rows are what
+    was asked for: all are kept."""
+    return results if forced or any(measured_against_alternatives(r) for r in results) else []
+
+
+def is_peer(row: dict, info: DeviceInfo) -> bool:
+    """Whether a devices row is of the same backend, vendor and type as `info` (whose winners the
+    vendor default counts)."""
+    return (row.get("backend") == info.backend and row.get("vendor") == info.vendor
+            and row.get("device_type") == info.device_type)
 
 
 def tuned_plan(spec: ConvSpec, info: DeviceInfo, results: Iterable[TunedResult], *, generated_only: bool = False,
@@ -86,12 +94,12 @@ def tuned_plan(spec: ConvSpec, info: DeviceInfo, results: Iterable[TunedResult],
     allowed = _allowed(spec, info, generated_only, algorithm)
     fingerprint = info.fingerprint()
     mine = [r for r in results if r.device == fingerprint and allowed(r)]
-    keep = trusted if algorithm is None else list  # a forced algorithm: its own rows are what was asked for
-    exact = fastest(keep([r for r in mine if r.spec == spec]))
+    forced = algorithm is not None
+    exact = fastest(trusted([r for r in mine if r.spec == spec], forced))
     if exact is not None:
         return Plan(exact.algorithm, exact.params, "tuned")
     plain = spec.convolution()
-    same_convolution = fastest(keep([r for r in mine if r.spec.convolution() == plain]))
+    same_convolution = fastest(trusted([r for r in mine if r.spec.convolution() == plain], forced))
     if same_convolution is not None:
         return Plan(same_convolution.algorithm, same_convolution.params,
                     f"tuned for {same_convolution.spec} (the same convolution, another epilogue)")
@@ -119,9 +127,7 @@ def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *
     if winner is not None:
         return Plan(*winner, f"device default for {grouping_kind(spec)} layers (most frequent tuned winner)")
 
-    peers = {fp for contents in dbs for fp, row in contents.devices.items()
-             if fp != fingerprint and row.get("backend") == info.backend and row.get("vendor") == info.vendor
-             and row.get("device_type") == info.device_type}
+    peers = {fp for contents in dbs for fp, row in contents.devices.items() if fp != fingerprint and is_peer(row, info)}
     vendor = [r for contents in dbs for r in contents.results if r.device in peers and allowed(r)]
     winner = _most_frequent(_kindred(_winners(vendor, algorithm is not None), spec))
     if winner is not None:
@@ -154,7 +160,7 @@ def _winners(results: Iterable[TunedResult], forced: bool = False) -> list[Tuned
     by_layer: dict[tuple[str, ConvSpec], list[TunedResult]] = {}
     for r in results:
         by_layer.setdefault((r.device, r.spec), []).append(r)
-    return [best for group in by_layer.values() if (best := fastest(group if forced else trusted(group))) is not None]
+    return [best for group in by_layer.values() if (best := fastest(trusted(group, forced))) is not None]
 
 
 def _most_frequent(results: Iterable[TunedResult]) -> tuple[str, Params] | None:

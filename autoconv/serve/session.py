@@ -9,7 +9,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from autoconv.algorithms import BASELINE, get_algorithm
 from autoconv.backends import create_backend
@@ -19,13 +19,15 @@ from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidSpecError
 from autoconv.plan import Plan
 from autoconv.render import template_hash
-from autoconv.serve.lookup import DatabaseContents, epilogue_variants, resolve, tuned_plan
+from autoconv.serve.lookup import DatabaseContents, epilogue_variants, is_peer, resolve, tuned_plan
 from autoconv.serve.runner import Runner
 from autoconv.settings import Settings, read_settings
 from autoconv.spec import ConvSpec
 from autoconv.store import SQLiteStore, TunedResult
 
 DeviceArg = DeviceInfo | Backend | int | str | None
+
+T = TypeVar("T")
 
 MAX_PLANS = 4096
 MAX_PREPARED = 64  # each holds device buffers; keep the most recent few
@@ -45,47 +47,42 @@ def file_state(path: Path) -> tuple[int, int, int, int] | None:
     return (main.st_mtime_ns, main.st_size, *wal_state)
 
 
-def read_contents(path: Path, device: DeviceInfo | None = None) -> DatabaseContents:
-    """Every current-template verified result of a database and its device rows; with `device`,
-    only the results of that device and of its peers (same backend, vendor and type: what the
-    lookup's fallbacks read), each read through the results index. A missing, damaged or foreign
-    database is empty (with a warning), never a crash."""
+def _read(path: Path, read: Callable[[SQLiteStore], T], empty: T) -> T:
+    """What `read` gets from a database opened read-only; a missing, damaged or foreign database
+    gives `empty` (with a warning), never a crash."""
     if not path.is_file():
-        return DatabaseContents()
+        return empty
     store = SQLiteStore.open_for_lookup(path)
     if store is None:
-        return DatabaseContents()
+        return empty
     try:
+        return read(store)
+    except Exception as exc:  # noqa: BLE001 - a damaged DB is a miss, never a crash
+        warnings.warn(f"autoconv: ignoring tuning database {path}: {exc}", RuntimeWarning, stacklevel=3)
+        return empty
+    finally:
+        store.close()
+
+
+def read_contents(path: Path, device: DeviceInfo | None = None) -> DatabaseContents:
+    """Every current-template verified result of a database and its device rows; with `device`,
+    only the results of that device and of its peers (what the lookup's fallbacks read), each read
+    through the results index."""
+    def read(store: SQLiteStore) -> DatabaseContents:
         devices = {row["fingerprint"]: row for row in store.devices()}
         if device is None:
             return DatabaseContents(tuple(store.results(template_hash=template_hash())), devices)
-        wanted = [fp for fp, row in devices.items() if fp == device.fingerprint() or (
-            row.get("backend") == device.backend and row.get("vendor") == device.vendor
-            and row.get("device_type") == device.device_type)]
+        wanted = [fp for fp, row in devices.items() if fp == device.fingerprint() or is_peer(row, device)]
         return DatabaseContents(tuple(r for fp in wanted for r in store.results(device=fp, template_hash=template_hash())),
                                 devices)
-    except Exception as exc:  # noqa: BLE001 - a damaged DB is a miss, never a crash
-        warnings.warn(f"autoconv: ignoring tuning database {path}: {exc}", RuntimeWarning, stacklevel=2)
-        return DatabaseContents()
-    finally:
-        store.close()
+    return _read(path, read, DatabaseContents())
 
 
 def read_layer_results(path: Path, device: str, layers: tuple[str, ...]) -> tuple[TunedResult, ...]:
     """The current-template verified results of some layers on one device, through the results
-    index (not the whole table); a missing or damaged database has none."""
-    if not path.is_file():
-        return ()
-    store = SQLiteStore.open_for_lookup(path)
-    if store is None:
-        return ()
-    try:
-        return tuple(store.results(device=device, template_hash=template_hash(), layers=layers))
-    except Exception as exc:  # noqa: BLE001 - a damaged DB is a miss, never a crash
-        warnings.warn(f"autoconv: ignoring tuning database {path}: {exc}", RuntimeWarning, stacklevel=2)
-        return ()
-    finally:
-        store.close()
+    index (not the whole table)."""
+    return _read(path, lambda store: tuple(store.results(device=device, template_hash=template_hash(), layers=layers)),
+                 ())
 
 
 class Session:

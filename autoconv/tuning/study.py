@@ -54,6 +54,15 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 JOURNAL_START = b'{"op_code":'  # how Optuna begins every journal entry
 
 
+def is_journal_entry(line: bytes) -> bool:
+    """Whether one line is a whole Optuna journal entry (a JSON object with its op_code)."""
+    try:
+        entry = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(entry, dict) and "op_code" in entry
+
+
 def refuse_unless_journal(path: Path, what: str) -> None:
     """Raise unless `path` is absent, an empty regular file, or an Optuna journal (its first entry
     whole, or torn only by a kill mid-write). Reads at most 64 KiB and never writes: a tuning
@@ -78,11 +87,7 @@ def refuse_unless_journal(path: Path, what: str) -> None:
         return
     first, newline, _ = head.partition(b"\n")
     if newline:
-        try:
-            entry = json.loads(first)
-        except (ValueError, RecursionError):
-            entry = None
-        if isinstance(entry, dict) and "op_code" in entry:
+        if is_journal_entry(first):
             return
     elif head.startswith(JOURNAL_START) or JOURNAL_START.startswith(head):
         return  # a journal whose first entry was torn: repair keeps nothing and sets it aside
@@ -107,13 +112,7 @@ def repair_journal(path: Path) -> Path | None:
         data = path.read_bytes()
         valid = 0
         for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                entry = json.loads(line)
-            except (ValueError, RecursionError):
-                break
-            if not isinstance(entry, dict) or "op_code" not in entry:
+            if not line.endswith(b"\n") or not is_journal_entry(line):
                 break
             valid += len(line)
         if valid == len(data):

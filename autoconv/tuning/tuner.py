@@ -313,13 +313,13 @@ class LayerTuning:
                 stored = [r for r in self.db.results(device=self.fingerprint, template_hash=self.templates,
                                                      layers=(self.spec.key(),))
                           if r.algorithm == name and r.spec == self.spec]
-                if stored and not stored[0].unsteady:
-                    warnings.warn(f"autoconv: {name} on {self.spec} varied by {outcome.spread:.0%} over its repeats "
-                                  "(busy cores?); it is not stored: the steady measurement stays", RuntimeWarning,
-                                  stacklevel=3)
-                else:  # still compared, so that a layer is never left to the reference loops alone
-                    warnings.warn(f"autoconv: {name} on {self.spec} varied by {outcome.spread:.0%} over its repeats "
-                                  "(busy cores?); it is stored flagged as unsteady", RuntimeWarning, stacklevel=3)
+                # Stored (and so compared) unless a steady measurement is: a layer is never left to
+                # the reference loops alone.
+                keep_steady = bool(stored) and not stored[0].unsteady
+                warnings.warn(f"autoconv: {name} on {self.spec} varied by {outcome.spread:.0%} over its repeats "
+                              "(busy cores?); " + ("it is not stored: the steady measurement stays" if keep_steady
+                                                   else "it is stored flagged as unsteady"), RuntimeWarning, stacklevel=3)
+                if not keep_steady:
                     self._save(name, params, outcome.median_ms, outcome.rel_error, None, 1, spread=outcome.spread,
                                repeats=outcome.repeats, replace=True)
             if outcome.ok:
@@ -564,21 +564,26 @@ def tune_layers(
     device_index = getattr(backend, "index", None)
     reports = []
     end = None if time_budget_s is None else time.monotonic() + time_budget_s
+
+    def tune(label: str, spec: ConvSpec, **budget: Any) -> LayerReport:
+        # The database being tuned into, then the shipped ones (each re-read only when it changed):
+        # new studies are seeded from them (warm start).
+        records = [session.contents(p) for p in session.database_paths(db.path)] if warm_start else None
+        try:
+            return tune_layer(spec, backend.device, DeviceEvaluator(backend, spec, repeats=repeats, seed=seed), db,
+                              label=label, seed=seed, storage=studies, algorithms=algorithms, records=records,
+                              jobs=jobs, heartbeat=heartbeat,
+                              warm=None if builders is None else process_warm(builders, backend.name, device_index,
+                                                                              spec), **budget)
+        except OSError as exc:  # the journal became unwritable (read-only, disk full) mid-run
+            raise TuningDBError(f"the {where} cannot be written: {exc.strerror or exc}") from None
+
     try:
         if end is not None and len(layers) > 1:
             for index, (label, spec) in enumerate(layers):
                 if on_defaults is not None:
                     on_defaults(index, len(layers))
-                records = [session.contents(p) for p in session.database_paths(db.path)] if warm_start else None
-                try:  # new studies are seeded here (warm start): the main pass resumes them
-                    tune_layer(spec, backend.device, DeviceEvaluator(backend, spec, repeats=repeats, seed=seed), db,
-                               trials=None, deadline=time.monotonic(), label=label, seed=seed, storage=studies,
-                               algorithms=algorithms, records=records, early_stop=None, jobs=jobs, heartbeat=heartbeat,
-                               warm=None if builders is None else process_warm(builders, backend.name, device_index,
-                                                                               spec),
-                               defaults_only=True)
-                except OSError as exc:
-                    raise TuningDBError(f"the {where} cannot be written: {exc.strerror or exc}") from None
+                tune(label, spec, trials=None, deadline=time.monotonic(), early_stop=None, defaults_only=True)
             if on_defaults is not None:
                 on_defaults(len(layers), len(layers))
         for index, (label, spec) in enumerate(layers):
@@ -587,18 +592,8 @@ def tune_layers(
             deadline = None
             if end is not None:
                 deadline = time.monotonic() + max(0.0, end - time.monotonic()) / (len(layers) - index)
-            evaluator = DeviceEvaluator(backend, spec, repeats=repeats, seed=seed)
-            # The database being tuned into, then the shipped ones (each re-read only when it changed).
-            records = [session.contents(p) for p in session.database_paths(db.path)] if warm_start else None
-            try:
-                reports.append(tune_layer(spec, backend.device, evaluator, db, trials=trials, deadline=deadline,
-                                          label=label, seed=seed, storage=studies, algorithms=algorithms,
-                                          progress=progress, records=records, early_stop=early_stop, jobs=jobs,
-                                          warm=None if builders is None else
-                                          process_warm(builders, backend.name, device_index, spec),
-                                          heartbeat=heartbeat))
-            except OSError as exc:  # the journal became unwritable (read-only, disk full) mid-run
-                raise TuningDBError(f"the {where} cannot be written: {exc.strerror or exc}") from None
+            reports.append(tune(label, spec, trials=trials, deadline=deadline, progress=progress,
+                                early_stop=early_stop))
             if on_layer_end is not None:
                 on_layer_end(reports[-1])
     finally:
