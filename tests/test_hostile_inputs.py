@@ -66,6 +66,7 @@ def test_a_tuning_database_given_as_storage_is_refused_and_untouched(opencl, tmp
         assert "Traceback" not in result.output
         assert same(), "the database given as --storage was changed"
     assert not list(tmp_path.glob("*.damaged-*"))
+    assert not (tmp_path / "other.db").exists()  # refused before any database was made
 
 
 @pytest.mark.parametrize("content", [b"my notes\nline two\n", b"{}\n", b"[1, 2]\n", b"\x00\x01binary",

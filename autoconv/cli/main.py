@@ -399,6 +399,10 @@ def tune(
     for name in algorithm or []:
         get_algorithm(name)
     budget_s = parse_duration(time_budget) if time_budget is not None else None
+    if storage is not None:  # before the database is created: a refused run leaves nothing behind
+        from autoconv.tuning.study import check_storage
+
+        check_storage(storage)
     if trials is None and budget_s is None:
         trials = 60
     named_layers = _layers([*(layer or []), *(layer_option or [])], model, batch, onnx)

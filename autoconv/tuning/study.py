@@ -142,24 +142,33 @@ STORAGE_DRIVERS = {"postgresql": "psycopg: pip install 'psycopg[binary]' (autoco
                    "sqlite": "nothing (built in)"}
 
 
+def check_storage(storage: str) -> str:
+    """The storage's URL scheme ("" for a journal file path), or TuningDBError for a storage that
+    cannot be used: checked before any work, connecting to nothing and writing nothing."""
+    if "://" not in storage:
+        refuse_unless_journal(Path(storage).expanduser(), "--storage")
+        return ""
+    scheme = storage.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in STORAGE_DRIVERS:
+        raise TuningDBError(f"--storage: expected a postgresql://, mysql:// or sqlite:/// URL or a journal file "
+                            f"path, got a {scheme}:// URL")
+    return scheme
+
+
 def open_storage(storage: str) -> Any:
     """An Optuna storage several tuners can share: a database URL (postgresql://, mysql://,
     sqlite:///) or the path of a journal file, e.g. on a shared filesystem."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if "://" not in storage:
+    scheme = check_storage(storage)
+    if not scheme:
         path = Path(storage).expanduser()
-        refuse_unless_journal(path, "--storage")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TuningDBError(f"--storage: cannot create {path.parent}: {exc.strerror or exc}") from None
         return journal_file_storage(path)
-    scheme = storage.split("://", 1)[0].split("+", 1)[0].lower()
-    if scheme not in STORAGE_DRIVERS:
-        raise TuningDBError(f"--storage: expected a postgresql://, mysql:// or sqlite:/// URL or a journal file "
-                            f"path, got a {scheme}:// URL")
     failure: Exception | None = None
     # Workers starting together on a new database race to create Optuna's tables, and all but
     # one fail; a second try finds the tables there.
