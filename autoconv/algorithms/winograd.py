@@ -12,7 +12,13 @@ Four kernels from templates/shared/winograd.j2 and gemm.j2, all in one scratch b
 
 Accuracy: the transforms' rounding grows with the tile and with the channels summed per output;
 F(4x4) is declared only up to WINOGRAD4_MAX_CHANNELS channels per group (a layer constraint),
-F(2x2) has no such limit on the layers we meet."""
+F(2x2) has no such limit on the layers we meet.
+
+Non-finite inputs: a NaN or an inf in the input reaches every output of each m x m tile whose
+input tile holds it (every filter), not only the 3 x 3 neighbourhood a direct method's outputs
+read: the transforms mix a tile's pixels before the GEMM, so inf - inf and 0 x inf make NaN across
+the tile (cuDNN's Winograd does the same). Finite inputs are unaffected. The other algorithms give
+exactly the reference's non-finite outputs; tests/test_non_finite.py holds both behaviours."""
 
 from __future__ import annotations
 
