@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import autoconv
 from autoconv import ConvSpec, get_algorithm
 from autoconv.algorithms import WINOGRAD
 from autoconv.tuning.verify import random_operands, reference_output
@@ -71,3 +72,21 @@ def test_each_algorithm_keeps_the_references_non_finite_outputs(backend, fused):
             assert not (got.astype(bool) & ~tiles).any(), f"{where}: a non-finite output outside its tiles"
             if np.isnan(value):
                 assert (got[expected > 0] == 1).all(), f"{where}: a NaN the reference keeps was lost"
+
+
+@pytest.mark.parametrize("algorithm", [*autoconv.list_algorithms(), "host"])
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_a_conv2d_layer_with_relu_keeps_a_nan_of_its_input(opencl, algorithm, activation):
+    """The issue's scenario: Conv2d(w, b, padding=1, activation="relu") on an input holding one NaN."""
+    spec = BASE.replace(activation=activation)
+    if algorithm != "host" and get_algorithm(algorithm).supports(spec, opencl.device) is not None:
+        pytest.skip(f"{algorithm} does not run {spec}")
+    x, w, b = random_operands(spec, seed=11)
+    x[0, 3, 4, 4] = np.nan
+    layer = autoconv.Conv2d(w, b, padding=1, activation=activation,
+                            **({"backend": "numpy"} if algorithm == "host" else {"algorithm": algorithm}))
+    got = np.isnan(np.asarray(layer(x)))
+    expected = np.isnan(reference_output(spec, (x, w, b)))
+    assert expected.any() and (got[expected]).all(), f"{algorithm}: a NaN of the input was dropped by {activation}"
+    if algorithm != WINOGRAD:
+        assert np.array_equal(got, expected)

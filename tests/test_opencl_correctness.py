@@ -87,12 +87,20 @@ def test_public_layers(opencl, layer):
     assert_matches_reference(opencl, spec, Plan(DIRECT))
 
 
+PUBLIC_LAYERS = Path(__file__).resolve().parent / "fixtures" / "public-layers.json"  # ../shared/layers/public.json
+
+
 def test_public_layers_are_the_shared_list():
-    shared = Path(__file__).resolve().parents[2] / "shared" / "layers" / "public.json"
-    if not shared.exists():
-        pytest.skip("../shared/layers/public.json not beside this checkout")
-    rows = {(m, row["name"]) for m, layers in json.loads(shared.read_text()).items() if not m.startswith("_")
-            for row in layers}
+    listed = json.loads(PUBLIC_LAYERS.read_text())
+    rows = {(m, row["name"]) for m, layers in listed.items() if not m.startswith("_") for row in layers}
+    shapes = {(m, row["name"]): (row["c"], row["h"], row["w"], row["k"], row["r"], row["s"], row["stride"],
+                                 row["pad"], row["groups"])
+              for m, layers in listed.items() if not m.startswith("_") for row in layers}
+    for layer in PUBLIC:
+        if (layer.model, layer.name) in shapes:
+            spec = layer.spec
+            assert (spec.c, spec.h, spec.w, spec.k, spec.r, spec.s, spec.stride[0], spec.padding[0],
+                    spec.groups) == shapes[layer.model, layer.name], f"{layer.label} differs from the shared list"
     built_in = {(layer.model, layer.name) for layer in PUBLIC}
     # Every shared layer is built in; resnet18 is ours alone (torchvision's shapes).
     assert rows <= built_in and {m for m, _ in built_in - rows} == {"resnet18"}
