@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from autoconv import ConvSpec, Plan, default_gemm_params, get_algorithm
-from autoconv.algorithms import DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD
+from autoconv.algorithms import BLOCKED_DIRECT, DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD
 from autoconv.device import DeviceInfo
 from autoconv.errors import BackendUnavailableError
 from autoconv.render import CUDA
@@ -40,6 +40,13 @@ WINOGRAD_STRUCTURAL = [WINOGRAD_SPACE.validate(dict(TILE=tile, MWG=32, NWG=32, W
 FUSED = SPEC.replace(activation="relu", residual=True)
 FUSED_POINTWISE = POINTWISE.replace(activation="relu6", residual=True)
 FUSED_WINOGRAD = WINOGRAD_SPEC.replace(activation="relu6", residual=True)
+BLOCKED_SPACE = get_algorithm(BLOCKED_DIRECT).space
+# Both loop orders, every block, partial blocks and tails, then a sample of the CUDA space.
+BLOCKED_STRUCTURAL = [BLOCKED_SPACE.validate(dict(CB=cb, KV=1, PIX=pix, ORDER=order, LX=64))
+                      for cb, pix, order in itertools.product((4, 8, 16), (1, 4), (0, 1)) if cb * pix <= 64]
+BLOCKED_SPEC = ConvSpec(2, 6, 9, 7, 16, 3, 2, padding=(1, 0), padding_end=(2, 1), groups=2, bias=True,
+                        activation="relu", residual=True)
+BLOCKED_SAMPLED = list(itertools.islice(BLOCKED_SPACE.random_valid(H100.limits(), random.Random(6), BLOCKED_SPEC), 6))
 nvcc = shutil.which("nvcc")
 
 
@@ -78,6 +85,11 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
         sources[f"implicit_fused_pointwise{i}"] = implicit.kernels(FUSED_POINTWISE, params, CUDA)[-1].text
     for i, params in enumerate(WINOGRAD_STRUCTURAL[::2]):
         sources[f"winograd_output_fused{i}"] = get_algorithm(WINOGRAD).kernels(FUSED_WINOGRAD, params, CUDA)[-1].text
+    blocked = get_algorithm(BLOCKED_DIRECT)
+    assert all(not p.violations(H100.limits()) for p in BLOCKED_STRUCTURAL + BLOCKED_SAMPLED)
+    for i, params in enumerate(BLOCKED_STRUCTURAL + BLOCKED_SAMPLED):
+        for k in blocked.kernels(BLOCKED_SPEC if params.CB <= 8 else FUSED_POINTWISE, params, CUDA):
+            sources[f"blocked_{k.entry}_{i}"] = k.text
     with ThreadPoolExecutor(max_workers=2) as pool:
         failures = [f for f in pool.map(lambda item: _compile(item[1], tmp_path, item[0]), sources.items()) if f]
     assert not failures, "\n".join(failures)

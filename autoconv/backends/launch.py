@@ -46,10 +46,11 @@ def prepare_on(runtime: Runtime, algorithms: tuple[str, ...], spec: ConvSpec, pl
         raise InvalidParamsError(f"algorithm: the {runtime.device.backend} backend runs {algorithms}, "
                                  f"not {plan.algorithm!r}")
     algorithm = get_algorithm(plan.algorithm)
-    algorithm.space.check(plan.params, runtime.device.limits(), spec)
+    # A layer the algorithm cannot run is said as such, before any config's constraints on it.
     reason = algorithm.supports(spec, runtime.device)
     if reason is not None:
         raise InvalidParamsError(f"algorithm: {plan.algorithm} does not support {spec}: {reason}")
+    algorithm.space.check(plan.params, runtime.device.limits(), spec)
     sources = algorithm.kernels(spec, plan.params, runtime.dialect)
     scratch = algorithm.scratch_bytes(spec, plan.params)
     check_fits(runtime.device, spec, scratch, sources)

@@ -1,0 +1,178 @@
+"""Register-blocked direct convolution over channel-blocked weights: what onnxruntime's MLAS
+(NCHWc kernels), oneDNN's and LIBXSMM's direct convolutions and TVM's x86 schedules run where
+GEMM-shaped methods lose. No patch matrix, no GEMM: each work-item keeps KV blocks of CB output
+channels x PIX output pixels of one row in registers (vector accumulators where the language has
+vectors), and for every input channel and filter tap broadcasts one input value per pixel against
+the CB filters, read as vectors from the weights laid out once per weights as OIHW{CB}i{CB}o.
+
+Two kernels from templates/shared/blocked_direct.j2:
+1. filter (once per weights): KCRS -> [K/CB][C/CB][R][S][CB ci][CB co] in scratch, the channels
+   beyond K and beyond C/groups zero;
+2. conv: the convolution, the bias and the fused epilogue, reading the NCHW input in place and
+   writing the NCHW output (no reorder pass over the activations).
+
+Covers every kernel size, stride, dilation and padding (asymmetric included); grouped layers
+whose filters per group fill whole blocks (k/groups a multiple of CB); not depthwise.
+Non-finite inputs behave as in the reference (tests/test_non_finite.py)."""
+
+from __future__ import annotations
+
+from autoconv import epilogue
+from autoconv.algorithms.base import AlgorithmDefaults, Constraint, LayerConstraint, ParamDecl, Params, ParamSpace
+from autoconv.device import DeviceInfo, DeviceLimits
+from autoconv.render import Dialect, KernelArg, KernelSource, int_args, render_template
+from autoconv.spec import ConvSpec
+
+BLOCKS = (4, 8, 16)
+# Accumulator registers a config may hold: a CPU's 32 vector registers less the weights and the
+# broadcast input; a scalar (CUDA) thread's accumulators count one register per lane.
+VECTOR_REGISTERS = 28
+SCALAR_REGISTERS = 64
+
+
+def _vector_width(params: Params, max_vector_width: int) -> int:
+    """Lanes per accumulator vector: the block, or the language's widest vector if narrower."""
+    return min(params.CB, max_vector_width)
+
+
+def accumulator_registers(params: Params, limits: DeviceLimits) -> int:
+    return params.KV * params.PIX * (params.CB // _vector_width(params, limits.max_vector_width))
+
+
+def _fits_registers(params: Params, limits: DeviceLimits) -> bool:
+    if limits.max_vector_width == 1:
+        return params.KV * params.PIX * params.CB <= SCALAR_REGISTERS
+    return accumulator_registers(params, limits) <= VECTOR_REGISTERS
+
+
+def output_blocks(spec: ConvSpec, block: int) -> int:
+    """Blocks of `block` output channels (the last one padded with zero filters)."""
+    return -(-spec.k // block)
+
+
+def group_blocks(spec: ConvSpec, block: int) -> int:
+    """Output-channel blocks per group (the grouped layers supported fill whole blocks)."""
+    return output_blocks(spec, block) if spec.groups == 1 else spec.k_per_group // block
+
+
+def input_blocks(spec: ConvSpec, block: int) -> int:
+    """Blocks of `block` input channels per group (the last one may be partial)."""
+    return -(-spec.c_per_group // block)
+
+
+SPACE = ParamSpace(
+    params=(
+        ParamDecl("CB", 16, "channel block: output (and input) channels per vector, the layout's b of OIHW{b}i{b}o",
+                  BLOCKS),
+        ParamDecl("KV", 2, "output-channel blocks each work-item accumulates", (1, 2, 3, 4)),
+        ParamDecl("PIX", 7, "output pixels of one row each work-item accumulates", (1, 2, 4, 7, 8, 14, 16)),
+        ParamDecl("ORDER", 0, "loop order: 0 input-channel blocks outermost, 1 the filter window outermost", (0, 1)),
+        ParamDecl("LX", 0, "work-group width in pixel groups (0: the runtime chooses)", (0, 1, 2, 4, 8, 16, 32, 64),
+                  device_limit=lambda limits: limits.max_work_group_size),
+    ),
+    constraints=(
+        Constraint("registers", f"KV x PIX accumulator vectors (CB lanes each) must fit the registers: at most "
+                   f"{VECTOR_REGISTERS} vectors, or {SCALAR_REGISTERS} floats where the language has no vectors",
+                   _fits_registers),
+        Constraint("work_group", "LX must not exceed the device's work-group size",
+                   lambda p, d: p.LX <= min(d.max_work_group_size, d.max_work_item_sizes[0])),
+    ),
+    layer_constraints=(
+        LayerConstraint(
+            "kv_divides_blocks", "KV must divide the output-channel blocks of a group (k/groups / CB, rounded up): "
+            "a work-item's blocks share one group's input",
+            lambda p, spec: group_blocks(spec, p.CB) % p.KV == 0),
+        LayerConstraint("groups_fill_blocks", "grouped layers need k/groups to be a multiple of CB",
+                        lambda p, spec: spec.groups == 1 or spec.k_per_group % p.CB == 0),
+    ),
+)
+
+
+def _preferred_block(device: DeviceInfo | None) -> int:
+    """The CPU's native vector width where its name says it (PoCL names the target: AVX-512 holds 16
+    floats, AVX2 8), else 8."""
+    name = "" if device is None else device.name.lower()
+    if device is not None and device.device_type == "cpu":
+        if "avx512" in name:
+            return 16
+    return 8
+
+
+class BlockedDirect(AlgorithmDefaults):
+    name = "blocked_direct"
+    title = "register-blocked direct"
+    device_kernels = True
+    space = SPACE
+
+    def supports(self, spec: ConvSpec, device: DeviceInfo) -> str | None:
+        if spec.groups > 1 and spec.k_per_group % min(BLOCKS):
+            kind = "depthwise" if spec.groups == spec.c else f"{spec.groups} groups"
+            return (f"not supported: {kind} with k/groups={spec.k_per_group} filters per group "
+                    f"(needs a multiple of {min(BLOCKS)})")
+        return None
+
+    def heuristic(self, spec: ConvSpec, device: DeviceInfo | None) -> Params:
+        limits = None if device is None else device.limits()
+        # GPUs: work-groups of up to 64 neighbouring pixel groups; CPUs: the runtime's choice.
+        lx = 0
+        if device is not None and device.device_type == "gpu" and limits is not None:
+            widest = min(64, limits.max_work_group_size, limits.max_work_item_sizes[0])
+            lx = max(c for c in SPACE.decl("LX").choices if c <= widest)
+        preferred = _preferred_block(device)
+        fitting = []  # in order of preference: the device's block, then the widest register tiles
+        for block in sorted(BLOCKS, key=lambda b: (abs(b - preferred), -b)):
+            for kv in (2, 1, 4, 3):
+                for pix in (7, 8, 14, 4, 16, 2, 1):
+                    params = SPACE.validate(dict(CB=block, KV=kv, PIX=pix, LX=lx))
+                    if not SPACE.layer_violations(params, spec) and not (limits and params.violations(limits)):
+                        fitting.append(params)
+        if not fitting:  # CB=4, KV=1, PIX=1 breaks nothing on a layer supports() accepts
+            return SPACE.validate(dict(CB=min(BLOCKS), KV=1, PIX=1, LX=lx))
+
+        def wastes_a_row(params: Params) -> bool:
+            """More than an eighth of each row's pixels computed past its end."""
+            return (-(-spec.q // params.PIX) * params.PIX - spec.q) * 8 > spec.q
+
+        return next((params for params in fitting if not wastes_a_row(params)), fitting[0])
+
+    def kernels(self, spec: ConvSpec, params: Params, dialect: Dialect) -> list[KernelSource]:
+        block, vb = params.CB, min(params.CB, dialect.max_vector_width)
+        kb, ncb = output_blocks(spec, block), input_blocks(spec, block)
+        kgroups = kb // params.KV
+        defines = dict(C=spec.c, H=spec.h, W=spec.w, K=spec.k, Cg=spec.c_per_group, Kg=spec.k_per_group,
+                       R=spec.r, S=spec.s, P=spec.p, Q=spec.q, SH=spec.stride[0], SW=spec.stride[1],
+                       PH=spec.padding[0], PW=spec.padding[1], DH=spec.dilation[0], DW=spec.dilation[1],
+                       CB=block, VB=vb, LPB=block // vb, KV=params.KV, PIX=params.PIX, KB=kb, NCB=ncb,
+                       KGROUPS=kgroups, W_BLOCK=ncb * spec.r * spec.s * block * block)
+        top, left = spec.padding
+        bottom, right = spec.bottom_right
+        common = dict(dialect=dialect, defines=defines, vb=vb, order=params.ORDER, tail=spec.c_per_group % block,
+                      k_tail=spec.k % block != 0, q_tail=spec.q % params.PIX != 0,
+                      padded_rows=top > 0 or bottom > 0, padded_cols=left > 0 or right > 0)
+        scratch = KernelArg("scratch", "scratch")
+        filter_stage = KernelSource(
+            render_template("shared/blocked_direct.j2", stage="filter", entry="blocked_filter",
+                            epilogue=epilogue.NO_EPILOGUE, **common),
+            "blocked_filter", dialect.name, (kb * block, ncb * block * spec.r * spec.s, 1), None,
+            (KernelArg("wt", "weight"), scratch), once_per_weights=True)
+        lx = params.LX
+        groups_w = -(-spec.q // params.PIX)
+        width = groups_w if lx == 0 else -(-groups_w // lx) * lx
+        conv_stage = KernelSource(
+            render_template("shared/blocked_direct.j2", stage="conv", entry="blocked_conv",
+                            epilogue=epilogue.template_vars(spec), **common),
+            "blocked_conv", dialect.name, (width, spec.p, spec.n * kgroups), None if lx == 0 else (lx, 1, 1),
+            (KernelArg("x", "input"), scratch, KernelArg("bias", "bias"), KernelArg("out", "output"),
+             *epilogue.residual_args(spec), *int_args(has_bias=int(spec.bias))))
+        return [filter_stage, conv_stage]
+
+    def scratch_bytes(self, spec: ConvSpec, params: Params) -> int:
+        """The channel-blocked weights."""
+        block = params.CB
+        return (output_blocks(spec, block) * block * input_blocks(spec, block) * block * spec.r * spec.s
+                * spec.itemsize)
+
+    def traffic_bytes(self, spec: ConvSpec, params: Params) -> int:
+        """Input and output once, the blocked weights read once per call (their transform runs once
+        per weights)."""
+        return spec.input_bytes + spec.output_bytes + self.scratch_bytes(spec, params)
