@@ -226,7 +226,7 @@ def main() -> int:
         f"{args.repeats} runs each, each method's turn starting {SETTLE_S} s after the last one's (once the thread "
         "pools it left spinning have stopped) with one untimed call. Cells: median ms ±spread (IQR / median) and (GFLOP/s, direct-convolution FLOPs "
         "for every method, Winograd's included). Generated kernels "
-        "(im2col_gemm, implicit_gemm, winograd, direct) are OpenCL kernel-event times per call (Winograd's filter "
+        "(im2col_gemm, implicit_gemm, winograd, blocked_direct, direct) are OpenCL kernel-event times per call (Winograd's filter "
         "transform, run once per weights, is timed on its own in the last column); im2col_blas (numpy + OpenBLAS), "
         "`conv2d` (autoconv.conv2d end to end on numpy arrays: layer spec, plan lookup, the served plan) and onnxruntime (`Conv`, "
         f"CPUExecutionProvider, intra-op threads = {threads}) are wall-clock. OpenBLAS was held to {threads} threads. "

@@ -1,0 +1,418 @@
+"""Benchmark: every convolution of a real ResNet-50 graph as autoconv layers against onnxruntime
+running the whole model, per Conv node, in one run. Writes benchmarks/resnet50-convs-pocl.md.
+
+The graph is the onnx package's model-zoo copy (onnx/backend/test/data/light/light_resnet50.onnx),
+its ConstantOfShape weights replaced by random initializers (BatchNormalization variances
+positive). onnxruntime (CPUExecutionProvider, default session options: all graph optimisations,
+so its NCHWc layout transformer and Conv+BN+Add+ReLU fusion; intra-op threads = 2) runs the
+whole model at batch 1. Its per-node times come from its own profiler (`enable_profiling`) in a
+second session, run in the same rounds: each fused Conv node's kernel time, matched to the
+graph's Conv nodes by its input, weight and output shapes and whether it adds a residual
+(identical layers in graph order). The profiler records each node's kernel time between two
+timestamps; its own overhead (writing the events) falls between nodes, so it shows as the
+profiled session's whole-model time above the plain session's, reported beside both, and is not
+in the node times.
+
+autoconv: each of the 53 Conv nodes becomes an `autoconv.Conv2d` with the epilogue onnxruntime
+fuses into it (the BatchNormalization folded into weights and bias, the ReLU, and the Sum's other
+operand as the residual of the conv computed last), first tuned with `autoconv tune --onnx` into a
+scratch database (`--trials` per layer; the tune's wall time is reported), then called on device
+arrays (input and residual made once; `y.wait()` ends each call), as the layers run chained in a
+model. numpy's OpenBLAS SGEMM 2048^3 runs in the same rounds, and the blocked direct kernel alone
+on the wide 1x1 layer 1x512x28x28 * 512x512x1x1 (its kernel events), against it.
+
+Every method is interleaved round by round; medians of the rounds' medians with their spread
+(IQR / median).
+
+    pip install '.[bench]' && python scripts/bench_resnet50.py [--trials 12] [--rounds 7]
+        [--repeats 10] [--out benchmarks/resnet50-convs-pocl.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "light_resnet50.onnx"
+SETTLE_S = 0.2
+WIDE_1X1 = (1, 512, 28, 28, 512)
+GOAL_TOTAL, GOAL_1X1, GOAL_3X3, GOAL_WIDE = 1.2, 0.9, 1.0, 0.8
+
+
+def stats(samples: list[float]) -> tuple[float, float]:
+    median = statistics.median(samples)
+    if len(samples) < 2 or median == 0:
+        return median, 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return median, (q3 - q1) / abs(median)
+
+
+def random_weight_model(seed: int) -> Any:
+    """The zoo graph with every ConstantOfShape weight replaced by a random initializer."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / MODEL
+    model = onnx.load(str(path))
+    graph = model.graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    rng = np.random.default_rng(seed)
+    kept, filled = [], []
+    for node in graph.node:
+        if node.op_type != "ConstantOfShape":
+            kept.append(node)
+            continue
+        shape, name = tuple(int(v) for v in constants[node.input[0]]), node.output[0]
+        if name.endswith("_riv_0"):  # running variance
+            values = rng.uniform(0.5, 1.5, shape)
+        else:
+            values = rng.standard_normal(shape) * (0.1 if name.endswith("_w_0") else 0.5)
+        filled.append(numpy_helper.from_array(values.astype(np.float32), name))
+    used = {i for node in kept for i in node.input}
+    initializers = [i for i in graph.initializer if i.name in used] + filled
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    # IR version 3 reads an initializer only where it is also a graph input; 4 drops that rule.
+    model.ir_version = max(model.ir_version, 4)
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+@dataclass
+class ConvNode:
+    name: str
+    input_shape: tuple[int, ...]
+    weight: np.ndarray
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    groups: int
+    activation: str | None
+    residual: bool
+
+    @property
+    def label(self) -> str:
+        return self.name.removeprefix("gpu_0/").removesuffix("_w_0")
+
+    def signature(self) -> tuple:
+        k, cg, r, s = self.weight.shape
+        return (self.input_shape, (k, cg, r, s), self.residual)
+
+
+def conv_nodes(model: Any, seed: int) -> list[ConvNode]:
+    """Each Conv with what onnxruntime fuses into it: BatchNormalization, then a Sum's other operand
+    (for the conv computed last of the Sum's inputs), then a Relu."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+              for v in [*graph.value_info, *graph.input, *graph.output]}
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    order = {node.output[0]: i for i, node in enumerate(graph.node)}
+    producer = {node.output[0]: node for node in graph.node}
+
+    def conv_behind(tensor: str) -> int:
+        """Graph position of the Conv whose (batch-normalised) output the tensor is."""
+        node = producer.get(tensor)
+        if node is not None and node.op_type == "BatchNormalization":
+            node = producer.get(node.input[0])
+        return order[node.output[0]] if node is not None and node.op_type == "Conv" else -1
+
+    rng = np.random.default_rng(seed)
+    found = []
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        out = node.output[0]
+        after = consumers.get(out, [])
+        if len(after) == 1 and after[0].op_type == "BatchNormalization":
+            out = after[0].output[0]
+            after = consumers.get(out, [])
+        residual = False
+        if len(after) == 1 and after[0].op_type in ("Sum", "Add") and len(after[0].input) == 2:
+            other = next(i for i in after[0].input if i != out)
+            if conv_behind(other) < order[node.output[0]]:  # the other operand is ready before this conv
+                residual, out = True, after[0].output[0]
+                after = consumers.get(out, [])
+        activation = "relu" if len(after) >= 1 and all(a.op_type == "Relu" for a in after) else None
+        weight = weights[node.input[1]]
+        pads = tuple(int(v) for v in attrs.get("pads", (0, 0, 0, 0)))
+        found.append(ConvNode(node.input[1], shapes[node.input[0]],
+                              (rng.standard_normal(weight.shape) * 0.1).astype(np.float32),
+                              tuple(int(v) for v in attrs.get("strides", (1, 1))), pads,  # type: ignore[arg-type]
+                              int(attrs.get("group", 1)), activation, residual))
+    return found
+
+
+def ort_sessions(model_bytes: bytes, threads: int, profile_dir: str) -> tuple[Any, Any]:
+    import onnxruntime as ort
+
+    def session(profiled: bool) -> Any:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        if profiled:
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(profile_dir, "ort")
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return session(False), session(True)
+
+
+def ort_conv_times(profile: str, runs_from: int) -> list[list[tuple[tuple, float]]]:
+    """Per run, the fused Conv nodes' (signature, kernel ms) in execution order."""
+    events = json.loads(Path(profile).read_text())
+    runs: list[list[tuple[tuple, float]]] = []
+    current: list[tuple[tuple, float]] = []
+    for event in events:
+        if event.get("cat") == "Session" and event.get("name") == "model_run":
+            runs.append(current)
+            current = []
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        args = event["args"]
+        if args.get("op_name") != "Conv":
+            continue
+        inputs = [next(iter(t.values())) for t in args["input_type_shape"]]
+        signature = (tuple(inputs[0]), tuple(inputs[1]), len(inputs) == 4)
+        current.append((signature, event["dur"] / 1e3))
+    # model_run events close a run (they are written at its end)
+    return [run for run in runs if run][runs_from:]
+
+
+def tune(onnx_path: Path, db: Path, trials: int) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "autoconv", "tune", "--onnx", str(onnx_path), "--db", str(db),
+                    "--trials", str(trials)], check=True)
+    return time.perf_counter() - start
+
+
+def sgemm_gflops(a: np.ndarray, repeats: int) -> float:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        a @ a
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - start)
+    return 2 * a.shape[0] ** 3 / statistics.median(times) / 1e9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=12, help="autoconv tune --trials per distinct layer")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--db", default=None, help="use this tuned database instead of tuning one")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "resnet50-convs-pocl.md"))
+    args = parser.parse_args()
+
+    import onnxruntime
+    from threadpoolctl import threadpool_limits
+
+    import autoconv
+    from autoconv.algorithms import get_algorithm
+    from autoconv.backends import get_backend
+    from autoconv.plan import Plan
+
+    threads = os.cpu_count() or 1
+    model = random_weight_model(args.seed)
+    nodes = conv_nodes(model, args.seed)
+    scratch = tempfile.mkdtemp(prefix="bench-resnet50-")
+    onnx_path = Path(scratch) / MODEL
+    onnx_path.write_bytes(model.SerializeToString())
+    db = Path(args.db) if args.db else Path(scratch) / "tuned.db"
+    tune_s = None if args.db else tune(onnx_path, db, args.trials)
+
+    rng = np.random.default_rng(args.seed + 1)
+    backend = get_backend("opencl")
+    layers, inputs, residuals = [], [], []
+    for node in nodes:
+        top, left, bottom, right = node.pads
+        if (top, left) != (bottom, right):
+            raise SystemExit(f"{node.label}: asymmetric pads {node.pads} (not in ResNet-50)")
+        layer = autoconv.Conv2d(node.weight, rng.standard_normal(node.weight.shape[0]).astype(np.float32),
+                                node.stride, (top, left), groups=node.groups, activation=node.activation, db=str(db))
+        x = rng.standard_normal(node.input_shape).astype(np.float32)
+        layers.append(layer)
+        inputs.append(autoconv.to_device(x))
+        # The residual has the output's shape: the layer's own output, computed once.
+        out_shape = autoconv.ConvSpec.from_shapes(node.input_shape, node.weight.shape, stride=node.stride,
+                                                  padding=(top, left), groups=node.groups).output_shape
+        residuals.append(autoconv.to_device(rng.standard_normal(out_shape).astype(np.float32))
+                         if node.residual else None)
+
+    def call(i: int) -> None:
+        y = layers[i](inputs[i], residual=residuals[i])
+        y.wait()
+
+    plans = []
+    for i, node in enumerate(nodes):
+        call(i)
+        plans.append(next(iter(layers[i].plans.values())))
+
+    # The blocked direct kernel alone on the wide 1x1 layer (its served config if tuned, else its heuristic).
+    n, c, h, w, k = WIDE_1X1
+    wide_spec = autoconv.ConvSpec(n, c, h, w, k, 1, 1)
+    blocked = get_algorithm("blocked_direct")
+    wide_conv = backend.prepare(wide_spec, Plan("blocked_direct", blocked.heuristic(wide_spec, backend.device)))
+    wide_operands = (rng.standard_normal(wide_spec.input_shape).astype(np.float32),
+                     rng.standard_normal(wide_spec.weight_shape).astype(np.float32), None)
+
+    model_bytes = model.SerializeToString()
+    profile_dir = tempfile.mkdtemp(prefix="ort-profile-")
+    plain_session, profiled_session = ort_sessions(model_bytes, threads, profile_dir)
+    feed = {plain_session.get_inputs()[0].name: rng.standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    a = rng.standard_normal((2048, 2048)).astype(np.float32)
+
+    layer_rounds: list[list[float]] = [[] for _ in nodes]
+    ort_plain, ort_profiled, gemm, wide = [], [], [], []
+    warm_runs = 3
+    for name, session in (("plain", plain_session), ("profiled", profiled_session)):
+        for _ in range(warm_runs):
+            session.run(None, feed)
+    for round_ in range(args.rounds):
+        print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
+        time.sleep(SETTLE_S)
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            plain_session.run(None, feed)
+            times.append((time.perf_counter() - start) * 1e3)
+        ort_plain.append(statistics.median(times))
+        time.sleep(SETTLE_S)
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            profiled_session.run(None, feed)
+            times.append((time.perf_counter() - start) * 1e3)
+        ort_profiled.append(statistics.median(times))
+        time.sleep(SETTLE_S)
+        with threadpool_limits(limits=1, user_api="blas"):
+            for i in range(len(nodes)):
+                call(i)
+                times = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    call(i)
+                    times.append((time.perf_counter() - start) * 1e3)
+                layer_rounds[i].append(statistics.median(times))
+            wide_times = []
+            for _ in range(args.repeats):
+                wide_conv.run(*wide_operands)
+                wide_times.append(wide_conv.runtime.span_ms(wide_conv.last_events))
+            wide.append(statistics.median(wide_times))
+        time.sleep(SETTLE_S)
+        gemm.append(sgemm_gflops(a, 3))
+
+    profile = profiled_session.end_profiling()
+    ort_runs = ort_conv_times(profile, warm_runs)
+    # Per node: the median over runs of its matched onnxruntime node's time.
+    ort_node: list[list[float]] = [[] for _ in nodes]
+    for run in ort_runs:
+        pending: dict[tuple, list[float]] = {}
+        for signature, ms in run:
+            pending.setdefault(signature, []).append(ms)
+        for i, node in enumerate(nodes):
+            queue = pending.get(node.signature())
+            if queue:
+                ort_node[i].append(queue.pop(0))
+    unmatched = [node.label for i, node in enumerate(nodes) if not ort_node[i]]
+
+    info = backend.device
+    rows = []
+    for i, node in enumerate(nodes):
+        ours, spread = stats(layer_rounds[i])
+        theirs, their_spread = stats(ort_node[i]) if ort_node[i] else (float("nan"), 0.0)
+        plan = plans[i]
+        spec = autoconv.ConvSpec.from_shapes(node.input_shape, node.weight.shape, stride=node.stride,
+                                             padding=node.pads[:2], groups=node.groups)
+        rows.append(dict(label=node.label, spec=spec, node=node, plan=plan, ours=ours, spread=spread,
+                         theirs=theirs, their_spread=their_spread))
+    ours_total = sum(r["ours"] for r in rows)
+    theirs_total = sum(r["theirs"] for r in rows)
+    plain_ms, plain_spread = stats(ort_plain)
+    profiled_ms, profiled_spread = stats(ort_profiled)
+    gemm_gf, gemm_spread = stats(gemm)
+    wide_ms, wide_spread = stats(wide)
+    wide_gf = wide_spec.flops / wide_ms / 1e6
+
+    def pct(spread: float) -> str:
+        return f"±{spread * 100:.0f}%"
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [f"# ResNet-50's convolutions: autoconv layers vs onnxruntime inside the whole model — {info.name}", "",
+           f"Measured {now} by `scripts/bench_resnet50.py --trials {args.trials} --rounds {args.rounds} "
+           f"--repeats {args.repeats}` (autoconv {autoconv.__version__}, onnxruntime {onnxruntime.__version__}) on "
+           f"{info.platform}, driver {info.driver}, {info.compute_units} compute units; host {platform.machine()}, "
+           f"{threads} cores. Graph: the onnx package's `{MODEL}` with random weights, batch 1, float32.", "",
+           (f"autoconv's layers were tuned first by `autoconv tune --onnx {MODEL} --trials {args.trials}` into a "
+            f"scratch database: {tune_s / 60:.1f} min wall." if tune_s is not None else
+            f"autoconv's layers were served from `{args.db}`."), "",
+           "Per Conv node: the plan autoconv serves, its `Conv2d` call on device arrays (median ms ±spread over "
+           "rounds), onnxruntime's time for the same fused node inside the whole model (its profiler's kernel "
+           "time), and onnxruntime's time / autoconv's (above 1: autoconv faster).", "",
+           "| node | layer | epilogue | autoconv plan | autoconv ms | onnxruntime ms | speed vs ort |",
+           "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        node = r["node"]
+        epilogue = "+".join(p for p in ("bias", "residual" if node.residual else "", node.activation or "") if p)
+        ratio = r["theirs"] / r["ours"]
+        out.append(f"| {r['label']} | {r['spec']} | {epilogue} | {r['plan'].algorithm} ({r['plan'].source}) | "
+                   f"{r['ours']:.3f} {pct(r['spread'])} | {r['theirs']:.3f} {pct(r['their_spread'])} | {ratio:.2f}x |")
+    out += ["", f"| sum of the 53 convolutions | | | | {ours_total:.2f} | {theirs_total:.2f} | "
+                f"{theirs_total / ours_total:.2f}x |", ""]
+    out += [f"onnxruntime's whole model: {plain_ms:.2f} ms {pct(plain_spread)} (profiled session: "
+            f"{profiled_ms:.2f} ms {pct(profiled_spread)}; the profiler's own cost, {profiled_ms - plain_ms:+.2f} ms, "
+            f"lies between nodes and is not in the node times). The 53 autoconv layers take "
+            f"{ours_total:.2f} ms: {plain_ms / ours_total:.2f}x onnxruntime's whole model.",
+            "", f"numpy SGEMM 2048^3 (OpenBLAS, 2 threads): {gemm_gf:.0f} GFLOP/s {pct(gemm_spread)}. The blocked "
+            f"direct kernel on {wide_spec} (heuristic config, kernel events): {wide_ms:.3f} ms {pct(wide_spread)}, "
+            f"{wide_gf:.0f} GFLOP/s = {wide_gf / gemm_gf * 100:.0f}% of SGEMM's."]
+    if unmatched:
+        out += ["", f"Not matched to an onnxruntime node: {', '.join(unmatched)}."]
+    ones = [r for r in rows if r["spec"].r == 1]
+    threes = [r for r in rows if r["spec"].r == 3]
+    worst1 = min(ones, key=lambda r: r["theirs"] / r["ours"])
+    worst3 = min(threes, key=lambda r: r["theirs"] / r["ours"])
+    met = lambda ok: "met" if ok else "not met"  # noqa: E731
+    total_ratio = theirs_total / ours_total
+    out += ["", "## Against the goals", "",
+            f"- Sum of the convolutions >= {GOAL_TOTAL}x onnxruntime's: {met(total_ratio >= GOAL_TOTAL)} "
+            f"({total_ratio:.2f}x its Conv nodes; {plain_ms / ours_total:.2f}x its whole model).",
+            f"- Every 1x1 layer >= {GOAL_1X1}x: {met(worst1['theirs'] / worst1['ours'] >= GOAL_1X1)} "
+            f"(slowest {worst1['label']}: {worst1['theirs'] / worst1['ours']:.2f}x; "
+            f"{sum(r['theirs'] / r['ours'] >= GOAL_1X1 for r in ones)} of {len(ones)} reach it).",
+            f"- Every 3x3 layer >= {GOAL_3X3}x: {met(worst3['theirs'] / worst3['ours'] >= GOAL_3X3)} "
+            f"(slowest {worst3['label']}: {worst3['theirs'] / worst3['ours']:.2f}x; "
+            f"{sum(r['theirs'] / r['ours'] >= GOAL_3X3 for r in threes)} of {len(threes)} reach it).",
+            f"- The blocked direct kernel on the wide 1x1 layer >= {GOAL_WIDE * 100:.0f}% of SGEMM: "
+            f"{met(wide_gf / gemm_gf >= GOAL_WIDE)} ({wide_gf / gemm_gf * 100:.0f}%).", ""]
+    Path(args.out).write_text("\n".join(out))
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
