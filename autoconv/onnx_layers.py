@@ -43,7 +43,7 @@ def _ints(attrs: dict[str, Any], name: str, count: int, default: tuple[int, ...]
     return values
 
 
-def _geometry(attrs: dict[str, Any], x_shape: list, w_shape: list) -> tuple:
+def conv_geometry(attrs: dict[str, Any], x_shape: list, w_shape: list) -> tuple:
     """(kernel, strides, dilations, ((top, bottom), (left, right))) from a Conv node's attributes."""
     kernel = (int(w_shape[2]), int(w_shape[3]))
     if "kernel_shape" in attrs and _ints(attrs, "kernel_shape", 2, kernel, 1) != kernel:
@@ -101,7 +101,7 @@ def onnx_layers(path: str | Path, batch: int | None = None) -> tuple[list[NamedL
         x_dims, w_dims = [int(d or 0) for d in x_shape], [int(d or 0) for d in w_shape]  # no None left
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         try:
-            kernel, strides, dilations, begin_end = _geometry(attrs, x_dims, w_dims)
+            kernel, strides, dilations, begin_end = conv_geometry(attrs, x_dims, w_dims)
         except InvalidSpecError as exc:
             problems.append(f"{name}: {exc}")
             continue

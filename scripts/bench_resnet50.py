@@ -71,16 +71,19 @@ def random_weight_model(seed: int) -> Any:
     graph = model.graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     rng = np.random.default_rng(seed)
+    variances = {node.input[4] for node in graph.node if node.op_type == "BatchNormalization" and len(node.input) > 4}
     kept, filled = [], []
     for node in graph.node:
         if node.op_type != "ConstantOfShape":
             kept.append(node)
             continue
         shape, name = tuple(int(v) for v in constants[node.input[0]]), node.output[0]
-        if name.endswith("_riv_0"):  # running variance
+        if name in variances:  # BatchNormalization's running variance
             values = rng.uniform(0.5, 1.5, shape)
+        elif len(shape) >= 2:  # weights, scaled by fan-in (He) so that activations stay near 1 deep down
+            values = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
         else:
-            values = rng.standard_normal(shape) * (0.1 if name.endswith("_w_0") else 0.5)
+            values = rng.standard_normal(shape) * 0.1
         filled.append(numpy_helper.from_array(values.astype(np.float32), name))
     used = {i for node in kept for i in node.input}
     initializers = [i for i in graph.initializer if i.name in used] + filled
@@ -88,6 +91,11 @@ def random_weight_model(seed: int) -> Any:
     graph.node.extend(kept)
     del graph.initializer[:]
     graph.initializer.extend(initializers)
+    # The graph lists its initializers as inputs too (IR version 3): drop those no longer there.
+    dropped = set(constants) - {i.name for i in initializers}
+    inputs = [i for i in graph.input if i.name not in dropped]
+    del graph.input[:]
+    graph.input.extend(inputs)
     # IR version 3 reads an initializer only where it is also a graph input; 4 drops that rule.
     model.ir_version = max(model.ir_version, 4)
     return onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -113,9 +121,11 @@ class ConvNode:
         return (self.input_shape, (k, cg, r, s), self.residual)
 
 
-def conv_nodes(model: Any, seed: int) -> list[ConvNode]:
+def conv_nodes(model: Any, seed: int, fused_sums: set[tuple] = frozenset()) -> list[ConvNode]:  # type: ignore[assignment]
     """Each Conv with what onnxruntime fuses into it: BatchNormalization, then a Sum's other operand
-    (for the conv computed last of the Sum's inputs), then a Relu."""
+    as its residual, then a Relu. Where both of a Sum's operands are convolutions (a downsampling
+    block), the residual goes where onnxruntime put it: `fused_sums` holds the (input shape,
+    weight shape) of its Conv nodes that add a fourth input; else to the conv computed last."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -129,12 +139,24 @@ def conv_nodes(model: Any, seed: int) -> list[ConvNode]:
     order = {node.output[0]: i for i, node in enumerate(graph.node)}
     producer = {node.output[0]: node for node in graph.node}
 
-    def conv_behind(tensor: str) -> int:
-        """Graph position of the Conv whose (batch-normalised) output the tensor is."""
+    def conv_behind(tensor: str) -> Any:
+        """The Conv whose (batch-normalised) output the tensor is, or None."""
         node = producer.get(tensor)
         if node is not None and node.op_type == "BatchNormalization":
             node = producer.get(node.input[0])
-        return order[node.output[0]] if node is not None and node.op_type == "Conv" else -1
+        return node if node is not None and node.op_type == "Conv" else None
+
+    def ort_fused(conv: Any) -> bool:
+        return (shapes[conv.input[0]], weights[conv.input[1]].shape) in fused_sums
+
+    def takes_the_sum(conv: Any, other: str) -> bool:
+        """Whether this conv, rather than the one behind the Sum's other operand, adds it."""
+        rival = conv_behind(other)
+        if rival is None:
+            return True
+        if ort_fused(conv) != ort_fused(rival):
+            return ort_fused(conv)
+        return order[rival.output[0]] < order[conv.output[0]]
 
     rng = np.random.default_rng(seed)
     found = []
@@ -150,7 +172,7 @@ def conv_nodes(model: Any, seed: int) -> list[ConvNode]:
         residual = False
         if len(after) == 1 and after[0].op_type in ("Sum", "Add") and len(after[0].input) == 2:
             other = next(i for i in after[0].input if i != out)
-            if conv_behind(other) < order[node.output[0]]:  # the other operand is ready before this conv
+            if takes_the_sum(node, other):
                 residual, out = True, after[0].output[0]
                 after = consumers.get(out, [])
         activation = "relu" if len(after) >= 1 and all(a.op_type == "Relu" for a in after) else None
@@ -177,6 +199,15 @@ def ort_sessions(model_bytes: bytes, threads: int, profile_dir: str) -> tuple[An
     return session(False), session(True)
 
 
+def ort_fused_sums(model_bytes: bytes, threads: int) -> set[tuple]:
+    """(input shape, weight shape) of every Conv node onnxruntime fuses a Sum into: one profiled run."""
+    with tempfile.TemporaryDirectory(prefix="ort-fusion-") as folder:
+        _, session = ort_sessions(model_bytes, threads, folder)
+        session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 224, 224), np.float32)})
+        (run,) = ort_conv_times(session.end_profiling(), 0)
+    return {(signature[0], signature[1]) for signature, _ in run if signature[2]}
+
+
 def ort_conv_times(profile: str, runs_from: int) -> list[list[tuple[tuple, float]]]:
     """Per run, the fused Conv nodes' (signature, kernel ms) in execution order."""
     events = json.loads(Path(profile).read_text())
@@ -200,7 +231,7 @@ def ort_conv_times(profile: str, runs_from: int) -> list[list[tuple[tuple, float
 
 def tune(onnx_path: Path, db: Path, trials: int) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "autoconv", "tune", "--onnx", str(onnx_path), "--db", str(db),
+    subprocess.run([sys.executable, "-m", "autoconv.cli", "tune", "--onnx", str(onnx_path), "--db", str(db),
                     "--trials", str(trials)], check=True)
     return time.perf_counter() - start
 
@@ -238,7 +269,7 @@ def main() -> int:
 
     threads = os.cpu_count() or 1
     model = random_weight_model(args.seed)
-    nodes = conv_nodes(model, args.seed)
+    nodes = conv_nodes(model, args.seed, ort_fused_sums(model.SerializeToString(), threads))
     scratch = tempfile.mkdtemp(prefix="bench-resnet50-")
     onnx_path = Path(scratch) / MODEL
     onnx_path.write_bytes(model.SerializeToString())

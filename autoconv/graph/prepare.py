@@ -1,0 +1,303 @@
+"""An ONNX CNN prepared once into steps over named tensors: checked with onnx.checker, shapes
+inferred, initializer-only subgraphs folded into constants (the zoo graphs compute their weights
+with ConstantOfShape), and each Conv fused as onnxruntime fuses it: a following
+BatchNormalization folded into its weights and bias, an Add/Sum with another tensor as its
+residual, then Relu or Clip(0, 6) as its activation. What is left is a list of steps, each a conv
+layer, a numpy operator (autoconv/graph/ops.py) or onnx.reference's implementation.
+
+What cannot run is refused here, in one line naming the node: a dimension shape inference cannot
+resolve, a tensor that is not float32, a training-mode node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from autoconv.errors import InvalidSpecError
+from autoconv.graph.ops import OPS, SPLIT
+from autoconv.onnx_layers import conv_geometry
+
+
+class UnsupportedModelError(InvalidSpecError):
+    """A model, or one of its nodes, that autoconv cannot run (the message names the node)."""
+
+
+def onnx_module() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise UnsupportedModelError("running an ONNX model needs the onnx package: pip install onnx "
+                                    "(autoconv's [onnx] extra)") from None
+    return onnx
+
+
+@dataclass
+class ConvStep:
+    """A Conv with its fused epilogue: weights and bias already folded with the BatchNormalization."""
+
+    name: str
+    input: str
+    output: str
+    weight: np.ndarray
+    bias: np.ndarray | None
+    stride: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+    dilation: tuple[int, int]
+    groups: int
+    activation: str | None = None
+    residual: str | None = None
+    fused: list[str] = field(default_factory=list)  # the op types folded into it, in order
+
+
+@dataclass
+class OpStep:
+    """A node run by a numpy operator, or by onnx.reference where autoconv has none."""
+
+    name: str
+    op_type: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any]
+    node: Any  # the NodeProto (onnx.reference runs it)
+    native: bool
+
+
+@dataclass
+class PreparedModel:
+    inputs: list[tuple[str, tuple[int, ...]]]
+    outputs: list[str]
+    constants: dict[str, np.ndarray]
+    steps: list[ConvStep | OpStep]
+    opset: int
+    opset_imports: list[Any] = field(default_factory=list)
+
+
+def _node_label(node: Any, index: int) -> str:
+    return node.name or f"{node.op_type} #{index} (output {node.output[0]!r})"
+
+
+def _attrs(onnx: Any, node: Any) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _load(model: Any) -> Any:
+    onnx = onnx_module()
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if not path.is_file():
+            raise UnsupportedModelError(f"model: {path} is not a file")
+        try:
+            return onnx.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - onnx raises many kinds for a bad file
+            raise UnsupportedModelError(f"model: {path} is not a readable ONNX model: {exc}") from None
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    raise UnsupportedModelError(f"model: expected a path or an onnx.ModelProto, got {type(model).__name__}")
+
+
+def reference_node(onnx: Any, node: Any, opset_imports: Any) -> Callable[[dict[str, Any]], list[Any]]:
+    """onnx.reference's evaluation of one node at the model's opsets (a bare node would be read at
+    the newest opset: an old Unsqueeze's `axes` attribute would be refused): feed -> outputs."""
+    from onnx.reference import ReferenceEvaluator
+
+    function = onnx.helper.make_function("autoconv.node", "node", [i for i in node.input if i],
+                                         [o for o in node.output if o], [node], list(opset_imports))
+    evaluator = ReferenceEvaluator(function)
+    return lambda feed: list(evaluator.run(None, feed, attributes={}))
+
+
+def _fold_constants(onnx: Any, proto: Any, constants: dict[str, np.ndarray], label: Any) -> list[Any]:
+    """Evaluate every node whose inputs are all constants (onnx.reference); the rest, in order."""
+    graph = proto.graph
+    kept = []
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Constant" and not all(i == "" or i in constants for i in node.input):
+            kept.append(node)
+            continue
+        try:
+            values = reference_node(onnx, node, proto.opset_import)({i: constants[i] for i in node.input if i})
+        except Exception as exc:  # noqa: BLE001 - the reference raises whatever the op raises
+            raise UnsupportedModelError(f"node {label(node, index)}: its constant inputs could not be folded: {exc}") from None
+        constants.update({name: np.asarray(value) for name, value in zip([o for o in node.output if o], values)})
+    return kept
+
+
+def prepare(model: Any, input_shapes: dict[str, tuple[int, ...]] | None = None) -> PreparedModel:
+    """A path or ModelProto -> a PreparedModel (see the module docstring)."""
+    onnx = onnx_module()
+    from onnx import numpy_helper
+
+    proto = _load(model)
+    graph = proto.graph
+    # IR version 3 reads an initializer only where it is also a graph input; 4 drops that rule.
+    proto.ir_version = max(proto.ir_version, 4)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    real_inputs = [i for i in graph.input if i.name not in initializers]
+    for value in real_inputs:
+        dims = value.type.tensor_type.shape.dim
+        wanted = (input_shapes or {}).get(value.name)
+        if wanted is not None:
+            if len(wanted) != len(dims):
+                raise UnsupportedModelError(f"input_shapes[{value.name!r}]: expected {len(dims)} dimensions, "
+                                            f"got {tuple(wanted)}")
+            for dim, size in zip(dims, wanted):
+                dim.Clear()
+                dim.dim_value = int(size)
+        unknown = [d.dim_param or "?" for d in dims if not d.HasField("dim_value")]
+        if unknown:
+            raise UnsupportedModelError(f"input {value.name!r}: dimension(s) {', '.join(repr(u) for u in unknown)} are not fixed; "
+                                        f"give input_shapes={{{value.name!r}: (...)}}")
+        if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            raise UnsupportedModelError(f"input {value.name!r}: only float32 inputs are supported, got "
+                                        f"{onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)}")
+    label = _node_label
+    for index, node in enumerate(graph.node):
+        training = node.input[2] if node.op_type == "Dropout" and len(node.input) > 2 else ""
+        if int(_attrs(onnx, node).get("training_mode", 0)) or (training and bool(initializers.get(training, False))):
+            raise UnsupportedModelError(f"node {label(node, index)}: training-mode {node.op_type} is not supported "
+                                        "(autoconv runs inference)")
+    try:
+        # Inferred first: a graph output without a declared shape (onnxruntime runs those) is then whole.
+        onnx.checker.check_model(onnx.shape_inference.infer_shapes(proto))
+    except Exception as exc:  # noqa: BLE001 - ValidationError and friends
+        raise UnsupportedModelError(f"model: onnx.checker refused it: {str(exc).splitlines()[0]}") from None
+
+    constants = dict(initializers)
+    kept = _fold_constants(onnx, proto, constants, label)
+    del graph.node[:]
+    graph.node.extend(kept)
+    # Shape inference over the folded graph, the constants as initializers.
+    del graph.initializer[:]
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UnsupportedModelError(f"model: shape inference failed: {str(exc).splitlines()[0]}") from None
+    graph = proto.graph
+    types = {v.name: v.type.tensor_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    for index, node in enumerate(graph.node):
+        for name in node.output:
+            if not name or name not in types:
+                continue
+            tensor = types[name]
+            if tensor.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.BOOL) and node.op_type != "Shape":
+                raise UnsupportedModelError(
+                    f"node {label(node, index)}: output {name!r} is "
+                    f"{onnx.TensorProto.DataType.Name(tensor.elem_type)}; only float32 tensors are supported")
+            if not tensor.HasField("shape") or any(not d.HasField("dim_value") for d in tensor.shape.dim):
+                raise UnsupportedModelError(f"node {label(node, index)}: the shape of {name!r} cannot be resolved "
+                                            "by shape inference (a dynamic dimension)")
+    steps = _fuse(onnx, graph, constants, label)
+    return PreparedModel([(v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in real_inputs],
+                         [o.name for o in graph.output], constants, steps, opset, list(proto.opset_import))
+
+
+def _fuse(onnx: Any, graph: Any, constants: dict[str, np.ndarray], label: Any) -> list[ConvStep | OpStep]:
+    nodes = list(graph.node)
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(index)
+    graph_outputs = {o.name for o in graph.output}
+    shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+              for v in [*graph.value_info, *graph.input, *graph.output]}
+    absorbed: set[int] = set()
+    placed: dict[int, ConvStep] = {}  # index of a group's last node -> the fused conv
+
+    def sole_consumer(tensor: str) -> int | None:
+        """The one node reading `tensor`, when nothing else (a graph output included) does."""
+        readers = consumers.get(tensor, [])
+        if len(readers) != 1 or tensor in graph_outputs or readers[0] in absorbed:
+            return None  # (an absorbed reader already belongs to another conv's group)
+        return readers[0]
+
+    for index, node in enumerate(nodes):
+        if node.op_type != "Conv" or index in absorbed:
+            continue
+        attrs = _attrs(onnx, node)
+        if node.input[1] not in constants or (len(node.input) > 2 and node.input[2] and node.input[2] not in constants):
+            continue  # weights computed at run time: run by onnx.reference
+        weight = constants[node.input[1]].astype(np.float64)
+        if weight.ndim != 4:
+            continue  # not a 2-D convolution
+        bias = constants[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] else None
+        try:
+            _, strides, dilations, pads = conv_geometry(attrs, list(shapes[node.input[0]]), list(weight.shape))
+        except InvalidSpecError as exc:
+            raise UnsupportedModelError(f"node {label(node, index)}: {exc}") from None
+        step = ConvStep(label(node, index), node.input[0], node.output[0], weight, bias, strides, pads, dilations,
+                        int(attrs.get("group", 1)))
+        last = index
+        tensor = node.output[0]
+        nxt = sole_consumer(tensor)
+        if nxt is not None and nodes[nxt].op_type == "BatchNormalization" and nodes[nxt].input[0] == tensor \
+                and all(i in constants for i in nodes[nxt].input[1:5]):
+            bn = nodes[nxt]
+            scale, shift, mean, var = (constants[i].astype(np.float64) for i in bn.input[1:5])
+            factor = scale / np.sqrt(var + float(_attrs(onnx, bn).get("epsilon", 1e-5)))
+            step.weight = step.weight * factor[:, None, None, None]
+            step.bias = ((step.bias if step.bias is not None else 0.0) - mean) * factor + shift
+            step.fused.append("BatchNormalization")
+            absorbed.add(nxt)
+            last, tensor = nxt, bn.output[0]
+            nxt = sole_consumer(tensor)
+        if nxt is not None and nodes[nxt].op_type in ("Add", "Sum") and len(nodes[nxt].input) == 2:
+            other = next((i for i in nodes[nxt].input if i != tensor), None)
+            out_shape = shapes.get(nodes[nxt].output[0])
+            if other is not None and other not in constants and shapes.get(other) == out_shape \
+                    and shapes.get(tensor) == out_shape:
+                step.residual = other
+                step.fused.append(nodes[nxt].op_type)
+                absorbed.add(nxt)
+                last, tensor = nxt, nodes[nxt].output[0]
+                nxt = sole_consumer(tensor)
+        if nxt is not None:
+            activation = _activation(onnx, nodes[nxt], constants)
+            if activation is not None:
+                step.activation = activation
+                step.fused.append(nodes[nxt].op_type)
+                absorbed.add(nxt)
+                last, tensor = nxt, nodes[nxt].output[0]
+        step.output = tensor
+        step.weight = step.weight.astype(np.float32)
+        step.bias = None if step.bias is None else np.asarray(step.bias, dtype=np.float32)
+        absorbed.add(index)
+        placed[last] = step
+
+    steps: list[ConvStep | OpStep] = []
+    for index, node in enumerate(nodes):
+        if index in placed:
+            steps.append(placed[index])
+        if index in absorbed:
+            continue
+        steps.append(OpStep(label(node, index), node.op_type, list(node.input), list(node.output), _attrs(onnx, node),
+                            node, node.op_type in OPS or node.op_type == SPLIT))
+    return steps
+
+
+def _activation(onnx: Any, node: Any, constants: dict[str, np.ndarray]) -> str | None:
+    """'relu' for Relu, 'relu6' for Clip(0, 6) (attributes or constant inputs), else None."""
+    if node.op_type == "Relu":
+        return "relu"
+    if node.op_type != "Clip":
+        return None
+    attrs = _attrs(onnx, node)
+    if len(node.input) > 1:
+        bounds = [None if not name else constants.get(name) for name in node.input[1:3]]
+        if any(name and name not in constants for name in node.input[1:3]):
+            return None
+        low = None if len(bounds) < 1 or bounds[0] is None else float(np.asarray(bounds[0]))
+        high = None if len(bounds) < 2 or bounds[1] is None else float(np.asarray(bounds[1]))
+    else:
+        low, high = attrs.get("min"), attrs.get("max")
+    if low == 0.0 and high == 6.0:
+        return "relu6"
+    if low == 0.0 and high is None:
+        return "relu"
+    return None

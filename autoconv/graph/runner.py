@@ -1,0 +1,183 @@
+"""A prepared ONNX model run as a loop over its steps: each fused Conv an `autoconv.Conv2d` (resident
+weights; the tensors between two conv layers stay device arrays), each other operator numpy on
+the host arrays (views of device memory on shared-memory devices), any operator autoconv lacks
+through onnx.reference (correct, slow, and said once when the model is loaded)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from autoconv.graph.ops import OPS, SPLIT, split
+from autoconv.graph.prepare import ConvStep, OpStep, PreparedModel, UnsupportedModelError, reference_node
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One row of `Model.describe()`: a node or fused group, what runs it, and its plan."""
+
+    name: str
+    ops: str  # "Conv+BatchNormalization+Relu", "MaxPool", ...
+    runs_on: str  # "autoconv layer", "numpy", "onnx.reference"
+    plan: str
+
+
+class Model:
+    """What `autoconv.onnx.load` returns. `run(output_names, input_feed)` has onnxruntime's
+    `InferenceSession.run` signature; `model(x)` runs a one-input model and returns its first
+    output."""
+
+    def __init__(self, prepared: PreparedModel, *, device: int | str | None = None, backend: str | None = None,
+                 db: str | None = None) -> None:
+        from autoconv.serve.layer import Conv2d
+
+        self._prepared = prepared
+        self._backend = backend or "opencl"
+        self._device = device
+        self._layers: dict[int, Any] = {}
+        self._prepad: dict[int, list[tuple[int, int]]] = {}
+        for index, step in enumerate(prepared.steps):
+            if not isinstance(step, ConvStep):
+                continue
+            (top, bottom), (left, right) = step.padding
+            if (top, left) == (bottom, right):
+                padding: tuple[int, int] = (top, left)
+            else:  # asymmetric: padded on the host before a conv without padding
+                self._prepad[index] = [(0, 0), (0, 0), (top, bottom), (left, right)]
+                padding = (0, 0)
+            self._layers[index] = Conv2d(step.weight, step.bias, step.stride, padding, step.dilation, step.groups,
+                                         activation=step.activation, device=device, backend=self._backend, db=db)
+        fallbacks = sorted({s.op_type for s in prepared.steps if isinstance(s, OpStep) and not s.native})
+        if fallbacks:
+            warnings.warn(f"autoconv has no kernel for {', '.join(fallbacks)}: these nodes run through "
+                          "onnx.reference (correct, slow)", RuntimeWarning, stacklevel=3)
+        self._reference: dict[int, Any] = {}
+
+    @property
+    def input_names(self) -> list[str]:
+        return [name for name, _ in self._prepared.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._prepared.outputs)
+
+    def __call__(self, x: Any) -> np.ndarray:
+        if len(self._prepared.inputs) != 1:
+            raise UnsupportedModelError(f"model(x) needs a one-input model; this one has inputs {self.input_names}: "
+                                        "use model.run(None, {name: array, ...})")
+        return self.run(None, {self.input_names[0]: x})[0]
+
+    def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any]) -> list[np.ndarray]:
+        outputs, _ = self._execute(output_names, input_feed, timed=False)
+        return outputs
+
+    def timed_run(self, input_feed: dict[str, Any]) -> tuple[list[np.ndarray], list[tuple[StepRow, float]]]:
+        """All outputs, and each step's wall time in ms (device work waited for, step by step)."""
+        outputs, times = self._execute(None, input_feed, timed=True)
+        rows = self.describe()
+        return outputs, list(zip(rows, times))
+
+    def describe(self) -> list[StepRow]:
+        rows = []
+        for index, step in enumerate(self._prepared.steps):
+            if isinstance(step, ConvStep):
+                layer = self._layers[index]
+                plans = layer.plans
+                plan = "; ".join(p.describe() for p in plans.values()) if plans else "chosen at the first run"
+                note = " (asymmetric padding applied on the host)" if index in self._prepad else ""
+                rows.append(StepRow(step.name, "+".join(["Conv", *step.fused]), "autoconv layer", plan + note))
+            else:
+                native = step.native and index not in self._reference
+                rows.append(StepRow(step.name, step.op_type, "numpy" if native else "onnx.reference", ""))
+        return rows
+
+    # -----------------------------------------------------------------------------------------
+    def _check_feed(self, input_feed: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(input_feed, dict):
+            raise UnsupportedModelError(f"input_feed: expected a dict of input name -> array, got {type(input_feed).__name__}")
+        unknown = sorted(set(input_feed) - set(self.input_names))
+        missing = [name for name in self.input_names if name not in input_feed]
+        if unknown or missing:
+            raise UnsupportedModelError(f"input_feed: expected inputs {self.input_names}"
+                                        + (f"; missing {missing}" if missing else "")
+                                        + (f"; unknown {unknown}" if unknown else ""))
+        values = {}
+        for name, shape in self._prepared.inputs:
+            array = np.asarray(input_feed[name])
+            if array.shape != shape:
+                raise UnsupportedModelError(f"input_feed[{name!r}]: expected shape {shape}, got {array.shape}")
+            if array.dtype != np.float32:
+                raise UnsupportedModelError(f"input_feed[{name!r}]: expected float32, got {array.dtype}")
+            values[name] = array
+        return values
+
+    def _execute(self, output_names: Sequence[str] | None, input_feed: dict[str, Any],
+                 timed: bool) -> tuple[list[np.ndarray], list[float]]:
+        wanted = list(self.output_names if output_names is None else output_names)
+        unknown = [name for name in wanted if name not in self.output_names]
+        if unknown:
+            raise UnsupportedModelError(f"output_names: {unknown} are not outputs of the model {self.output_names}")
+        env: dict[str, Any] = dict(self._prepared.constants)
+        env.update(self._check_feed(input_feed))
+        times: list[float] = []
+        for index, step in enumerate(self._prepared.steps):
+            start = time.perf_counter()
+            if isinstance(step, ConvStep):
+                result = self._conv(index, step, env)
+                env[step.output] = result
+                if timed and hasattr(result, "wait"):
+                    result.wait()
+            else:
+                inputs = [env[name] if name else None for name in step.inputs]
+                results = self._native(index, step, inputs) if index not in self._reference else None
+                if results is None:
+                    results = self._by_reference(index, step, inputs)
+                for name, value in zip(step.outputs, results):
+                    if name:
+                        env[name] = value
+            if timed:
+                times.append((time.perf_counter() - start) * 1e3)
+        return [np.asarray(env[name]) for name in wanted], times
+
+    def _conv(self, index: int, step: ConvStep, env: dict[str, Any]) -> Any:
+        from autoconv.serve.api import to_device
+
+        x = env[step.input]
+        residual = env[step.residual] if step.residual else None
+        if index in self._prepad:
+            x = np.pad(np.asarray(x), self._prepad[index])
+        if self._backend != "numpy":
+            # Tensors between conv layers stay on the device; numpy results go there once.
+            if isinstance(x, np.ndarray):
+                x = to_device(x, backend=self._backend, device=self._device)
+            if isinstance(residual, np.ndarray):
+                residual = to_device(residual, backend=self._backend, device=self._device)
+        return self._layers[index](x, residual=residual)
+
+    def _native(self, index: int, step: OpStep, inputs: list[Any]) -> list[np.ndarray] | None:
+        """The numpy operator's outputs; None where there is none, or where it lacks an attribute's
+        variant (dilated pooling, say): that node runs by reference from then on, said once."""
+        if not step.native:
+            return None
+        host = [None if value is None else np.asarray(value) for value in inputs]
+        try:
+            if step.op_type == SPLIT:
+                return split(host, step.attrs, self._prepared.opset, len(step.outputs))
+            return OPS[step.op_type](host, step.attrs, self._prepared.opset)
+        except NotImplementedError as exc:
+            warnings.warn(f"{step.name}: {step.op_type} with {exc} runs through onnx.reference (correct, slow)",
+                          RuntimeWarning, stacklevel=4)
+            return None
+
+    def _by_reference(self, index: int, step: OpStep, inputs: list[Any]) -> list[np.ndarray]:
+        import onnx
+
+        evaluator = self._reference.get(index)
+        if evaluator is None:
+            evaluator = self._reference[index] = reference_node(onnx, step.node, self._prepared.opset_imports)
+        feed = {name: np.asarray(value) for name, value in zip(step.inputs, inputs) if name}
+        return [np.asarray(v) for v in evaluator(feed)]
