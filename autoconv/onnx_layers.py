@@ -66,9 +66,24 @@ def conv_geometry(attrs: dict[str, Any], x_shape: list, w_shape: list) -> tuple:
     return kernel, strides, dilations, ((pads[0], pads[2]), (pads[1], pads[3]))
 
 
+def _fused_epilogues(path: Path) -> dict[str, tuple[str | None, bool]]:
+    """Conv output name -> (activation, residual) that `autoconv.onnx.load` fuses into it (its
+    BatchNormalization folded in gives it a bias); {} where the graph cannot be prepared."""
+    from autoconv.errors import AutoconvError
+    from autoconv.graph.prepare import ConvStep, prepare
+
+    try:
+        steps = prepare(path).steps
+    except AutoconvError:
+        return {}
+    return {s.conv_output: (s.activation, s.residual is not None) for s in steps if isinstance(s, ConvStep)}
+
+
 def onnx_layers(path: str | Path, batch: int | None = None) -> tuple[list[NamedLayer], list[str]]:
     """Every Conv node of a model with static spatial shapes, as NamedLayers (batch overrides n;
-    a symbolic batch dimension becomes 1 unless a batch is given), and why any others were skipped."""
+    a symbolic batch dimension becomes 1 unless a batch is given), and why any others were skipped.
+    Each carries the epilogue the model runner fuses into it (bias, residual, activation), so a
+    tuned layer is the one `autoconv.onnx.load` serves."""
     onnx = _onnx()
     path = Path(path)
     if path.is_dir():
@@ -86,6 +101,7 @@ def onnx_layers(path: str | Path, batch: int | None = None) -> tuple[list[NamedL
     for init in graph.initializer:
         shapes[init.name] = list(init.dims)
 
+    fused = _fused_epilogues(path)
     layers: list[NamedLayer] = []
     problems: list[str] = []
     for index, node in enumerate(n for n in graph.node if n.op_type == "Conv"):
@@ -113,6 +129,9 @@ def onnx_layers(path: str | Path, batch: int | None = None) -> tuple[list[NamedL
         except (InvalidSpecError, TypeError, ValueError) as exc:
             problems.append(f"{name}: {exc}")
             continue
+        if node.output[0] in fused:  # the epilogue the model runner serves it with
+            activation, residual = fused[node.output[0]]
+            spec = spec.replace(bias=True, activation=activation or "none", residual=residual)
         layers.append(NamedLayer(path.stem, name, spec))
     if not layers:
         detail = "; ".join(problems) if problems else "it has no Conv nodes"

@@ -46,6 +46,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo import random_weight_model  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "light_resnet50.onnx"
 SETTLE_S = 0.2
@@ -59,46 +62,6 @@ def stats(samples: list[float]) -> tuple[float, float]:
         return median, 0.0
     q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
     return median, (q3 - q1) / abs(median)
-
-
-def random_weight_model(seed: int) -> Any:
-    """The zoo graph with every ConstantOfShape weight replaced by a random initializer."""
-    import onnx
-    from onnx import numpy_helper
-
-    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / MODEL
-    model = onnx.load(str(path))
-    graph = model.graph
-    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    rng = np.random.default_rng(seed)
-    variances = {node.input[4] for node in graph.node if node.op_type == "BatchNormalization" and len(node.input) > 4}
-    kept, filled = [], []
-    for node in graph.node:
-        if node.op_type != "ConstantOfShape":
-            kept.append(node)
-            continue
-        shape, name = tuple(int(v) for v in constants[node.input[0]]), node.output[0]
-        if name in variances:  # BatchNormalization's running variance
-            values = rng.uniform(0.5, 1.5, shape)
-        elif len(shape) >= 2:  # weights, scaled by fan-in (He) so that activations stay near 1 deep down
-            values = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
-        else:
-            values = rng.standard_normal(shape) * 0.1
-        filled.append(numpy_helper.from_array(values.astype(np.float32), name))
-    used = {i for node in kept for i in node.input}
-    initializers = [i for i in graph.initializer if i.name in used] + filled
-    del graph.node[:]
-    graph.node.extend(kept)
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    # The graph lists its initializers as inputs too (IR version 3): drop those no longer there.
-    dropped = set(constants) - {i.name for i in initializers}
-    inputs = [i for i in graph.input if i.name not in dropped]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    # IR version 3 reads an initializer only where it is also a graph input; 4 drops that rule.
-    model.ir_version = max(model.ir_version, 4)
-    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
 @dataclass
@@ -268,7 +231,7 @@ def main() -> int:
     from autoconv.plan import Plan
 
     threads = os.cpu_count() or 1
-    model = random_weight_model(args.seed)
+    model = random_weight_model(MODEL, args.seed)
     nodes = conv_nodes(model, args.seed, ort_fused_sums(model.SerializeToString(), threads))
     scratch = tempfile.mkdtemp(prefix="bench-resnet50-")
     onnx_path = Path(scratch) / MODEL

@@ -290,3 +290,14 @@ def test_an_operator_variant_numpy_lacks_runs_by_reference_said_once():
         warnings.simplefilter("error")
         loaded(POOL_INPUT)
     assert [r.runs_on for r in loaded.describe()] == ["onnx.reference"]
+
+
+def test_tune_onnx_reads_each_conv_with_the_epilogue_the_runner_fuses(tmp_path):
+    from autoconv.onnx_layers import onnx_layers
+
+    path = tmp_path / "cnn.onnx"
+    onnx.save(small_cnn(), str(path))
+    layers, skipped = onnx_layers(path)
+    assert not skipped
+    assert [(layer.spec.bias, layer.spec.activation, layer.spec.residual) for layer in layers] == [
+        (True, "relu", False), (True, "relu", False), (True, "relu", True), (True, "relu", False)]

@@ -50,6 +50,7 @@ class ConvStep:
     activation: str | None = None
     residual: str | None = None
     fused: list[str] = field(default_factory=list)  # the op types folded into it, in order
+    conv_output: str = ""  # the Conv node's own output (before what is fused into it)
 
 
 @dataclass
@@ -232,7 +233,7 @@ def _fuse(onnx: Any, graph: Any, constants: dict[str, np.ndarray], label: Any) -
         except InvalidSpecError as exc:
             raise UnsupportedModelError(f"node {label(node, index)}: {exc}") from None
         step = ConvStep(label(node, index), node.input[0], node.output[0], weight, bias, strides, pads, dilations,
-                        int(attrs.get("group", 1)))
+                        int(attrs.get("group", 1)), conv_output=node.output[0])
         last = index
         tensor = node.output[0]
         nxt = sole_consumer(tensor)
