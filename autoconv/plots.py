@@ -203,3 +203,23 @@ def tuning_curves_figure(curves: dict[str, list[float]], title: str, path: Path 
         axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     return _save(figure, path)
+
+
+def model_steps_figure(steps: Sequence[tuple[str, float, str]], title: str, path: Path | None = None) -> bytes:
+    """One horizontal bar per step of a model run (label, ms, what ran it), coloured by what ran it."""
+    plt = _pyplot()
+    height = max(3.0, 0.16 * len(steps) + 1.0)
+    figure, axes = plt.subplots(figsize=(8.0, height), dpi=FIGURE_DPI)
+    kinds = sorted({kind for _, _, kind in steps})
+    colours = {kind: f"C{i}" for i, kind in enumerate(kinds)}
+    positions = range(len(steps))
+    axes.barh(list(positions), [ms for _, ms, _ in steps], color=[colours[kind] for _, _, kind in steps])
+    axes.set_yticks(list(positions), [label for label, _, _ in steps], fontsize=5)
+    axes.invert_yaxis()
+    axes.set_xlabel("ms (one timed run)")
+    axes.set_title(title)
+    for kind in kinds:
+        axes.barh([], [], color=colours[kind], label=kind)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)

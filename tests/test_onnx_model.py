@@ -301,3 +301,30 @@ def test_tune_onnx_reads_each_conv_with_the_epilogue_the_runner_fuses(tmp_path):
     assert not skipped
     assert [(layer.spec.bias, layer.spec.activation, layer.spec.residual) for layer in layers] == [
         (True, "relu", False), (True, "relu", False), (True, "relu", True), (True, "relu", False)]
+
+
+def test_model_bench_reports_both_runtimes_per_op_and_per_step(tmp_path, opencl):
+    import json
+
+    from typer.testing import CliRunner
+
+    from autoconv.cli.main import app
+
+    path = tmp_path / "cnn.onnx"
+    onnx.save(small_cnn(), str(path))
+    result = CliRunner().invoke(app, ["model", "bench", str(path), "--rounds", "1", "--repeats", "1", "--json",
+                                      "--db", str(tmp_path / "none.db")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["max_relative_error"] < TOLERANCE
+    assert report["autoconv_ms"] > 0 and report["onnxruntime_ms"] > 0
+    assert {s["runs_on"] for s in report["steps"]} == {"autoconv layer", "numpy"}
+    assert len(report["fallback_layers"]) == 4  # nothing tuned: every conv layer on a fallback plan
+    assert "Conv+BatchNormalization+Add+Relu" in report["per_op_ms"]
+
+    missing = CliRunner().invoke(app, ["model", "bench", str(tmp_path / "nope.onnx")])
+    assert missing.exit_code == 2 and "is not a file" in missing.output and len(missing.output.strip().splitlines()) == 1
+    fixed = CliRunner().invoke(app, ["model", "bench", str(path), "--batch", "3", "--rounds", "1", "--repeats", "1",
+                                     "--json", "--db", str(tmp_path / "none.db")])
+    assert fixed.exit_code == 0, fixed.output
+    assert json.loads(fixed.stdout[fixed.stdout.index("{"):])["batch"] == 3

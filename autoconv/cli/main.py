@@ -16,6 +16,7 @@ from rich.progress import TaskID
 from rich.text import Text
 
 from autoconv.cli.db import db_app
+from autoconv.cli.model import model_app
 from autoconv.tuning.build_pool import DEFAULT_JOBS
 from autoconv.cli.common import (
     DB_HELP,
@@ -50,6 +51,7 @@ app = typer.Typer(
     rich_markup_mode=None,  # help texts such as "[onnx] extra" are shown literally
 )
 app.add_typer(db_app, name="db")
+app.add_typer(model_app, name="model")
 
 
 def _show_version(value: bool) -> None:

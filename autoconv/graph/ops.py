@@ -6,11 +6,11 @@ compare each with onnxruntime."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 Arrays = Sequence[Any]
 Op = Callable[[Arrays, dict[str, Any], int], list[np.ndarray]]
@@ -54,32 +54,38 @@ def _pool_geometry(x: np.ndarray, attrs: dict[str, Any]) -> tuple[tuple[int, ...
     return kernel, strides, pads, explicit
 
 
-def _windows(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: list[tuple[int, int]],
-             fill: float) -> np.ndarray:
+def _reduce_windows(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: Pads, fill: float,
+                    combine: Callable[..., Any]) -> np.ndarray:
+    """Each window of the padded input reduced by `combine` (np.maximum, np.add), one strided slice
+    per kernel tap: a handful of whole-array operations instead of a window view's slow reduction."""
     padded = np.pad(x, [(0, 0), (0, 0), *pads], constant_values=fill) if any(p != (0, 0) for p in pads) else x
-    view = sliding_window_view(padded, kernel, axis=tuple(range(2, x.ndim)))
-    return view[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
+    out_shape = [(size - k) // s + 1 for size, k, s in zip(padded.shape[2:], kernel, strides)]
+    result: np.ndarray | None = None
+    for taps in itertools.product(*(range(k) for k in kernel)):
+        window = padded[(slice(None), slice(None)) + tuple(slice(t, t + s * (n - 1) + 1, s)
+                                                           for t, s, n in zip(taps, strides, out_shape))]
+        result = window.copy() if result is None else combine(result, window, out=result)
+    assert result is not None
+    return result
 
 
 def max_pool(inputs: Arrays, attrs: dict[str, Any], opset: int) -> list[np.ndarray]:
     x = np.asarray(inputs[0])
     kernel, strides, pads, _ = _pool_geometry(x, attrs)
-    view = _windows(x, kernel, strides, pads, -np.inf)
-    return [view.max(axis=tuple(range(-len(kernel), 0)))]
+    return [_reduce_windows(x, kernel, strides, pads, -np.inf, np.maximum)]
 
 
 def average_pool(inputs: Arrays, attrs: dict[str, Any], opset: int) -> list[np.ndarray]:
     x = np.asarray(inputs[0])
     kernel, strides, pads, explicit = _pool_geometry(x, attrs)
-    axes = tuple(range(-len(kernel), 0))
-    sums = _windows(x, kernel, strides, pads, 0.0).sum(axis=axes, dtype=np.float64)
+    sums = _reduce_windows(x.astype(np.float64), kernel, strides, pads, 0.0, np.add)
     # What each window divides by: its input elements, and its explicit pads with count_include_pad
     # (never ceil_mode's overhang past them, as onnxruntime).
     counted = (np.ones([1, 1, *(size + b + a for size, (b, a) in zip(x.shape[2:], explicit))])
                if int(attrs.get("count_include_pad", 0)) else np.ones((1, 1, *x.shape[2:])))
     rest = [(b - eb, a - ea) for (b, a), (eb, ea) in zip(pads, explicit)] if int(attrs.get("count_include_pad", 0)) \
         else pads
-    counts = _windows(counted, kernel, strides, rest, 0.0).sum(axis=axes)
+    counts = _reduce_windows(counted, kernel, strides, rest, 0.0, np.add)
     return [(sums / counts).astype(x.dtype)]
 
 

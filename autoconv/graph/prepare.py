@@ -84,7 +84,8 @@ def _attrs(onnx: Any, node: Any) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _load(model: Any) -> Any:
+def load_proto(model: Any) -> Any:
+    """A path or ModelProto -> a ModelProto of its own (a caller's proto is never changed)."""
     onnx = onnx_module()
     if isinstance(model, (str, Path)):
         path = Path(model)
@@ -112,6 +113,38 @@ def reference_node(onnx: Any, node: Any, opset_imports: Any) -> Callable[[dict[s
     return lambda feed: list(evaluator.run(None, feed, attributes={}))
 
 
+def with_batch(model: Any, batch: int) -> Any:
+    """The model with every input's first dimension set to `batch`, its shapes inferred again; one
+    line where the graph does not allow it (a Reshape to a fixed batch, say)."""
+    onnx = onnx_module()
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+        raise UnsupportedModelError(f"batch: expected a positive int, got {batch!r}")
+    proto = load_proto(model)
+    initializers = {i.name for i in proto.graph.initializer}
+    for value in proto.graph.input:
+        if value.name in initializers or not value.type.tensor_type.shape.dim:
+            continue
+        first = value.type.tensor_type.shape.dim[0]
+        first.Clear()
+        first.dim_value = batch
+    del proto.graph.value_info[:]
+    for value in proto.graph.output:
+        if value.type.tensor_type.shape.dim:
+            value.type.tensor_type.shape.dim[0].Clear()
+    proto.ir_version = max(proto.ir_version, 4)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UnsupportedModelError(f"batch: the graph does not allow batch {batch}: "
+                                    f"{str(exc).splitlines()[0]}") from None
+    for value in proto.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value != batch:
+            raise UnsupportedModelError(f"batch: the graph does not allow batch {batch}: output {value.name!r} "
+                                        f"keeps batch {dims[0].dim_value}")
+    return proto
+
+
 def _fold_constants(onnx: Any, proto: Any, constants: dict[str, np.ndarray], label: Any) -> list[Any]:
     """Evaluate every node whose inputs are all constants (onnx.reference); the rest, in order."""
     graph = proto.graph
@@ -133,7 +166,7 @@ def prepare(model: Any, input_shapes: dict[str, tuple[int, ...]] | None = None) 
     onnx = onnx_module()
     from onnx import numpy_helper
 
-    proto = _load(model)
+    proto = load_proto(model)
     graph = proto.graph
     # IR version 3 reads an initializer only where it is also a graph input; 4 drops that rule.
     proto.ir_version = max(proto.ir_version, 4)
