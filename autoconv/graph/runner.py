@@ -56,6 +56,20 @@ class Model:
             warnings.warn(f"autoconv has no kernel for {', '.join(fallbacks)}: these nodes run through "
                           "onnx.reference (correct, slow)", RuntimeWarning, stacklevel=3)
         self._reference: dict[int, Any] = {}
+        # Each tensor is dropped after the last step that reads it (graph outputs are kept): its
+        # memory goes back to the allocator for the next step's result, still warm in the caches,
+        # instead of every step touching fresh memory.
+        last_read: dict[str, int] = {}
+        for index, step in enumerate(prepared.steps):
+            reads = [step.input, *( [step.residual] if step.residual else [])] if isinstance(step, ConvStep) \
+                else [name for name in step.inputs if name]
+            for name in reads:
+                last_read[name] = index
+        keep = set(prepared.outputs) | set(prepared.constants)
+        self._drop_after: dict[int, list[str]] = {}
+        for name, index in last_read.items():
+            if name not in keep:
+                self._drop_after.setdefault(index, []).append(name)
 
     @property
     def input_names(self) -> list[str]:
@@ -139,6 +153,8 @@ class Model:
                 for name, value in zip(step.outputs, results):
                     if name:
                         env[name] = value
+            for name in self._drop_after.get(index, ()):
+                env.pop(name, None)
             if timed:
                 times.append((time.perf_counter() - start) * 1e3)
         return [np.asarray(env[name]) for name in wanted], times
