@@ -328,3 +328,29 @@ def test_model_bench_reports_both_runtimes_per_op_and_per_step(tmp_path, opencl)
                                      "--json", "--db", str(tmp_path / "none.db")])
     assert fixed.exit_code == 0, fixed.output
     assert json.loads(fixed.stdout[fixed.stdout.index("{"):])["batch"] == 3
+
+
+def test_the_host_blas_is_held_to_one_thread_while_a_cpu_device_runs_the_model(opencl, monkeypatch):
+    """OpenBLAS's idle threads would spin on the cores a CPU device's kernels need."""
+    from threadpoolctl import threadpool_info
+
+    from autoconv.graph import ops
+
+    if opencl.device.device_type != "cpu":
+        pytest.skip("the default OpenCL device is not a CPU")
+    seen = []
+    real_gemm = ops.OPS["Gemm"]
+
+    def spying_gemm(inputs, attrs, opset):
+        seen.append({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+        return real_gemm(inputs, attrs, opset)
+
+    monkeypatch.setitem(ops.OPS, "Gemm", spying_gemm)
+    loaded = aonnx.load(small_cnn())
+    loaded(RNG.standard_normal((2, 3, 16, 16)).astype(np.float32))
+    assert seen == [{1}]
+    outside = {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+    on_host = aonnx.load(small_cnn(), backend="numpy")  # nothing to share the cores with: untouched
+    seen.clear()
+    on_host(RNG.standard_normal((2, 3, 16, 16)).astype(np.float32))
+    assert seen == [outside]

@@ -110,6 +110,8 @@ def compare_model(model: Any, *, batch: int | None = None, rounds: int = 5, repe
     error = max(float(np.abs(g.astype(np.float64) - e).max() / max(float(np.abs(e).max()), 1e-30))
                 for g, e in zip(got, expected))
     ours, theirs = [], []
+    # The BLAS may use every core (onnxruntime's Gemm does not use it); the model runner holds it to
+    # one thread itself where its kernels share the CPU.
     with threadpool_limits(limits=threads, user_api="blas"):
         for _ in range(rounds):
             theirs.append(_median_of(lambda: session.run(None, feed), repeats))
