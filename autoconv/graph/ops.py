@@ -193,7 +193,7 @@ def sum_(inputs: Arrays, attrs: dict[str, Any], opset: int) -> list[np.ndarray]:
 
 def relu(inputs: Arrays, attrs: dict[str, Any], opset: int) -> list[np.ndarray]:
     x = np.asarray(inputs[0])
-    return [np.where(x < 0, np.zeros((), x.dtype), x)]  # NaN kept, as torch and onnxruntime
+    return [np.maximum(x, np.zeros((), x.dtype))]  # numpy's maximum keeps NaN, as torch and onnxruntime
 
 
 def clip(inputs: Arrays, attrs: dict[str, Any], opset: int) -> list[np.ndarray]:
@@ -256,7 +256,8 @@ def batch_normalization(inputs: Arrays, attrs: dict[str, Any], opset: int) -> li
     shape = (1, -1) + (1,) * (x.ndim - 2)
     factor = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + float(attrs.get("epsilon", 1e-5)))
     shift = bias - mean * factor
-    return [(x * factor.reshape(shape) + shift.reshape(shape)).astype(x.dtype)]
+    # The per-channel factors in float64, applied in the input's dtype (no float64 copy of x).
+    return [x * factor.astype(x.dtype).reshape(shape) + shift.astype(x.dtype).reshape(shape)]
 
 
 OPS: dict[str, Op] = {
