@@ -199,6 +199,17 @@ def tune(onnx_path: Path, db: Path, trials: int) -> float:
     return time.perf_counter() - start
 
 
+def median_ms(call: Any, repeats: int) -> float:
+    """The median wall time of `repeats` calls, after the settle time."""
+    time.sleep(SETTLE_S)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def sgemm_gflops(a: np.ndarray, repeats: int) -> float:
     from threadpoolctl import threadpool_limits
 
@@ -288,20 +299,8 @@ def main() -> int:
             session.run(None, feed)
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        time.sleep(SETTLE_S)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            plain_session.run(None, feed)
-            times.append((time.perf_counter() - start) * 1e3)
-        ort_plain.append(statistics.median(times))
-        time.sleep(SETTLE_S)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            profiled_session.run(None, feed)
-            times.append((time.perf_counter() - start) * 1e3)
-        ort_profiled.append(statistics.median(times))
+        ort_plain.append(median_ms(lambda: plain_session.run(None, feed), args.repeats))
+        ort_profiled.append(median_ms(lambda: profiled_session.run(None, feed), args.repeats))
         time.sleep(SETTLE_S)
         with threadpool_limits(limits=1, user_api="blas"):
             for i in range(len(nodes)):
