@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +51,8 @@ from zoo import random_weight_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "light_resnet50.onnx"
-SETTLE_S = 0.2
 WIDE_1X1 = (1, 512, 28, 28, 512)
 GOAL_TOTAL, GOAL_1X1, GOAL_3X3, GOAL_WIDE = 1.2, 0.9, 1.0, 0.8
-
-
-def stats(samples: list[float]) -> tuple[float, float]:
-    median = statistics.median(samples)
-    if len(samples) < 2 or median == 0:
-        return median, 0.0
-    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    return median, (q3 - q1) / abs(median)
 
 
 @dataclass
@@ -199,17 +190,6 @@ def tune(onnx_path: Path, db: Path, trials: int) -> float:
     return time.perf_counter() - start
 
 
-def median_ms(call: Any, repeats: int) -> float:
-    """The median wall time of `repeats` calls, after the settle time."""
-    time.sleep(SETTLE_S)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def sgemm_gflops(a: np.ndarray, repeats: int) -> float:
     from threadpoolctl import threadpool_limits
 
@@ -239,6 +219,7 @@ def main() -> int:
     import autoconv
     from autoconv.algorithms import get_algorithm
     from autoconv.backends import get_backend
+    from autoconv.graph.compare import SETTLE_S, median_ms, timing
     from autoconv.plan import Plan
 
     threads = os.cpu_count() or 1
@@ -299,8 +280,8 @@ def main() -> int:
             session.run(None, feed)
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        ort_plain.append(median_ms(lambda: plain_session.run(None, feed), args.repeats))
-        ort_profiled.append(median_ms(lambda: profiled_session.run(None, feed), args.repeats))
+        ort_plain.append(median_ms(lambda: plain_session.run(None, feed), args.repeats, warmup=0))
+        ort_profiled.append(median_ms(lambda: profiled_session.run(None, feed), args.repeats, warmup=0))
         time.sleep(SETTLE_S)
         with threadpool_limits(limits=1, user_api="blas"):
             for i in range(len(nodes)):
@@ -336,8 +317,8 @@ def main() -> int:
     info = backend.device
     rows = []
     for i, node in enumerate(nodes):
-        ours, spread = stats(layer_rounds[i])
-        theirs, their_spread = stats(ort_node[i]) if ort_node[i] else (float("nan"), 0.0)
+        ours, spread = astuple(timing(layer_rounds[i]))
+        theirs, their_spread = astuple(timing(ort_node[i])) if ort_node[i] else (float("nan"), 0.0)
         plan = plans[i]
         spec = autoconv.ConvSpec.from_shapes(node.input_shape, node.weight.shape, stride=node.stride,
                                              padding=node.pads[:2], groups=node.groups)
@@ -345,10 +326,10 @@ def main() -> int:
                          theirs=theirs, their_spread=their_spread))
     ours_total = sum(r["ours"] for r in rows)
     theirs_total = sum(r["theirs"] for r in rows)
-    plain_ms, plain_spread = stats(ort_plain)
-    profiled_ms, profiled_spread = stats(ort_profiled)
-    gemm_gf, gemm_spread = stats(gemm)
-    wide_ms, wide_spread = stats(wide)
+    plain_ms, plain_spread = astuple(timing(ort_plain))
+    profiled_ms, profiled_spread = astuple(timing(ort_profiled))
+    gemm_gf, gemm_spread = astuple(timing(gemm))
+    wide_ms, wide_spread = astuple(timing(wide))
     wide_gf = wide_spec.flops / wide_ms / 1e6
 
     def pct(spread: float) -> str:

@@ -56,7 +56,8 @@ class ModelComparison:
                 "fallback_layers": [r.name for r in self.fallbacks]}
 
 
-def _stats(samples: list[float]) -> Timing:
+def timing(samples: list[float]) -> Timing:
+    """The median of `samples` and their spread (IQR / median; 0 for fewer than two)."""
     median = statistics.median(samples)
     if len(samples) < 2 or median == 0:
         return Timing(median, 0.0)
@@ -64,9 +65,12 @@ def _stats(samples: list[float]) -> Timing:
     return Timing(median, (q3 - q1) / median)
 
 
-def _median_of(call: Callable[[], Any], repeats: int) -> float:
+def median_ms(call: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """The median wall time in ms of `repeats` calls, after SETTLE_S and `warmup` untimed calls
+    (caches warm, the other method's spinning threads gone)."""
     time.sleep(SETTLE_S)
-    call()  # untimed: caches warm, spinning threads of the other method gone
+    for _ in range(warmup):
+        call()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -100,7 +104,7 @@ def compare_model(model: Any, *, batch: int | None = None, rounds: int = 5, repe
         warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks are listed in the result instead
         loaded = Model(prepare(proto), device=device, backend=backend, db=db)
     rng = np.random.default_rng(seed)
-    feed = {n: rng.standard_normal(s).astype(np.float32) for n, s in loaded._prepared.inputs}
+    feed = {n: rng.standard_normal(s).astype(np.float32) for n, s in loaded.inputs}
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -114,12 +118,12 @@ def compare_model(model: Any, *, batch: int | None = None, rounds: int = 5, repe
     # one thread itself where its kernels share the CPU.
     with threadpool_limits(limits=threads, user_api="blas"):
         for _ in range(rounds):
-            theirs.append(_median_of(lambda: session.run(None, feed), repeats))
-            ours.append(_median_of(lambda: loaded.run(None, feed), repeats))
+            theirs.append(median_ms(lambda: session.run(None, feed), repeats))
+            ours.append(median_ms(lambda: loaded.run(None, feed), repeats))
         _, steps = loaded.timed_run(feed)
     per_op: dict[str, float] = {}
     for row, ms in steps:
         per_op[row.ops] = per_op.get(row.ops, 0.0) + ms
     fallbacks = [row for row, _ in steps if row.runs_on == "autoconv layer" and "(tuned" not in row.plan]
-    return ModelComparison(name, next(iter(loaded._prepared.inputs))[1][0] if loaded._prepared.inputs else 1,
-                           _stats(ours), _stats(theirs), error, per_op, steps, fallbacks)
+    return ModelComparison(name, loaded.inputs[0][1][0] if loaded.inputs else 1,
+                           timing(ours), timing(theirs), error, per_op, steps, fallbacks)

@@ -145,7 +145,7 @@ def with_batch(model: Any, batch: int) -> Any:
     return proto
 
 
-def _fold_constants(onnx: Any, proto: Any, constants: dict[str, np.ndarray], label: Any) -> list[Any]:
+def _fold_constants(onnx: Any, proto: Any, constants: dict[str, np.ndarray]) -> list[Any]:
     """Evaluate every node whose inputs are all constants (onnx.reference); the rest, in order."""
     graph = proto.graph
     kept = []
@@ -156,7 +156,7 @@ def _fold_constants(onnx: Any, proto: Any, constants: dict[str, np.ndarray], lab
         try:
             values = reference_node(onnx, node, proto.opset_import)({i: constants[i] for i in node.input if i})
         except Exception as exc:  # noqa: BLE001 - the reference raises whatever the op raises
-            raise UnsupportedModelError(f"node {label(node, index)}: its constant inputs could not be folded: {exc}") from None
+            raise UnsupportedModelError(f"node {_node_label(node, index)}: its constant inputs could not be folded: {exc}") from None
         constants.update({name: np.asarray(value) for name, value in zip([o for o in node.output if o], values)})
     return kept
 
@@ -190,11 +190,10 @@ def prepare(model: Any, input_shapes: dict[str, tuple[int, ...]] | None = None) 
         if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             raise UnsupportedModelError(f"input {value.name!r}: only float32 inputs are supported, got "
                                         f"{onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)}")
-    label = _node_label
     for index, node in enumerate(graph.node):
         training = node.input[2] if node.op_type == "Dropout" and len(node.input) > 2 else ""
         if int(_attrs(onnx, node).get("training_mode", 0)) or (training and bool(initializers.get(training, False))):
-            raise UnsupportedModelError(f"node {label(node, index)}: training-mode {node.op_type} is not supported "
+            raise UnsupportedModelError(f"node {_node_label(node, index)}: training-mode {node.op_type} is not supported "
                                         "(autoconv runs inference)")
     try:
         # Inferred first: a graph output without a declared shape (onnxruntime runs those) is then whole.
@@ -203,7 +202,7 @@ def prepare(model: Any, input_shapes: dict[str, tuple[int, ...]] | None = None) 
         raise UnsupportedModelError(f"model: onnx.checker refused it: {str(exc).splitlines()[0]}") from None
 
     constants = dict(initializers)
-    kept = _fold_constants(onnx, proto, constants, label)
+    kept = _fold_constants(onnx, proto, constants)
     del graph.node[:]
     graph.node.extend(kept)
     # Shape inference over the folded graph, the constants as initializers.
@@ -222,17 +221,17 @@ def prepare(model: Any, input_shapes: dict[str, tuple[int, ...]] | None = None) 
             tensor = types[name]
             if tensor.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.BOOL) and node.op_type != "Shape":
                 raise UnsupportedModelError(
-                    f"node {label(node, index)}: output {name!r} is "
+                    f"node {_node_label(node, index)}: output {name!r} is "
                     f"{onnx.TensorProto.DataType.Name(tensor.elem_type)}; only float32 tensors are supported")
             if not tensor.HasField("shape") or any(not d.HasField("dim_value") for d in tensor.shape.dim):
-                raise UnsupportedModelError(f"node {label(node, index)}: the shape of {name!r} cannot be resolved "
+                raise UnsupportedModelError(f"node {_node_label(node, index)}: the shape of {name!r} cannot be resolved "
                                             "by shape inference (a dynamic dimension)")
-    steps = _fuse(onnx, graph, constants, label)
+    steps = _fuse(onnx, graph, constants)
     return PreparedModel([(v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in real_inputs],
                          [o.name for o in graph.output], constants, steps, opset, list(proto.opset_import))
 
 
-def _fuse(onnx: Any, graph: Any, constants: dict[str, np.ndarray], label: Any) -> list[ConvStep | OpStep]:
+def _fuse(onnx: Any, graph: Any, constants: dict[str, np.ndarray]) -> list[ConvStep | OpStep]:
     nodes = list(graph.node)
     consumers: dict[str, list[int]] = {}
     for index, node in enumerate(nodes):
@@ -264,8 +263,8 @@ def _fuse(onnx: Any, graph: Any, constants: dict[str, np.ndarray], label: Any) -
         try:
             _, strides, dilations, pads = conv_geometry(attrs, list(shapes[node.input[0]]), list(weight.shape))
         except InvalidSpecError as exc:
-            raise UnsupportedModelError(f"node {label(node, index)}: {exc}") from None
-        step = ConvStep(label(node, index), node.input[0], node.output[0], weight, bias, strides, pads, dilations,
+            raise UnsupportedModelError(f"node {_node_label(node, index)}: {exc}") from None
+        step = ConvStep(_node_label(node, index), node.input[0], node.output[0], weight, bias, strides, pads, dilations,
                         int(attrs.get("group", 1)), conv_output=node.output[0])
         last = index
         tensor = node.output[0]
@@ -310,7 +309,7 @@ def _fuse(onnx: Any, graph: Any, constants: dict[str, np.ndarray], label: Any) -
             steps.append(placed[index])
         if index in absorbed:
             continue
-        steps.append(OpStep(label(node, index), node.op_type, list(node.input), list(node.output), _attrs(onnx, node),
+        steps.append(OpStep(_node_label(node, index), node.op_type, list(node.input), list(node.output), _attrs(onnx, node),
                             node, node.op_type in OPS or node.op_type == SPLIT))
     return steps
 

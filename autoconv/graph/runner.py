@@ -14,6 +14,8 @@ import numpy as np
 
 from autoconv.graph.ops import OPS, SPLIT, split
 from autoconv.graph.prepare import ConvStep, OpStep, PreparedModel, UnsupportedModelError, reference_node
+from autoconv.serve.api import to_device
+from autoconv.serve.layer import Conv2d
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,6 @@ class Model:
 
     def __init__(self, prepared: PreparedModel, *, device: int | str | None = None, backend: str | None = None,
                  db: str | None = None) -> None:
-        from autoconv.serve.layer import Conv2d
-
         self._prepared = prepared
         self._backend = backend or "opencl"
         self._device = device
@@ -80,6 +80,11 @@ class Model:
         for name, index in last_read.items():
             if name not in keep:
                 self._drop_after.setdefault(index, []).append(name)
+
+    @property
+    def inputs(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Each input's name and the shape it takes."""
+        return list(self._prepared.inputs)
 
     @property
     def input_names(self) -> list[str]:
@@ -177,8 +182,6 @@ class Model:
         return [np.asarray(env[name]) for name in wanted], times
 
     def _conv(self, index: int, step: ConvStep, env: dict[str, Any]) -> Any:
-        from autoconv.serve.api import to_device
-
         x = env[step.input]
         residual = env[step.residual] if step.residual else None
         if index in self._prepad:
