@@ -12,6 +12,7 @@ from autoconv import ConvSpec, UnsupportedAlgorithmError, get_algorithm, lookup
 from autoconv.algorithms import EMPTY_SPACE
 from autoconv.device import DeviceInfo
 from autoconv.render import template_hash
+from autoconv.serve import lookup as lookup_module
 from autoconv.store import SQLiteStore, TunedResult
 from autoconv.tuning.verify import random_operands, reference_output, relative_error
 
@@ -59,10 +60,9 @@ def test_nearest_tuned_shape_of_the_same_family(tmp_path):
 
 def test_device_default_then_vendor_default_then_heuristic(tmp_path):
     db = tmp_path / "t.db"
-    store(db, POINTWISE, MWG=8)
-    store(db, ConvSpec(1, 128, 28, 28, 512, 1, 1), MWG=8)
-    store(db, ConvSpec(1, 256, 14, 14, 1024, 1, 1), MWG=32)
-    plan = lookup(RES2, GPU, db)  # no 3x3 tuned: the device's most frequent winner
+    store(db, POINTWISE, MWG=8, median_ms=0.5)
+    store(db, ConvSpec(1, 128, 28, 28, 512, 1, 1), MWG=32)
+    plan = lookup(RES2, GPU, db)  # no 3x3 tuned: the device's winner with the lowest estimate
     assert plan.source.startswith("device default") and plan.params.MWG == 8
     plan = lookup(RES2, SIBLING, db)  # nothing for this device: same vendor and type
     assert plan.source.startswith("vendor default") and plan.params.MWG == 8
@@ -198,6 +198,29 @@ def test_direct_loops_stored_alone_are_never_served_over_the_fallbacks(tmp_path)
     assert lookup(RES2, GPU, db) == autoconv.Plan("im2col_blas", get_algorithm("im2col_blas").space.validate({}), "tuned")
 
 
+def test_the_device_default_is_the_winner_estimated_fastest_not_the_most_frequent(tmp_path):
+    """Two 1x1 layers won by the generated GEMM, one by blocked_direct: an untuned 3x3 layer is
+    served the winner whose measured time, carried over by its algorithm's cost estimate, is the
+    lowest, whichever algorithm won most often."""
+    db = tmp_path / "e.db"
+    slow, fast = ConvSpec(1, 128, 28, 28, 512, 1, 1), ConvSpec(1, 256, 14, 14, 1024, 1, 1)
+    store(db, POINTWISE, median_ms=4.0, baseline_ms=50.0, MWG=8)
+    store(db, slow, median_ms=4.0, baseline_ms=50.0, MWG=8)
+    store(db, fast, median_ms=0.2, baseline_ms=50.0, algorithm="blocked_direct")
+    plan = lookup(RES2, GPU, db)
+    assert plan.algorithm == "blocked_direct" and plan.source.startswith("device default for dense layers"), plan
+    assert plan.source.endswith(f"the winner on {fast}")
+    db = tmp_path / "slow.db"  # the same layers, blocked_direct slow on its layer
+    store(db, POINTWISE, median_ms=4.0, baseline_ms=50.0, MWG=8)
+    store(db, slow, median_ms=4.0, baseline_ms=50.0, MWG=8)
+    store(db, fast, median_ms=40.0, baseline_ms=50.0, algorithm="blocked_direct")
+    plan = lookup(RES2, GPU, db)
+    assert plan.algorithm == "im2col_gemm" and plan.params.MWG == 8, plan
+    winners = [r for r in SQLiteStore(db).results() if r.algorithm != "im2col_blas"]
+    chosen = min(winners, key=lambda r: lookup_module.estimated_ms(r, RES2))
+    assert plan.source.endswith(f"the winner on {chosen.spec}") and chosen.algorithm == "im2col_gemm"
+
+
 def test_a_depthwise_layer_never_takes_the_dense_layers_default(tmp_path):
     """A device whose most frequent winner is Winograd (on dense 3x3 layers): an untuned depthwise
     layer is not served it; with a depthwise layer tuned, that layer's winner is its default."""
@@ -209,6 +232,6 @@ def test_a_depthwise_layer_never_takes_the_dense_layers_default(tmp_path):
     assert plan.algorithm != "winograd" and plan.source == "heuristic", plan
     store(db, ConvSpec(1, 64, 56, 56, 64, 3, 3, stride=2, padding=1, groups=64), median_ms=2.0, baseline_ms=1.0)
     plan = lookup(depthwise, GPU, db)
-    assert plan.algorithm == "im2col_blas" and plan.source == "device default for depthwise layers (most frequent tuned winner)"
+    assert plan.algorithm == "im2col_blas" and plan.source.startswith("device default for depthwise layers")
     dense = lookup(POINTWISE, GPU, db)  # dense: the dense layers' winners that can run it (not Winograd, 3x3 only)
     assert dense.algorithm == "im2col_blas" and dense.source.startswith("device default for dense layers")

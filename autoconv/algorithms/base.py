@@ -232,6 +232,10 @@ class ParamSpace:
 EMPTY_SPACE = ParamSpace()
 
 
+# Roughly where CPUs and GPUs turn compute-bound: a FLOP costs about a tenth of a byte moved.
+FLOPS_PER_BYTE = 10
+
+
 @runtime_checkable
 class Algorithm(Protocol):
     """A way of computing a convolution, plugged into the registry.
@@ -248,6 +252,9 @@ class Algorithm(Protocol):
     - `extra_host_bytes(spec)`: the extra host memory a host run needs;
     - `traffic_bytes(spec, params)`: the bytes a run must move to and from memory, modelled with
       ideal caches (each operand and intermediate once) unless the algorithm re-reads by design;
+    - `estimated_cost(spec, params)`: a relative cost of one run (bytes moved plus the FLOPs it
+      executes, at FLOPS_PER_BYTE), comparable between layers for the same algorithm and params:
+      the lookup scales a time measured on one layer to another by its ratio;
     - `run_host(spec, x, weight, bias)`: the result computed on the host (host algorithms).
     """
 
@@ -274,6 +281,9 @@ class Algorithm(Protocol):
         ...
 
     def traffic_bytes(self, spec: ConvSpec, params: Params) -> int:
+        ...
+
+    def estimated_cost(self, spec: ConvSpec, params: Params) -> float:
         ...
 
     def run_host(self, spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -307,6 +317,11 @@ class AlgorithmDefaults:
     def traffic_bytes(self, spec: ConvSpec, params: Params) -> int:
         """Input, weights and output once, and any scratch written once and read once."""
         return spec.input_bytes + spec.weight_bytes + spec.output_bytes + 2 * self.scratch_bytes(spec, params)
+
+    def estimated_cost(self, spec: ConvSpec, params: Params) -> float:
+        """Its traffic plus the direct convolution's FLOPs (an algorithm that executes fewer, like
+        Winograd, says so)."""
+        return self.traffic_bytes(spec, params) + spec.flops / FLOPS_PER_BYTE
 
     def run_host(self, spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError(f"{getattr(self, 'name', type(self).__name__)} has no host code")

@@ -28,7 +28,7 @@ import numpy as np
 
 from autoconv import epilogue
 from autoconv.algorithms import gemm
-from autoconv.algorithms.base import AlgorithmDefaults, Constraint, LayerConstraint, ParamDecl, Params, ParamSpace
+from autoconv.algorithms.base import FLOPS_PER_BYTE, AlgorithmDefaults, Constraint, LayerConstraint, ParamDecl, Params, ParamSpace
 from autoconv.device import DeviceInfo
 from autoconv.render import Dialect, KernelArg, KernelSource, ceil_to, int_args, render_template
 from autoconv.spec import ConvSpec
@@ -104,10 +104,6 @@ class Layout:
                     PH=spec.padding[0], PW=spec.padding[1], TILES_H=self.tiles_h, TILES_W=self.tiles_w,
                     TILES=self.tiles, LDN=self.ldn, XV=params.XV, BLOCKS_W=self.blocks_w, ITEMS=self.items,
                     U_OFFSET=self.u_offset, V_OFFSET=self.v_offset, M_OFFSET=self.m_offset)
-
-
-# Roughly where CPUs and GPUs turn compute-bound: a FLOP costs about a tenth of a byte moved.
-FLOPS_PER_BYTE = 10
 
 
 def estimated_cost(spec: ConvSpec, params: Params) -> float:
@@ -196,3 +192,6 @@ class Winograd(AlgorithmDefaults):
 
     def scratch_bytes(self, spec: ConvSpec, params: Params) -> int:
         return Layout(spec, params).floats * spec.itemsize
+
+    def estimated_cost(self, spec: ConvSpec, params: Params) -> float:
+        return estimated_cost(spec, params)

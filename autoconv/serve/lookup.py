@@ -5,12 +5,12 @@ In order: the layer tuned on this device (its fastest verified algorithm) → th
 tuned with another epilogue (bias, residual, activation, or none: they cost little beside the
 convolution) →
 the nearest tuned shape of the same family on this device (its winner, if that algorithm supports the requested
-shape) → the device's most frequent winner → the most frequent winner on devices of the same
+shape) → the device's tuned winner of the same kind of layer with the lowest estimated time here
+(its measured time scaled by its algorithm's cost estimate) → the same on devices of the same
 backend, vendor and type → the built-in heuristic. Never fails for a valid spec."""
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -123,15 +123,18 @@ def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *
         nearest = min(similar, key=lambda r: (shape_distance(r.spec, spec), r.spec.key()))
         return Plan(nearest.algorithm, nearest.params, f"nearest tuned shape {nearest.spec}")
 
-    winner = _most_frequent(_kindred(winners, spec))
+    kind = grouping_kind(spec)
+    winner = _lowest_estimate(_kindred(winners, spec), spec)
     if winner is not None:
-        return Plan(*winner, f"device default for {grouping_kind(spec)} layers (most frequent tuned winner)")
+        return Plan(winner.algorithm, winner.params,
+                    f"device default for {kind} layers: the lowest estimated time, the winner on {winner.spec}")
 
     peers = {fp for contents in dbs for fp, row in contents.devices.items() if fp != fingerprint and is_peer(row, info)}
     vendor = [r for contents in dbs for r in contents.results if r.device in peers and allowed(r)]
-    winner = _most_frequent(_kindred(_winners(vendor, algorithm is not None), spec))
+    winner = _lowest_estimate(_kindred(_winners(vendor, algorithm is not None), spec), spec)
     if winner is not None:
-        return Plan(*winner, f"vendor default ({info.vendor} {info.device_type}, {grouping_kind(spec)} layers)")
+        return Plan(winner.algorithm, winner.params,
+                    f"vendor default for {kind} layers ({info.vendor} {info.device_type}): the winner on {winner.spec}")
     chosen = algorithm or DEFAULT_ALGORITHM
     return Plan(chosen, get_algorithm(chosen).heuristic(spec, info), "heuristic")
 
@@ -163,9 +166,16 @@ def _winners(results: Iterable[TunedResult], forced: bool = False) -> list[Tuned
     return [best for group in by_layer.values() if (best := fastest(trusted(group, forced))) is not None]
 
 
-def _most_frequent(results: Iterable[TunedResult]) -> tuple[str, Params] | None:
-    counts = Counter((r.algorithm, r.params) for r in results)
-    if not counts:
-        return None
-    # Ties broken by the text of algorithm and params so the answer does not depend on row order.
-    return max(counts.items(), key=lambda item: (item[1], item[0][0], item[0][1].describe()))[0]
+def estimated_ms(result: TunedResult, spec: ConvSpec) -> float:
+    """A result's measured time carried over to another layer by its algorithm's own cost estimate
+    (the ratio of the two layers' estimated costs with the result's params)."""
+    cost = get_algorithm(result.algorithm).estimated_cost
+    return result.median_ms * cost(spec, result.params) / max(cost(result.spec, result.params), 1e-30)
+
+
+def _lowest_estimate(winners: Iterable[TunedResult], spec: ConvSpec) -> TunedResult | None:
+    """The winner whose time, carried over to `spec`, is the lowest: not the most frequent one, which
+    a run of similar layers would make the answer for every other shape."""
+    # Ties broken by the text of algorithm, params and layer so the answer does not depend on row order.
+    return min(winners, key=lambda r: (estimated_ms(r, spec), r.algorithm, r.params.describe(), r.spec.key()),
+               default=None)
