@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 from autoconv.algorithms import get_algorithm
 from autoconv.device import DeviceInfo
 from autoconv.errors import AutoconvError
+from autoconv.layouts import layout_block
 from autoconv.plan import Plan
 from autoconv.render import BUFFER_ARGS, CUDA, OPENCL, Dialect, KernelSource, source_text, template_hash
 from autoconv.settings import current_umask
@@ -184,6 +185,9 @@ def _header(manifest: dict) -> str:
         "    const char *name;",
         "    const char *key;",
         "    int n, c, h, w, k, r, s, p, q, groups, has_bias;",
+        "    const char *layout;        /* of the input, output and residual: NCHW, or NCHW{b}c (b channels",
+        "                                  innermost, ceil(c/b) blocks, the padding channels zero) */",
+        "    int block;                 /* b of NCHW{b}c; 1 for NCHW */",
         "    size_t input_bytes, weight_bytes, bias_bytes, output_bytes, scratch_bytes;",
         "    size_t residual_bytes;     /* the fused epilogue's residual operand (output-shaped); 0: none */",
         "    const char *reference_input, *reference_weight, *reference_bias, *reference_residual,",
@@ -208,7 +212,8 @@ def _header(manifest: dict) -> str:
         out.append(
             f"    {{{_c_string(layer['name'])}, {_c_string(layer['key'])}, "
             f"{shape['n']}, {shape['c']}, {shape['h']}, {shape['w']}, {shape['k']}, {shape['r']}, {shape['s']}, "
-            f"{shape['p']}, {shape['q']}, {shape['groups']}, {int(shape['bias'])},\n"
+            f"{shape['p']}, {shape['q']}, {shape['groups']}, {int(shape['bias'])}, {_c_string(shape['layout'])}, "
+            f"{layout_block(shape['layout'])},\n"
             f"     {buffers['input']}, {buffers['weight']}, {buffers['bias']}, {buffers['output']}, {buffers['scratch']},\n"
             f"     {buffers['residual']},\n"
             f"     {refs},\n     {len(kernels)}, 0x{layer['checksum']}ULL, {{\n" + ",\n".join(kernels) + "}},")

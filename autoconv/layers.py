@@ -13,8 +13,8 @@ from autoconv.errors import InvalidSpecError
 from autoconv.spec import ConvSpec, as_pair
 
 _LAYER_FIELDS = ("n", "c", "h", "w", "k", "r", "s", "stride", "pad", "pad_bottom", "pad_right", "dilation", "groups",
-                 "bias", "residual", "act")
-_TEXT_FIELDS = ("act",)
+                 "bias", "residual", "act", "layout")
+_TEXT_FIELDS = ("act", "layout")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def model_layers(model: str, batch: int = 1) -> list[NamedLayer]:
 def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
     """A layer from "model/name" (e.g. resnet50/res2_3x3) or "n=1,c=64,h=56,w=56,k=64,r=3,s=3,pad=1"
     (pad: top and left, and bottom and right unless pad_bottom / pad_right say otherwise; a fused
-    epilogue with residual=1 and act=relu or act=relu6)."""
+    epilogue with residual=1 and act=relu or act=relu6; layout=NCHW16c for a channel-blocked layout)."""
     text = text.strip()
     if "=" not in text:
         model, _, name = text.partition("/")
@@ -100,7 +100,7 @@ def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
                     padding_end=(values.get("pad_bottom", values.get("pad", 0)), values.get("pad_right", values.get("pad", 0))),
                     dilation=as_pair(values.get("dilation", 1), "dilation"), groups=values.get("groups", 1),
                     bias=bool(values.get("bias", 0)), activation=texts.get("act", "none"),
-                    residual=bool(values.get("residual", 0)))
+                    residual=bool(values.get("residual", 0)), layout=texts.get("layout", "NCHW"))
     return NamedLayer("custom", str(spec), spec)
 
 
@@ -108,8 +108,9 @@ def parse_layer(text: str, batch: int | None = None) -> NamedLayer:
 def layer_name(spec: ConvSpec) -> str:
     """A layer's name in the built-in models ("resnet50/res4_3x3", with " n=8" for a batch other
     than 1), or its shape when no built-in model has it."""
-    plain = spec.replace(bias=False, activation="none", residual=False)
-    epilogue = ("+residual" if spec.residual else "") + ("" if spec.activation == "none" else f"+{spec.activation}")
+    plain = spec.replace(bias=False, activation="none", residual=False, layout="NCHW")
+    epilogue = (("+residual" if spec.residual else "") + ("" if spec.activation == "none" else f"+{spec.activation}")
+                + ("" if spec.layout == "NCHW" else f" {spec.layout}"))
     for model in model_names():
         for layer in model_layers(model, spec.n):
             if layer.spec == plain:
@@ -126,6 +127,6 @@ def layer_text(spec: ConvSpec) -> str | None:
     optional = [("stride", spec.stride[0], 1), ("pad", spec.padding[0], 0), ("pad_bottom", spec.bottom_right[0], spec.padding[0]),
                 ("pad_right", spec.bottom_right[1], spec.padding[1]), ("dilation", spec.dilation[0], 1),
                 ("groups", spec.groups, 1), ("bias", int(spec.bias), 0), ("residual", int(spec.residual), 0),
-                ("act", spec.activation, "none")]
+                ("act", spec.activation, "none"), ("layout", spec.layout, "NCHW")]
     parts += [f"{key}={value}" for key, value, default in optional if value != default]
     return ",".join(parts)

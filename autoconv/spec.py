@@ -11,11 +11,12 @@ from typing import Any, Sequence, Union, cast
 import numpy as np
 
 from autoconv.errors import InvalidSpecError
+from autoconv.layouts import LAYOUTS, array_shape, layout_block
 
 IntOrPair = Union[int, Sequence[int]]
 
 SUPPORTED_DTYPES = ("float32",)
-SUPPORTED_LAYOUTS = ("NCHW",)
+SUPPORTED_LAYOUTS = LAYOUTS
 BYTES_PER_ELEMENT = {"float32": 4}
 # What a fused epilogue may apply after the bias (and the residual): torch's names.
 ACTIVATIONS = ("none", "relu", "relu6")
@@ -142,6 +143,7 @@ class ConvSpec:
         padding_end: IntOrPair | None = None,
         activation: str | None = "none",
         residual: bool = False,
+        layout: str = "NCHW",
     ) -> "ConvSpec":
         """Build a spec from NCHW input and KCRS weight shapes (torch's conv2d convention)."""
         if len(input_shape) != 4:
@@ -166,7 +168,7 @@ class ConvSpec:
                    padding=as_pair(padding, "padding"), dilation=as_pair(dilation, "dilation"),
                    groups=groups, bias=bias, dtype=dtype,
                    padding_end=None if padding_end is None else as_pair(padding_end, "padding_end"),
-                   activation=activation or "none", residual=residual)
+                   activation=activation or "none", residual=residual, layout=layout)
 
     @property
     def p(self) -> int:
@@ -258,8 +260,23 @@ class ConvSpec:
         return self.groups * self.gemm_k * self.gemm_n * self.itemsize
 
     @property
+    def block(self) -> int:
+        """Channels per block of the layout (1 for NCHW)."""
+        return layout_block(self.layout)
+
+    @property
+    def input_array_shape(self) -> tuple[int, ...]:
+        """The input array's shape in the layer's layout ((n, ceil(c/b), h, w, b) when blocked)."""
+        return array_shape(self.input_shape, self.layout)
+
+    @property
+    def output_array_shape(self) -> tuple[int, ...]:
+        """The output's (and the residual's) array shape in the layer's layout."""
+        return array_shape(self.output_shape, self.layout)
+
+    @property
     def input_bytes(self) -> int:
-        return self.n * self.c * self.h * self.w * self.itemsize
+        return int(np.prod(self.input_array_shape)) * self.itemsize
 
     @property
     def weight_bytes(self) -> int:
@@ -267,7 +284,7 @@ class ConvSpec:
 
     @property
     def output_bytes(self) -> int:
-        return self.n * self.k * self.p * self.q * self.itemsize
+        return int(np.prod(self.output_array_shape)) * self.itemsize
 
     @property
     def im2col_overhead(self) -> float:
@@ -326,6 +343,8 @@ class ConvSpec:
             extras.append("+residual")
         if self.activation != "none":
             extras.append(self.activation)
+        if self.layout != "NCHW":
+            extras.append(self.layout)
         tail = (" " + " ".join(extras)) if extras else ""
         return f"{self.n}x{self.c}x{self.h}x{self.w} * {self.k}x{self.c_per_group}x{self.r}x{self.s}{tail}"
 

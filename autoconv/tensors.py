@@ -26,8 +26,8 @@ def as_float_array(value: Any, name: str) -> np.ndarray:
 def check_operands(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
                    residual: Any = None) -> None:
     """The arrays must have exactly the shapes the spec describes (the residual: the output's)."""
-    if tuple(x.shape) != spec.input_shape:
-        raise InvalidSpecError(f"input: expected shape {spec.input_shape}, got {tuple(x.shape)}")
+    if tuple(x.shape) != spec.input_array_shape:
+        raise InvalidSpecError(f"input: expected shape {spec.input_array_shape}{_in_layout(spec)}, got {tuple(x.shape)}")
     if tuple(weight.shape) != spec.weight_shape:
         raise InvalidSpecError(f"weight: expected shape {spec.weight_shape}, got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (spec.k,):
@@ -42,8 +42,14 @@ def check_operands(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: np.n
 def check_residual(spec: ConvSpec, residual: Any) -> None:
     """A residual exactly when the layer adds one, of the output's shape."""
     if residual is None and spec.residual:
-        raise InvalidSpecError(f"residual: the layer adds a residual of shape {spec.output_shape}, but none was given")
+        raise InvalidSpecError(f"residual: the layer adds a residual of shape {spec.output_array_shape}{_in_layout(spec)}, "
+                               "but none was given")
     if residual is not None and not spec.residual:
         raise InvalidSpecError("residual: given for a layer without one (build it with residual=True)")
-    if residual is not None and tuple(residual.shape) != spec.output_shape:
-        raise InvalidSpecError(f"residual: expected the output's shape {spec.output_shape}, got {tuple(residual.shape)}")
+    if residual is not None and tuple(residual.shape) != spec.output_array_shape:
+        raise InvalidSpecError(f"residual: expected the output's shape {spec.output_array_shape}{_in_layout(spec)}, "
+                               f"got {tuple(residual.shape)}")
+
+
+def _in_layout(spec: ConvSpec) -> str:
+    return "" if spec.layout == "NCHW" else f" ({spec.layout})"

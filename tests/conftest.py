@@ -92,7 +92,7 @@ def assert_matches_reference(backend: Backend, spec: ConvSpec, plan: Plan, seed:
     """Run on random never-zero data into a NaN-poisoned output; compare to the float64 reference."""
     operands = random_operands(spec, seed)
     result = backend.prepare(spec, plan).run(*operands, poison=True)
-    assert result.shape == spec.output_shape
+    assert result.shape == spec.output_array_shape
     assert np.all(np.isfinite(result)), f"{plan.describe()} left output elements unwritten for {spec}"
     error = relative_error(result, reference_output(spec, operands))
     assert error < TOLERANCE, f"{plan.describe()} on {spec}: relative error {error:.2e}"

@@ -15,6 +15,7 @@ import pytest
 
 from autoconv import ConvSpec, Plan, default_gemm_params, get_algorithm
 from autoconv.algorithms import BLOCKED_DIRECT, DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD
+from autoconv.backends.reorder import reorder_source
 from autoconv.device import DeviceInfo
 from autoconv.errors import BackendUnavailableError
 from autoconv.render import CUDA
@@ -48,6 +49,7 @@ BLOCKED_SPEC = ConvSpec(2, 6, 9, 7, 16, 3, 2, padding=(1, 0), padding_end=(2, 1)
                         activation="relu", residual=True)
 BLOCKED_SAMPLED = list(itertools.islice(BLOCKED_SPACE.random_valid(H100.limits(), random.Random(6), BLOCKED_SPEC), 6))
 nvcc = shutil.which("nvcc")
+NCHW = "NCHW"
 
 
 def _compile(text: str, tmp_path, name: str) -> str:
@@ -90,6 +92,13 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
     for i, params in enumerate(BLOCKED_STRUCTURAL + BLOCKED_SAMPLED):
         for k in blocked.kernels(BLOCKED_SPEC if params.CB <= 8 else FUSED_POINTWISE, params, CUDA):
             sources[f"blocked_{k.entry}_{i}"] = k.text
+    for block in (4, 8, 16):  # the channel-blocked layouts: the conv read and written in NCHW{b}c, and the reorders
+        layout = f"NCHW{block}c"
+        in_layout = FUSED_POINTWISE.replace(c=block * 2 + 1, k=block + 3, layout=layout)
+        params = BLOCKED_SPACE.validate(dict(CB=block, KV=1, PIX=2, LX=64))
+        sources[f"blocked_{layout}"] = blocked.kernels(in_layout, params, CUDA)[-1].text
+        for source, target in ((NCHW, layout), (layout, NCHW)):
+            sources[f"reorder_{source}_{target}"] = reorder_source((2, 19, 5, 7), source, target, CUDA).text
     with ThreadPoolExecutor(max_workers=2) as pool:
         failures = [f for f in pool.map(lambda item: _compile(item[1], tmp_path, item[0]), sources.items()) if f]
     assert not failures, "\n".join(failures)

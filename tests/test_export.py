@@ -106,6 +106,29 @@ def test_every_algorithm_with_kernels_exports_and_runs_from_c(opencl, tmp_path, 
     assert run.returncode == 0 and run.stdout.count("-> OK") == 1, run.stdout + run.stderr
 
 
+@pytest.mark.skipif(shutil.which("gcc") is None or not Path("/usr/include/CL/cl.h").exists(),
+                    reason="needs gcc and the OpenCL headers (scripts/install_pocl.sh installs them)")
+def test_a_channel_blocked_layer_exports_with_its_layout_and_runs_from_c(opencl, tmp_path):
+    """The layout in the manifest and the C header; the reference data in NCHW8c (the padding
+    channels included: 20 input and 12 output channels in blocks of 8), checked by the C program."""
+    path = tmp_path / "blocked.db"
+    spec = ConvSpec(1, 20, 7, 6, 12, 3, 3, padding=1, bias=True, activation="relu", layout="NCHW8c")
+    with SQLiteStore(path) as db:
+        db.record_device(opencl.device)
+        db.save_result(TunedResult(
+            device=opencl.device.fingerprint(), spec=spec, algorithm="blocked_direct", template_hash=template_hash(),
+            params=get_algorithm("blocked_direct").heuristic(spec, opencl.device), median_ms=1.0, gflops=1.0,
+            rel_error=1e-6, default_ms=None, trials=1))
+    out = tmp_path / "out"
+    assert export(path, out, "--all", "--reference").exit_code == 0
+    layer = json.loads((out / "manifest.json").read_text())["layers"][0]
+    assert layer["shape"]["layout"] == "NCHW8c" and layer["key"].endswith("_NCHW8c_actrelu")
+    assert layer["buffers"]["input"] == 1 * 3 * 7 * 6 * 8 * 4 and layer["buffers"]["output"] == 1 * 2 * 7 * 6 * 8 * 4
+    assert '"NCHW8c", 8,' in (out / "autoconv_kernels.h").read_text()
+    run = subprocess.run(["bash", str(EXAMPLE), str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "NCHW8c, 2 kernel(s)" in run.stdout and "-> OK" in run.stdout, run.stdout + run.stderr
+
+
 @pytest.mark.parametrize("case", ["missing", "foreign", "empty", "out_is_a_file", "out_not_an_export", "no_layers",
                                   "unknown_device"])
 def test_bad_input_gets_a_clear_message_and_nothing_half_written(case, tuned_db, tmp_path):

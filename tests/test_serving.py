@@ -268,7 +268,7 @@ def test_layer_shapes_unbatched_and_empty_inputs(opencl):
     assert_close(single[None], SPEC.replace(n=1), (x[1:], w, b))
     assert layer(np.zeros((0, 6, 9, 11), np.float32)).shape == (0, 8, 9, 11)
     assert layer(x.astype(np.float64)).dtype == np.float32  # any floating-point input, computed in float32
-    assert set(layer.plans) == {((6, 9, 11), False), ((2, 6, 9, 11), False)}
+    assert set(layer.plans) == {((6, 9, 11), False, "NCHW"), ((2, 6, 9, 11), False, "NCHW")}
     assert "Conv2d(6 -> 8, 3x3" in repr(layer)
 
 

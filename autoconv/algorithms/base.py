@@ -245,7 +245,8 @@ class Algorithm(Protocol):
       (`run_host` computes it on the host), `library_gemm` (its kernels prepare operands for a
       device backend's own BLAS, which a backend runs only if it has one: cuBLAS on CUDA);
     - `space`: its tunables (EMPTY_SPACE when it has none);
-    - `supports(spec, device)`: None, or a one-line reason why not;
+    - `layouts`: the activation layouts its kernels read and write (autoconv.layouts);
+    - `supports(spec, device)`: None, or a one-line reason why not (the layout included);
     - `heuristic(spec, device)`: an untuned config that fits the device;
     - `kernels(spec, params, dialect)`: the rendered kernels in launch order (device algorithms);
     - `scratch_bytes(spec, params)`: the extra device memory it needs beyond input, weight and output;
@@ -264,6 +265,7 @@ class Algorithm(Protocol):
     host_code: bool
     library_gemm: bool
     space: ParamSpace
+    layouts: tuple[str, ...]
 
     def supports(self, spec: ConvSpec, device: DeviceInfo) -> str | None:
         ...
@@ -298,8 +300,15 @@ class AlgorithmDefaults:
     host_code = False
     library_gemm = False
     space = EMPTY_SPACE
+    layouts: tuple[str, ...] = ("NCHW",)
 
     def supports(self, spec: ConvSpec, device: DeviceInfo) -> str | None:
+        """The layout first, then the shape (`supports_shape`)."""
+        if spec.layout not in self.layouts:
+            return f"not supported: layout {spec.layout} (reads and writes {', '.join(self.layouts)})"
+        return self.supports_shape(spec, device)
+
+    def supports_shape(self, spec: ConvSpec, device: DeviceInfo) -> str | None:
         return None
 
     def heuristic(self, spec: ConvSpec, device: DeviceInfo | None) -> Params:

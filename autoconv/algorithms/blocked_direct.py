@@ -20,6 +20,7 @@ from __future__ import annotations
 from autoconv import epilogue
 from autoconv.algorithms.base import AlgorithmDefaults, Constraint, LayerConstraint, ParamDecl, Params, ParamSpace
 from autoconv.device import DeviceInfo, DeviceLimits
+from autoconv.layouts import LAYOUTS
 from autoconv.render import Dialect, KernelArg, KernelSource, int_args, render_template
 from autoconv.spec import ConvSpec
 
@@ -84,6 +85,11 @@ SPACE = ParamSpace(
             lambda p, spec: group_blocks(spec, p.CB) % p.KV == 0),
         LayerConstraint("groups_fill_blocks", "grouped layers need k/groups to be a multiple of CB",
                         lambda p, spec: spec.groups == 1 or spec.k_per_group % p.CB == 0),
+        LayerConstraint("block_is_layout", "in a channel-blocked layout NCHW{b}c, CB must be b",
+                        lambda p, spec: spec.layout == "NCHW" or p.CB == spec.block),
+        LayerConstraint("groups_fill_input_blocks", "grouped layers in a blocked layout need c/groups to be a "
+                        "multiple of CB (each group starts a block)",
+                        lambda p, spec: spec.layout == "NCHW" or spec.groups == 1 or spec.c_per_group % p.CB == 0),
     ),
 )
 
@@ -104,7 +110,12 @@ class BlockedDirect(AlgorithmDefaults):
     device_kernels = True
     space = SPACE
 
-    def supports(self, spec: ConvSpec, device: DeviceInfo) -> str | None:
+    layouts = LAYOUTS
+
+    def supports_shape(self, spec: ConvSpec, device: DeviceInfo) -> str | None:
+        if spec.layout != "NCHW" and spec.groups > 1 and (spec.c_per_group % spec.block or spec.k_per_group % spec.block):
+            return (f"not supported: {spec.groups} groups of {spec.c_per_group} -> {spec.k_per_group} channels in "
+                    f"{spec.layout} (each group must fill whole blocks of {spec.block})")
         if spec.groups > 1 and spec.k_per_group % min(BLOCKS):
             kind = "depthwise" if spec.groups == spec.c else f"{spec.groups} groups"
             return (f"not supported: {kind} with k/groups={spec.k_per_group} filters per group "
@@ -118,7 +129,7 @@ class BlockedDirect(AlgorithmDefaults):
         if device is not None and device.device_type == "gpu" and limits is not None:
             widest = min(64, limits.max_work_group_size, limits.max_work_item_sizes[0])
             lx = max(c for c in SPACE.decl("LX").choices if c <= widest)
-        preferred = _preferred_block(device)
+        preferred = spec.block if spec.layout != "NCHW" else _preferred_block(device)
         fitting = []  # in order of preference: the device's block, then the widest register tiles
         for block in sorted(BLOCKS, key=lambda b: (abs(b - preferred), -b)):
             for kv in (2, 1, 4, 3):
@@ -127,7 +138,7 @@ class BlockedDirect(AlgorithmDefaults):
                     if not SPACE.layer_violations(params, spec) and not (limits and params.violations(limits)):
                         fitting.append(params)
         if not fitting:  # CB=4, KV=1, PIX=1 breaks nothing on a layer supports() accepts
-            return SPACE.validate(dict(CB=min(BLOCKS), KV=1, PIX=1, LX=lx))
+            return SPACE.validate(dict(CB=spec.block if spec.layout != "NCHW" else min(BLOCKS), KV=1, PIX=1, LX=lx))
 
         def wastes_a_row(params: Params) -> bool:
             """More than an eighth of each row's pixels computed past its end."""
@@ -137,16 +148,20 @@ class BlockedDirect(AlgorithmDefaults):
 
     def kernels(self, spec: ConvSpec, params: Params, dialect: Dialect) -> list[KernelSource]:
         block, vb = params.CB, min(params.CB, dialect.max_vector_width)
+        blocked = spec.layout != "NCHW"
         kb, ncb = output_blocks(spec, block), input_blocks(spec, block)
         kgroups = kb // params.KV
         defines = dict(C=spec.c, H=spec.h, W=spec.w, K=spec.k, Cg=spec.c_per_group, Kg=spec.k_per_group,
                        R=spec.r, S=spec.s, P=spec.p, Q=spec.q, SH=spec.stride[0], SW=spec.stride[1],
                        PH=spec.padding[0], PW=spec.padding[1], DH=spec.dilation[0], DW=spec.dilation[1],
                        CB=block, VB=vb, LPB=block // vb, KV=params.KV, PIX=params.PIX, KB=kb, NCB=ncb,
-                       KGROUPS=kgroups, W_BLOCK=ncb * spec.r * spec.s * block * block)
+                       KGROUPS=kgroups, W_BLOCK=ncb * spec.r * spec.s * block * block,
+                       # Strides of the input's layout: NCHW, or NCHW{CB}c (a layer constraint keeps b = CB).
+                       X_IMG=-(-spec.c // block) * block if blocked else spec.c, X_ROW=spec.w * block if blocked else spec.w,
+                       X_CH=1 if blocked else spec.h * spec.w, X_PX=block if blocked else 1, O_PX=block if blocked else 1)
         top, left = spec.padding
         bottom, right = spec.bottom_right
-        common = dict(dialect=dialect, defines=defines, vb=vb, order=params.ORDER, tail=spec.c_per_group % block,
+        common = dict(dialect=dialect, defines=defines, vb=vb, blocked=blocked, order=params.ORDER, tail=spec.c_per_group % block,
                       k_tail=spec.k % block != 0, q_tail=spec.q % params.PIX != 0,
                       padded_rows=top > 0 or bottom > 0, padded_cols=left > 0 or right > 0)
         scratch = KernelArg("scratch", "scratch")

@@ -140,7 +140,7 @@ class Winograd(AlgorithmDefaults):
     device_kernels = True
     space = SPACE
 
-    def supports(self, spec: ConvSpec, device: DeviceInfo) -> str | None:
+    def supports_shape(self, spec: ConvSpec, device: DeviceInfo) -> str | None:
         if (spec.r, spec.s) != (3, 3):
             return f"not supported: {spec.r}x{spec.s} filters (Winograd F(m, 3) needs 3x3)"
         if spec.stride != (1, 1):

@@ -73,6 +73,7 @@ class CudaBackend(DeviceBackend):
     dialect = CUDA
     has_library_gemm = True
     host_memory = "staged"  # a discrete GPU: host arrays are copied, through pinned memory
+    layout_arrays = False  # CuPy arrays have no layout of their own
 
     def __init__(self, device: int | str | None = None, *, host_memory: str | None = None) -> None:
         if host_memory not in (None, "staged"):

@@ -91,7 +91,7 @@ class LaunchedConv(PreparedConv):
         # The device-side input, output and residual that staged copies and timing use, made when
         # first needed (zero-copy calls lend the caller's arrays instead).
         self._home: dict[str, Any] = {}
-        self._output_shape = spec.output_shape
+        self._output_shape = spec.output_array_shape
         self._staging: queue.SimpleQueue[dict[str, np.ndarray]] = queue.SimpleQueue()
         # A private copy of the weights and bias now on the device: a call with equal ones skips
         # their upload and the once-per-weights kernels. Compared by contents, so an array
@@ -202,7 +202,7 @@ class LaunchedConv(PreparedConv):
         else:
             buffers["output"] = self._home_buffer("output")
         if poison:
-            nan = np.full(spec.output_shape, np.nan, dtype=np.float32)
+            nan = np.full(spec.output_array_shape, np.nan, dtype=np.float32)
             if host_out is not None:
                 np.copyto(host_out, nan)
             else:
@@ -238,7 +238,7 @@ class LaunchedConv(PreparedConv):
                 result = host_out
             else:
                 assert staging is not None
-                result = staging["output"].reshape(spec.output_shape).copy()
+                result = staging["output"].reshape(spec.output_array_shape).copy()
         if staging is not None:  # every copy through it has finished (waited for above)
             self._staging.put(staging)
         return result

@@ -62,7 +62,7 @@ class NumpyConv(PreparedConv):
 
     def _finish(self, result: np.ndarray, poison: bool) -> np.ndarray:
         if poison:  # host code writes whole arrays; poisoning checks that the copy out is whole too
-            out = np.full(self.spec.output_shape, np.nan, dtype=result.dtype)
+            out = np.full(self.spec.output_array_shape, np.nan, dtype=result.dtype)
             out[...] = result
             return out
         return result
@@ -118,5 +118,8 @@ class NumpyBackend(Backend):
             raise InvalidParamsError(
                 f"algorithm: the numpy backend runs {self.algorithms}, not {plan.algorithm!r}"
             )
+        reason = get_algorithm(plan.algorithm).supports(spec, self.device)
+        if reason is not None:
+            raise InvalidParamsError(f"algorithm: {plan.algorithm} does not support {spec}: {reason}")
         check_host(f"{plan.algorithm} on {spec}", get_algorithm(plan.algorithm).extra_host_bytes(spec))
         return NumpyConv(spec, plan)

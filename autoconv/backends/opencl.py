@@ -199,6 +199,7 @@ class OpenCLBackend(DeviceBackend):
     name = "opencl"
     dialect = OPENCL
     has_library_gemm = False  # no BLAS here: the library baseline runs on the host (numpy)
+    layout_arrays = True  # autoconv.DeviceArray
 
     def __init__(self, device: int | str | None = None, *, host_memory: str | None = None) -> None:
         cl = _cl()

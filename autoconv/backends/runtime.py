@@ -120,7 +120,11 @@ class Timer(Protocol):
 
 
 class DeviceArrays(Protocol):
-    """The arrays a layer returns for device inputs, and the foreign ones it accepts."""
+    """The arrays a layer returns for device inputs, and the foreign ones it accepts.
+    `layout_arrays`: whether its device arrays carry a layout (autoconv.DeviceArray's `.layout`,
+    `.viewed_as`), so channel-blocked tensors flow between layers."""
+
+    layout_arrays: bool
 
     def new_array(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
         """A new float32 device array of that shape and its buffer."""

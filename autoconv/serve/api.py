@@ -11,7 +11,10 @@ import numpy as np
 
 from autoconv.algorithms import get_algorithm
 from autoconv.backends.base import Backend
+from autoconv.backends.reorder import relayout
+from autoconv.backends.runtime import is_device_backend
 from autoconv.errors import InvalidSpecError
+from autoconv.layouts import LAYOUTS, NCHW
 from autoconv.plan import Plan
 from autoconv.serve.runner import batched_shape, host_operand
 from autoconv.serve.session import Session, default_session, device_runtime
@@ -30,15 +33,21 @@ def backend_for(plan: Plan, backend: Backend, session: Session | None = None) ->
     return (session or default_session()).backend_for(plan, backend)
 
 
-def to_device(array: Any, *, backend: str = "opencl", device: int | str | None = None) -> Any:
-    """A float32 copy of a host array on a device, for layers chained there: an autoconv.DeviceArray
-    on OpenCL, a CuPy array on CUDA (the default session's backend, so every layer on that
-    device reads it). numpy.asarray brings a device array home."""
+def to_device(array: Any, *, backend: str = "opencl", device: int | str | None = None, layout: str = NCHW) -> Any:
+    """A float32 copy of an NCHW host array on a device, for layers chained there: an
+    autoconv.DeviceArray on OpenCL, a CuPy array on CUDA (the default session's backend, so every
+    layer on that device reads it). `layout` "NCHW{b}c" (b in 4, 8, 16) keeps it channel-blocked
+    (OpenCL), reordered on the device. numpy.asarray brings a device array home, as NCHW."""
+    if layout not in LAYOUTS:
+        raise InvalidSpecError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     chosen = default_session().backend(backend, device)
-    if not hasattr(chosen, "adopt"):
+    if not is_device_backend(chosen):
         raise InvalidSpecError(f"backend: {backend!r} computes on the host; it has no device arrays")
     host = as_float_array(array, "array")
-    return chosen.adopt(np.array(host, dtype=np.float32, order="C", copy=True))
+    if layout != NCHW and host.ndim != 4:
+        raise InvalidSpecError(f"array: a {layout} array is 4-D (n, c, h, w), got shape {host.shape}")
+    adopted = chosen.adopt(np.array(host, dtype=np.float32, order="C", copy=True))
+    return adopted if layout == NCHW else relayout(chosen, adopted, layout)
 
 
 def layer_spec(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: IntOrPair, padding: Any,

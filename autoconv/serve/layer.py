@@ -14,7 +14,10 @@ import numpy as np
 
 from autoconv.algorithms import get_algorithm
 from autoconv.backends.base import Backend, PreparedConv
+from autoconv.backends.reorder import relayout
 from autoconv.errors import InvalidSpecError
+from autoconv.layouts import LAYOUTS, NCHW
+from autoconv.serve.lookup import UnsupportedAlgorithmError
 from autoconv.plan import Plan
 from autoconv.serve.api import resolve_padding
 from autoconv.serve.runner import Runner, batched_shape
@@ -42,12 +45,21 @@ class Conv2d:
     __cuda_array_interface__ such as a PyTorch CUDA tensor, on CUDA): the result is then a device
     array too, and the kernels of the next layer run after these on the same device without a
     trip to the host. Layers may be called from several threads at once.
+
+    `layout` is the layout of the layer's result: None (the default) keeps the input's (an
+    autoconv.DeviceArray's `.layout`; NCHW for host arrays), or "NCHW" or a channel-blocked
+    "NCHW{b}c" (b in 4, 8, 16; OpenCL). A layer computes in its result's layout where an algorithm
+    runs the layer in it (the register-blocked direct convolution), so a chain of blocked layers
+    never reorders between layers; an input or residual in another layout is reordered on the
+    device first, and a layer that no algorithm runs blocked (depthwise, say) computes in NCHW
+    between two reorders. A blocked result is a DeviceArray, also for a host input;
+    numpy.asarray gives it as NCHW.
     """
 
     def __init__(self, weight: Any, bias: Any | None = None, stride: IntOrPair = 1, padding: Any = 0,
                  dilation: IntOrPair = 1, groups: int = 1, *, activation: str | None = None,
                  device: int | str | None = None, backend: str | Backend | None = None, db: str | Path | None = None,
-                 algorithm: str | None = None, session: Session | None = None) -> None:
+                 algorithm: str | None = None, layout: str | None = None, session: Session | None = None) -> None:
         kept_weight = _kept(as_float_array(weight, "weight"))
         if kept_weight.ndim != 4:
             raise InvalidSpecError(f"weight: expected a 4-D (k, c/groups, r, s) array, got shape {kept_weight.shape}")
@@ -58,6 +70,9 @@ class Conv2d:
             raise InvalidSpecError(f"activation: expected None, 'relu' or 'relu6', got {activation!r}")
         if algorithm is not None:
             get_algorithm(algorithm)  # a precise error for an unknown name
+        if layout is not None and layout not in LAYOUTS:
+            raise InvalidSpecError(f"layout: expected None or one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
         self.stride, self.dilation = as_pair(stride, "stride"), as_pair(dilation, "dilation")
         self._padding = resolve_padding(padding, self.stride, self.dilation, kept_weight.shape)
         self.padding = padding
@@ -76,8 +91,11 @@ class Conv2d:
             raise InvalidSpecError(f"backend: expected 'opencl', 'cuda', 'numpy' or a Backend (with device=None), "
                                    f"got {backend!r}")
         self._runtime = device_runtime(self._backend)
+        if layout not in (None, NCHW) and (self._runtime is None or not self._runtime.layout_arrays):
+            raise InvalidSpecError(f"layout: {layout} needs a backend whose device arrays carry a layout (opencl), "
+                                   f"not {self._backend.name}")
         self._db, self._algorithm = db, algorithm
-        self._runners: dict[tuple[tuple[int, ...], bool], Runner] = {}
+        self._runners: dict[tuple[tuple[int, ...], bool, str], Runner] = {}
         self._lock = threading.Lock()
 
     # What the layer holds -----------------------------------------------------------------------
@@ -112,33 +130,60 @@ class Conv2d:
             for runner in self._runners.values():
                 runner.conv.load_weights(kept_weight, kept_bias)
 
-    def prepare(self, input_shape: tuple[int, ...], residual: bool = False) -> Plan:
-        """Choose the plan for an input shape, compile its kernels and upload the weights now
-        (the first call with that shape does it otherwise); returns the plan."""
-        return self._runner(tuple(int(v) for v in input_shape), residual).plan
+    def prepare(self, input_shape: tuple[int, ...], residual: bool = False, layout: str = NCHW) -> Plan:
+        """Choose the plan for an input shape (and the result's layout, when the layer's is None),
+        compile its kernels and upload the weights now (the first call with that shape does it
+        otherwise); returns the plan."""
+        return self._runner(tuple(int(v) for v in input_shape), residual, self.layout or layout).plan
 
-    def prepared(self, input_shape: tuple[int, ...], residual: bool = False) -> PreparedConv:
+    def prepared(self, input_shape: tuple[int, ...], residual: bool = False, layout: str = NCHW) -> PreparedConv:
         """The prepared conv serving an input shape (prepared now if it was not): for inspection
         and benchmarks (a device conv's `last_events` are its latest call's kernels)."""
-        return self._runner(tuple(int(v) for v in input_shape), residual).conv
+        return self._runner(tuple(int(v) for v in input_shape), residual, self.layout or layout).conv
+
+    def computes_in(self, input_shape: tuple[int, ...], residual: bool = False, layout: str = NCHW) -> str:
+        """The layout the layer computes in for a result in `layout` (NCHW where no algorithm runs
+        the layer blocked)."""
+        return self._runner(tuple(int(v) for v in input_shape), residual, self.layout or layout).spec.layout
 
     @property
-    def plans(self) -> dict[tuple[tuple[int, ...], bool], Plan]:
-        """The plan chosen for each prepared (input shape, with a residual)."""
+    def plans(self) -> dict[tuple[tuple[int, ...], bool, str], Plan]:
+        """The plan chosen for each prepared (input shape, with a residual, result layout)."""
         return {key: runner.plan for key, runner in list(self._runners.items())}
 
     # Calls --------------------------------------------------------------------------------------
 
     def __call__(self, x: Any, residual: Any = None) -> Any:
         shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
-        key = (shape, residual is not None)
+        given = NCHW if type(x) is np.ndarray else getattr(x, "layout", NCHW)
+        layout = self.layout or given
+        key = (shape, residual is not None, layout)
         runner = self._runners.get(key)
         if runner is None:
             if len(shape) == 4 and shape[0] == 0:
                 return self._empty(x, shape, residual is not None)
-            runner = self._runner(shape, residual is not None)
+            runner = self._runner(shape, residual is not None, layout)
+        if layout == NCHW and given == NCHW and runner.spec.layout == NCHW:
+            out = runner(x, residual)
+            return out.reshape(out.shape[1:]) if len(shape) == 3 else out
+        return self._call_in_layout(runner, x, residual, layout)
+
+    def _call_in_layout(self, runner: Runner, x: Any, residual: Any, layout: str) -> Any:
+        """A call where a layout is not NCHW: the input and residual reordered (on the device) to the
+        layout the layer computes in, and the result to `layout`."""
+        runtime = self._runtime
+        assert runtime is not None  # blocked layouts come only from (and to) layout-array runtimes
+        if len(tuple(x.shape)) != 4:
+            raise InvalidSpecError(f"input: a layer with a {layout} result takes a 4-D (n, c, h, w) input, "
+                                   f"got shape {tuple(x.shape)}")
+        computes = runner.spec.layout
+        if getattr(x, "layout", NCHW) != computes or (computes != NCHW and type(x) is np.ndarray):
+            x = relayout(runtime, x, computes)
+        if residual is not None and (getattr(residual, "layout", NCHW) != computes
+                                     or (computes != NCHW and type(residual) is np.ndarray)):
+            residual = relayout(runtime, residual, computes)
         out = runner(x, residual)
-        return out.reshape(out.shape[1:]) if len(shape) == 3 else out
+        return out if getattr(out, "layout", NCHW) == layout else relayout(runtime, out, layout)
 
     def _empty(self, x: Any, shape: tuple[int, ...], residual: bool) -> Any:
         """An empty batch gives an empty result, as torch's: the layer checked as for one image."""
@@ -148,14 +193,22 @@ class Conv2d:
             return self._runtime.adopt(out)
         return out
 
-    def _runner(self, shape: tuple[int, ...], residual: bool) -> Runner:
-        key = (shape, residual)
+    def _runner(self, shape: tuple[int, ...], residual: bool, layout: str = NCHW) -> Runner:
+        key = (shape, residual, layout)
         with self._lock:
             runner = self._runners.get(key)
             if runner is not None:
                 return runner
-            spec = self._spec_for(shape, residual)
-            plan = self._session.choose_plan(spec, self._backend, self._db, algorithm=self._algorithm)
+            if layout != NCHW and (self._runtime is None or not self._runtime.layout_arrays):
+                raise InvalidSpecError(f"layout: {layout} needs a backend whose device arrays carry a layout (opencl)")
+            spec = self._spec_for(shape, residual, layout)
+            try:
+                plan = self._session.choose_plan(spec, self._backend, self._db, algorithm=self._algorithm)
+            except UnsupportedAlgorithmError:
+                if layout == NCHW:
+                    raise
+                spec = spec.replace(layout=NCHW)  # nothing runs it blocked: NCHW between two reorders
+                plan = self._session.choose_plan(spec, self._backend, self._db, algorithm=self._algorithm)
             target = self._session.backend_for(plan, self._backend)
             conv = target.prepare(spec, plan)
             conv.load_weights(self._weight, self._bias)
@@ -165,11 +218,11 @@ class Conv2d:
             self._runners[key] = runner
             return runner
 
-    def _spec_for(self, shape: tuple[int, ...], residual: bool) -> ConvSpec:
+    def _spec_for(self, shape: tuple[int, ...], residual: bool, layout: str = NCHW) -> ConvSpec:
         begin, end = self._padding
         return ConvSpec.from_shapes(batched_shape(shape), self._weight.shape, stride=self.stride, padding=begin,
                                     dilation=self.dilation, groups=self.groups, bias=self._bias is not None,
-                                    padding_end=end, activation=self.activation, residual=residual)
+                                    padding_end=end, activation=self.activation, residual=residual, layout=layout)
 
     def __repr__(self) -> str:
         k, cg, r, s = self._weight.shape
@@ -180,6 +233,8 @@ class Conv2d:
             extras.append(f"groups={self.groups}")
         if self.activation:
             extras.append(f"activation={self.activation!r}")
+        if self.layout:
+            extras.append(f"layout={self.layout!r}")
         return (f"Conv2d({cg * _positive(self.groups)} -> {k}, {r}x{s}, {', '.join(extras)}, "
                 f"bias={self._bias is not None}, on {self.device.name!r})")
 

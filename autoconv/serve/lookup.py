@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from autoconv.algorithms import IM2COL_GEMM, Params, get_algorithm
+from autoconv.algorithms import BLOCKED_DIRECT, IM2COL_GEMM, get_algorithm
 from autoconv.device import DeviceInfo
 from autoconv.errors import AutoconvError
 from autoconv.plan import Plan
@@ -135,8 +135,19 @@ def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *
     if winner is not None:
         return Plan(winner.algorithm, winner.params,
                     f"vendor default for {kind} layers ({info.vendor} {info.device_type}): the winner on {winner.spec}")
-    chosen = algorithm or DEFAULT_ALGORITHM
+    chosen = algorithm or heuristic_algorithm(spec, info)
     return Plan(chosen, get_algorithm(chosen).heuristic(spec, info), "heuristic")
+
+
+def heuristic_algorithm(spec: ConvSpec, info: DeviceInfo) -> str:
+    """What an untuned layer is served: the generated im2col + GEMM, or for a channel-blocked layout
+    (which it does not read) the blocked direct convolution; UnsupportedAlgorithmError when
+    neither runs the layer (a caller that can reorder runs it in NCHW instead)."""
+    for name in (DEFAULT_ALGORITHM, BLOCKED_DIRECT):
+        if get_algorithm(name).supports(spec, info) is None:
+            return name
+    raise UnsupportedAlgorithmError(f"layout: no algorithm runs {spec} in {spec.layout}: "
+                                    f"{get_algorithm(BLOCKED_DIRECT).supports(spec, info)}")
 
 
 def _kindred(winners: list[TunedResult], spec: ConvSpec) -> list[TunedResult]:

@@ -11,6 +11,7 @@ import numpy as np
 from autoconv.backends.base import PreparedConv
 from autoconv.backends.runtime import DeviceBackend
 from autoconv.errors import InvalidSpecError
+from autoconv.layouts import NCHW
 from autoconv.plan import Plan
 from autoconv.spec import ConvSpec
 from autoconv.tensors import as_float_array
@@ -46,26 +47,32 @@ class Runner:
                  on_device: bool) -> None:
         self.spec, self.plan, self.conv, self.runtime = spec, plan, conv, runtime
         self.on_device = on_device  # the conv runs on `runtime` (else on the host)
-        self._output_shape = spec.output_shape
+        self._output_shape = spec.output_array_shape
 
-    def operand(self, value: Any, name: str, expected: tuple[int, ...]) -> tuple[Any, bool]:
+    def operand(self, value: Any, name: str, tensor_shape: tuple[int, ...],
+                stored_shape: tuple[int, ...]) -> tuple[Any, bool]:
         """(what the prepared conv reads, whether it is a device buffer) for an input or residual
-        whose batch dimension the caller has already added."""
+        whose batch dimension the caller has already added: a device array of the layer's layout
+        and tensor shape, or a host array of the layout's stored shape."""
         runtime = self.runtime
         if runtime is not None and type(value) is not np.ndarray:
             buffer = runtime.device_buffer(value, name)
             if buffer is not None:
+                layout = getattr(value, "layout", NCHW)
+                if layout != self.spec.layout:
+                    raise InvalidSpecError(f"{name}: a {layout} device array, for a layer that computes in "
+                                           f"{self.spec.layout}")
                 shape = tuple(value.shape)
-                if len(shape) == len(expected) - 1:  # unbatched: the caller's shape lacks the batch
+                if len(shape) == len(tensor_shape) - 1:  # unbatched: the caller's shape lacks the batch
                     shape = (1, *shape)
-                check_shape(shape, expected, name)
+                check_shape(shape, tensor_shape, name)
                 if not self.on_device:  # host code reads it where it is
-                    return host_operand(np.asarray(value).reshape(expected), name), True
+                    return host_operand(np.asarray(value).reshape(stored_shape), name), True
                 return buffer, True
         array = host_operand(value, name)
-        if array.ndim == len(expected) - 1:
+        if array.ndim == len(stored_shape) - 1:
             array = array[None]
-        check_shape(array.shape, expected, name)
+        check_shape(array.shape, stored_shape, name)
         return array, False
 
     def __call__(self, x: Any, residual: Any = None, *, weight: np.ndarray | None = None,
@@ -74,11 +81,12 @@ class Runner:
         `bias` (float32 host arrays) are this call's own: compared with the loaded ones where
         the plan derives anything from them, else read in place."""
         spec = self.spec
-        operand, on_device = self.operand(x, "input", spec.input_shape)
+        operand, on_device = self.operand(x, "input", spec.input_shape, spec.input_array_shape)
         if (residual is not None) != spec.residual:
             raise InvalidSpecError("residual: given for a layer built without one" if residual is not None
                                    else "residual: the layer adds a residual but none was given")
-        extra = None if residual is None else self.operand(residual, "residual", self._output_shape)[0]
+        extra = (None if residual is None
+                 else self.operand(residual, "residual", spec.output_shape, self._output_shape)[0])
         conv = self.conv
         device_output = on_device and self.on_device
         if weight is not None and not conv.lends_weights:
@@ -90,5 +98,7 @@ class Runner:
         else:
             result = conv.call(operand, extra, weight=weight, bias=bias, device_output=device_output)
         if on_device and not self.on_device and self.runtime is not None:
-            return self.runtime.adopt(result)
+            result = self.runtime.adopt(result)
+        if on_device and spec.layout != NCHW:  # only DeviceArrays carry a layout (operand refused others)
+            return result.viewed_as(spec.layout, spec.output_shape)
         return result

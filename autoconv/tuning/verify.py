@@ -9,6 +9,7 @@ import numpy as np
 
 from autoconv import epilogue
 from autoconv.algorithms.direct import direct_conv, host_working_bytes
+from autoconv.layouts import NCHW, to_layout, to_nchw
 from autoconv.resources import check_host
 from autoconv.spec import ConvSpec
 
@@ -22,7 +23,8 @@ Operands = Union[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]],
 
 def random_operands(spec: ConvSpec, seed: int = 0) -> Operands:
     """Random, never-zero float32 (input, weight, bias or None), and the residual after them when
-    the layer adds one: the order PreparedConv.run takes them (`conv.run(*operands)`)."""
+    the layer adds one: the order PreparedConv.run takes them (`conv.run(*operands)`). The input
+    and the residual are in the layer's layout (a blocked layout's padding channels zero)."""
     # float64 draws for magnitude and sign, then the float32 arrays: about five times their size.
     check_host(f"random operands for {spec}",
                5 * (spec.input_bytes + spec.weight_bytes + (spec.output_bytes if spec.residual else 0)))
@@ -33,9 +35,11 @@ def random_operands(spec: ConvSpec, seed: int = 0) -> Operands:
         magnitude = rng.uniform(0.5, 1.5, size=shape)
         return (magnitude * rng.choice((-1.0, 1.0), size=shape)).astype(np.float32)
 
-    x, weight = draw(spec.input_shape), draw(spec.weight_shape)
+    x, weight = to_layout(draw(spec.input_shape), spec.layout), draw(spec.weight_shape)
     bias = draw((spec.k,)) if spec.bias else None
-    return (x, weight, bias, draw(spec.output_shape)) if spec.residual else (x, weight, bias)
+    if spec.residual:
+        return x, weight, bias, to_layout(draw(spec.output_shape), spec.layout)
+    return x, weight, bias
 
 
 def relative_error(result: np.ndarray, reference: np.ndarray) -> float:
@@ -48,8 +52,13 @@ def relative_error(result: np.ndarray, reference: np.ndarray) -> float:
 
 def reference_output(spec: ConvSpec, operands: tuple[np.ndarray | None, ...]) -> np.ndarray:
     """The float64 reference result every generated kernel is checked against (direct loops in
-    float64 on the host, then the epilogue)."""
+    float64 on the host, then the epilogue), in the layer's layout."""
     check_host(f"the float64 reference of {spec}", host_working_bytes(spec, 8))
     x, weight, bias, residual = (*operands, None, None)[:4]
     assert x is not None and weight is not None
+    if spec.layout != NCHW:
+        plain = spec.replace(layout=NCHW)
+        unblocked = None if residual is None else to_nchw(residual, spec.layout, spec.k)
+        result = reference_output(plain, (to_nchw(x, spec.layout, spec.c), weight, bias, unblocked))
+        return to_layout(result, spec.layout)
     return epilogue.apply(spec, direct_conv(spec, x, weight, bias, np.float64), residual)

@@ -196,8 +196,8 @@ static int run_layer(const char *dir, const autoconv_layer *layer, cl_context co
     }
     double rel = max_ref > 0 ? max_diff / max_ref : max_diff;
     int ok = unwritten == 0 && rel < 1e-4;
-    printf("%s %s: %d kernel(s), relative error %.2e, %zu unwritten -> %s\n", layer->name, layer->key,
-           layer->num_kernels, rel, unwritten, ok ? "OK" : "MISMATCH");
+    printf("%s %s: %s, %d kernel(s), relative error %.2e, %zu unwritten -> %s\n", layer->name, layer->key,
+           layer->layout, layer->num_kernels, rel, unwritten, ok ? "OK" : "MISMATCH");
     for (int b = 1; b < AUTOCONV_NUM_ARG_KINDS; ++b) if (buffers[b]) clReleaseMemObject(buffers[b]);
     free(input); free(weight); free(bias); free(residual); free(expected); free(output);
     return ok;
