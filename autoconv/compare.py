@@ -13,7 +13,10 @@ from typing import Any
 
 from autoconv.algorithms import BASELINE, DIRECT, get_algorithm, list_algorithms
 from autoconv.backends.base import Backend, PreparedConv
+from autoconv.backends.reorder import reorders_ms
+from autoconv.backends.runtime import DeviceBackend, is_device_backend
 from autoconv.errors import AutoconvError
+from autoconv.layouts import BLOCKS, NCHW, to_layout, to_nchw
 from autoconv.plan import Plan
 from autoconv.serve.session import Session, default_session
 from autoconv.spec import ConvSpec
@@ -33,6 +36,13 @@ class Measurement:
     rel_error: float
     algorithm: str = ""
     traffic_bytes: int = 0  # bytes it must move, modelled (Algorithm.traffic_bytes)
+    layout: str = NCHW  # the layout it computed in (a blocked one: reorders from and to NCHW counted)
+    reorder_ms: float = 0.0  # of median_ms, the reorders'
+
+    @property
+    def variant(self) -> str:
+        """The algorithm, and its layout where it is not NCHW: how tables name the row."""
+        return self.algorithm if self.layout == NCHW else f"{self.algorithm} ({self.layout})"
 
     @property
     def verified(self) -> bool:
@@ -81,6 +91,38 @@ def compare_layer(spec: ConvSpec, backend: Backend, *, repeats: int = 5, db: str
         title = f"im2col + {'numpy' if on_host else runner.name} BLAS" if algorithm.library_gemm else algorithm.title
         rows.append(measure(title, runner, spec, plan, operands, reference,
                             scratch_bytes=extra_memory(spec, plan, on_host), repeats=repeats))
+    if spec.layout == NCHW and is_device_backend(backend) and backend.layout_arrays:
+        rows += _blocked_layouts(spec, backend, operands, reference, repeats, db, session)
+    return rows
+
+
+def _blocked_layouts(spec: ConvSpec, backend: DeviceBackend, operands: tuple, reference: Any, repeats: int,
+                     db: str | Path | None, session: Session) -> list[Measurement]:
+    """The layer computed in each channel-blocked layout an algorithm runs it in, for an NCHW caller:
+    the time counts the reorders of its input and output (what a layer between NCHW tensors pays;
+    inside a blocked chain there are none)."""
+    rows = []
+    x, weight, bias, residual = (*operands, None)[:4]
+    for block in BLOCKS:
+        blocked = spec.replace(layout=f"NCHW{block}c")
+        for name in list_algorithms():
+            algorithm = get_algorithm(name)
+            if not algorithm.device_kernels or algorithm.supports(blocked, backend.device) is not None:
+                continue
+            try:
+                plan = session.lookup(blocked, backend, db, algorithm=name)
+                conv = backend.prepare(blocked, plan)
+            except AutoconvError:
+                continue
+            moved = (to_layout(x, blocked.layout), weight, bias,
+                     *(() if residual is None else (to_layout(residual, blocked.layout),)))
+            error = relative_error(to_nchw(conv.run(*moved, poison=True), blocked.layout, spec.k), reference)
+            conv_ms = conv.time(*moved, warmup=1, repeats=repeats).median_ms
+            reorder = reorders_ms(backend, spec.input_shape, spec.output_shape, blocked.layout, repeats)
+            total = conv_ms + reorder
+            rows.append(Measurement(f"{algorithm.title} in {blocked.layout}, + reorders", backend.device.name,
+                                    plan.describe(), total, spec.flops / (total * 1e6), algorithm.scratch_bytes(blocked, plan.params),
+                                    error, name, algorithm.traffic_bytes(blocked, plan.params), blocked.layout, reorder))
     return rows
 
 
@@ -92,11 +134,12 @@ def layer_records(label: str, spec: ConvSpec, backend: Backend, repeats: int,
     rows = compare_layer(spec, backend, repeats=repeats, db=db)
     served = choose_plan(spec, backend, db)
     direct_ms = next((row.median_ms for row in rows if row.algorithm == DIRECT), None)
-    records = [{"layer": label, "shape": str(spec), "method": row.method, "algorithm": row.algorithm,
+    records = [{"layer": label, "shape": str(spec), "method": row.method, "algorithm": row.variant,
+                "layout": row.layout, "reorder_ms": row.reorder_ms,
                 "plan": row.plan, "ms": row.median_ms, "gflops": row.gflops,
                 "vs_direct": direct_ms / row.median_ms if direct_ms else None,
                 "extra_mib": row.scratch_bytes / 2**20, "extra_vs_input": row.scratch_bytes / spec.input_bytes,
-                "rel_error": row.rel_error, "verified": row.verified, "served": row.algorithm == served.algorithm,
+                "rel_error": row.rel_error, "verified": row.verified, "served": row.algorithm == served.algorithm and row.layout == spec.layout,
                 "traffic_bytes": row.traffic_bytes, "intensity": spec.flops / row.traffic_bytes if row.traffic_bytes else None}
                for row in rows]
     return records, served

@@ -12,11 +12,15 @@ from autoconv.graph.runner import Model, StepRow
 
 
 def load(model: str | Path | Any, *, device: int | str | None = None, backend: str | None = None,
-         db: str | Path | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Model:
+         db: str | Path | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
+         layout: str | None = None) -> Model:
     """A path or an onnx.ModelProto -> a Model on `backend` ("opencl" by default, "cuda" or
     "numpy") and `device`, its convolutions served from `db` (then the shipped databases).
-    `input_shapes` fixes inputs with dynamic dimensions (a symbolic batch, say)."""
-    return Model(prepare(model, input_shapes), device=device, backend=backend, db=None if db is None else str(db))
+    `input_shapes` fixes inputs with dynamic dimensions (a symbolic batch, say). `layout`
+    "NCHW{b}c" keeps the tensors between convolutions channel-blocked (OpenCL; reordered to NCHW
+    only where another operator reads them); None: NCHW."""
+    return Model(prepare(model, input_shapes), device=device, backend=backend, db=None if db is None else str(db),
+                 layout=layout)
 
 
 __all__ = ["Model", "StepRow", "UnsupportedModelError", "load"]

@@ -28,7 +28,7 @@ NARROW = {"COLUMNS": "80"}
 RUN_KEYS = {"layer", "shape", "device", "algorithm", "plan", "plan_source", "ms", "repeats", "gflops", "rel_error",
             "limit", "verified"}
 COMPARE_KEYS = {"layer", "shape", "method", "algorithm", "plan", "ms", "gflops", "vs_direct", "extra_mib",
-                "extra_vs_input", "rel_error", "verified", "served", "traffic_bytes", "intensity"}
+                "extra_vs_input", "rel_error", "verified", "served", "traffic_bytes", "intensity", "layout", "reorder_ms"}
 TUNE_KEYS = {"layer", "shape", "trials", "fastest", "fastest_ms", "best_generated", "best_generated_ms", "vs_default",
              "baseline_ms", "vs_baseline", "failed", "wall_s", "seeded", "trials_by_algorithm"}
 DEVICE_KEYS = {"index", "platform", "device", "type", "driver", "compute_units", "local_mem_kib", "max_work_group",

@@ -229,3 +229,36 @@ def test_the_layout_is_in_the_key_the_database_and_the_layer_text(opencl, tmp_pa
         assert [r.spec for r in store.results()] == [blocked]
     assert lookup(blocked, opencl.device, db) == Plan(BLOCKED_DIRECT, params, "tuned")
     assert lookup(plain, opencl.device, db).source != "tuned"  # another layout: another layer
+
+
+# The layout as a tuning dimension ---------------------------------------------------------------
+
+def test_compare_measures_each_blocked_layout_with_its_reorders(opencl):
+    from autoconv.compare import compare_layer
+
+    spec = ConvSpec(1, 20, 10, 10, 24, 3, 3, padding=1, bias=True, activation="relu")
+    rows = compare_layer(spec, opencl, repeats=2)
+    blocked = {row.layout: row for row in rows if row.layout != NCHW}
+    assert set(blocked) == set(BLOCKED)
+    for layout, row in blocked.items():
+        assert row.algorithm == BLOCKED_DIRECT and row.verified and row.variant == f"blocked_direct ({layout})"
+        assert 0 < row.reorder_ms < row.median_ms  # the reorders are counted in its time
+    assert all(row.layout == NCHW for row in rows if row.algorithm != BLOCKED_DIRECT)
+
+
+def test_tune_with_layouts_tunes_each_layout_as_its_own_layer(opencl, tmp_path):
+    from typer.testing import CliRunner
+
+    from autoconv.cli import app
+
+    db = tmp_path / "layouts.db"
+    result = CliRunner().invoke(app, ["tune", "n=1,c=16,h=8,w=8,k=16,r=1,s=1", "--layouts", "NCHW,NCHW8c",
+                                      "--trials", "2", "--db", str(db), "--json"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    with SQLiteStore(db) as store:
+        results = store.results()
+    assert {r.spec.layout for r in results} == {NCHW, "NCHW8c"}
+    assert {r.algorithm for r in results if r.spec.layout == "NCHW8c"} == {BLOCKED_DIRECT}  # the one that runs it
+    assert len({r.algorithm for r in results if r.spec.layout == NCHW}) > 1
+    bad = CliRunner().invoke(app, ["tune", "n=1,c=16,h=8,w=8,k=16,r=1,s=1", "--layouts", "NHWC", "--db", str(db)])
+    assert bad.exit_code != 0 and "--layouts" in bad.output and "NCHW16c" in bad.output

@@ -219,6 +219,24 @@ def test_a_whole_small_cnn_matches_onnxruntime_and_keeps_convs_on_the_device(ope
     assert len(times) == len(rows) and all(ms >= 0 for _, ms in times)
 
 
+@pytest.mark.parametrize("layout", ["NCHW8c", "NCHW4c"])
+def test_a_whole_small_cnn_runs_channel_blocked_between_its_convolutions(opencl, monkeypatch, layout):
+    """layout=: every conv a blocked_direct layer in the layout; reorders only where another operator
+    reads a conv's result (the pooling, the Concat) and at the first conv's NCHW input."""
+    from conftest import record_launches
+
+    x = RNG.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    launched = record_launches(opencl, monkeypatch)
+    loaded = _assert_like_onnxruntime(small_cnn(), {"x": x}, layout=layout)
+    plans = [r.plan for r in loaded.describe() if r.runs_on == "autoconv layer"]
+    assert len(plans) == 4 and all(plan.startswith("blocked_direct") for plan in plans), plans
+    # To the layout: x, and p1 twice (c2's input and c3's residual, one numpy array); a2 -> c3 and
+    # a3 -> c4 stay blocked (else more reorders to it). Back to NCHW: where numpy reads (the pooling,
+    # the Concat), by the host as it reads them, so no kernel.
+    assert launched.count("reorder_to_blocked") == 3, launched
+    assert "reorder_to_nchw" not in launched, launched
+
+
 def test_an_operator_without_a_kernel_runs_by_reference_said_once():
     model = _single("Tanh", ["x"], POOL_INPUT.shape)
     with pytest.warns(RuntimeWarning, match="Tanh: these nodes run through onnx.reference"):

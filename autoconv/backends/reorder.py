@@ -68,3 +68,22 @@ def relayout(runtime: Runtime, value: Any, layout: str) -> Any:
         raise InvalidSpecError(f"layout: only 4-D (n, c, h, w) tensors have a {layout} layout, not shape {shape}")
     array, _ = reorder_on_device(runtime, value.buffer, (shape[0], shape[1], shape[2], shape[3]), current, layout)
     return array.viewed_as(layout, shape)
+
+
+def reorders_ms(runtime: Runtime, input_shape: tuple[int, int, int, int], output_shape: tuple[int, int, int, int],
+                layout: str, repeats: int = 5) -> float:
+    """The device time (median of `repeats`) of what a `layout` layer costs between NCHW tensors: the
+    reorder of its input to `layout` and of its output back to NCHW."""
+    stages = []
+    for shape, source, target in ((input_shape, NCHW, layout), (output_shape, layout, NCHW)):
+        kernel_source = reorder_source(shape, source, target, runtime.dialect)
+        planar = runtime.alloc(int(np.prod(shape)) * 4)
+        blocked = runtime.alloc(int(np.prod(array_shape(shape, layout))) * 4)
+        ends = (planar, blocked) if source == NCHW else (blocked, planar)
+        stages.append((runtime.bind(runtime.kernel(kernel_source), kernel_source), {"input": ends[0], "output": ends[1]}))
+
+    def enqueue() -> list[Any]:
+        with runtime.lock:
+            return [run(buffers) for run, buffers in stages]
+
+    return float(np.median([runtime.elapsed_ms(enqueue) for _ in range(max(1, repeats) + 1)][1:]))

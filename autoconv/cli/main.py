@@ -180,6 +180,20 @@ def _layers(layer: List[str], model: Optional[str], batch: Optional[int], onnx: 
     return chosen
 
 
+def _layouts_option(text: Optional[str]) -> Optional[list[str]]:
+    """--layouts "NCHW,NCHW16c" as a list, each checked (None: not given)."""
+    from autoconv.layouts import LAYOUTS
+
+    if text is None:
+        return None
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    wrong = [part for part in chosen if part not in LAYOUTS]
+    if wrong or not chosen:
+        raise typer.BadParameter(f"expected layouts among {', '.join(LAYOUTS)}, comma-separated; got {text!r}",
+                                 param_hint="--layouts")
+    return list(dict.fromkeys(chosen))
+
+
 ALGORITHM_HELP = ("force one algorithm: im2col_gemm, implicit_gemm, winograd, direct or im2col_blas "
                   "(default: the fastest tuned)")
 MODEL_HELP = "every layer of a built-in model: alexnet, vgg16, resnet18, resnet50, mobilenet_v2"
@@ -365,6 +379,9 @@ def tune(
     seed: int = typer.Option(0, help="sampler and data seed"),
     algorithm: List[str] = typer.Option(None, "--algorithm", help="tune only these algorithms (repeatable; "
                                         "default: every one that supports the layer)", show_default=False),
+    layouts: Optional[str] = typer.Option(None, help="tune each layer in these layouts too, comma-separated: "
+                                          "NCHW, NCHW4c, NCHW8c, NCHW16c (each is its own layer in the database; "
+                                          "default: the layer's own, NCHW unless LAYER says layout=)"),
     warm_start: bool = typer.Option(True, help="seed each new study with the winners of similar tuned layers "
                                     "(this database and the shipped ones)"),
     early_stop: bool = typer.Option(True, help="stop tuning an algorithm on a layer once it has stalled "
@@ -408,9 +425,11 @@ def tune(
     if trials is None and budget_s is None:
         trials = 60
     named_layers = _layers([*(layer or []), *(layer_option or [])], model, batch, onnx)
+    chosen_layouts = _layouts_option(layouts)
     unique: dict = {}
     for named in named_layers:
-        unique.setdefault(named.spec, named.label)
+        for spec in ([named.spec] if chosen_layouts is None else [named.spec.replace(layout=l) for l in chosen_layouts]):
+            unique.setdefault(spec, named.label if spec.layout == named.spec.layout else f"{named.label} {spec.layout}")
     chosen = [(label, spec) for spec, label in unique.items()]
     backend = get_backend(backend_name, device_option(device))
     path = db_path_option(db)

@@ -34,7 +34,7 @@ class Model:
     output."""
 
     def __init__(self, prepared: PreparedModel, *, device: int | str | None = None, backend: str | None = None,
-                 db: str | None = None) -> None:
+                 db: str | None = None, layout: str | None = None) -> None:
         self._prepared = prepared
         self._backend = backend or "opencl"
         self._device = device
@@ -50,7 +50,8 @@ class Model:
                 self._prepad[index] = [(0, 0), (0, 0), (top, bottom), (left, right)]
                 padding = (0, 0)
             self._layers[index] = Conv2d(step.weight, step.bias, step.stride, padding, step.dilation, step.groups,
-                                         activation=step.activation, device=device, backend=self._backend, db=db)
+                                         activation=step.activation, device=device, backend=self._backend, db=db,
+                                         layout=layout)
         # On a CPU device (PoCL) the host's BLAS is held to one thread while the model runs: OpenBLAS's
         # idle threads spin for a while after a call (a Gemm, say) and would take the cores the
         # device's kernels run on (measured on ResNet-50: 38 ms with two BLAS threads, 29.5 with one).
