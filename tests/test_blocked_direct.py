@@ -59,14 +59,18 @@ def test_any_valid_config_matches_the_reference(opencl, spec, seed, data):
 
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("order", [0, 1])
-def test_every_block_and_loop_order_with_partial_blocks_and_tails(backend, block, order):
+@pytest.mark.parametrize("padx", [0, 1])
+def test_every_block_and_loop_order_with_partial_blocks_and_tails(backend, block, order, padx):
     """Channels one past a whole block (a partial input block, a padded output block), a row that is
-    not a multiple of PIX, padding on every side and a fused residual + relu6."""
+    not a multiple of PIX, padding on every side and a fused residual + relu6; the edges checked in
+    the kernel (PADX=0) or the input copied with its zero border first (PADX=1)."""
     if BLOCKED_DIRECT not in backend.algorithms:
         pytest.skip(f"{backend.name} runs no generated kernels")
     spec = ConvSpec(2, block + 1, 7, 9, block + 1, 3, 3, padding=(1, 0), padding_end=(0, 2), bias=True,
                     activation="relu6", residual=True)
-    params = SPACE.validate(dict(CB=block, KV=1, PIX=4, ORDER=order))
+    params = SPACE.validate(dict(CB=block, KV=1, PIX=4, ORDER=order, PADX=padx))
+    entries = [k.entry for k in ALGORITHM.kernels(spec, params, backend.dialect)] if hasattr(backend, "dialect") else []
+    assert not entries or ("blocked_pad" in entries) == bool(padx)
     assert not params.violations(backend.device.limits(), spec)
     assert_matches_reference(backend, spec, Plan(BLOCKED_DIRECT, params))
 

@@ -21,7 +21,7 @@ from autoconv.layouts import BLOCKS, LAYOUTS, NCHW, array_shape, to_layout, to_n
 from autoconv.render import template_hash
 from autoconv.serve.lookup import UnsupportedAlgorithmError
 from autoconv.store import SQLiteStore, TunedResult
-from autoconv.tuning.verify import reference_output
+from autoconv.tuning.verify import random_operands, reference_output
 from conftest import assert_matches_reference, heuristic_plan, record_launches
 from test_blocked_direct import blocked_specs
 
@@ -262,3 +262,20 @@ def test_tune_with_layouts_tunes_each_layout_as_its_own_layer(opencl, tmp_path):
     assert len({r.algorithm for r in results if r.spec.layout == NCHW}) > 1
     bad = CliRunner().invoke(app, ["tune", "n=1,c=16,h=8,w=8,k=16,r=1,s=1", "--layouts", "NHWC", "--db", str(db)])
     assert bad.exit_code != 0 and "--layouts" in bad.output and "NCHW16c" in bad.output
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_the_blocked_vector_epilogue_keeps_nan_and_inf_as_the_reference(opencl, activation):
+    """The blocked layout stores whole vectors through its own (vector) epilogue: NaN and ±inf in the
+    input, on the inside and on the border, give the reference's non-finite pattern."""
+    spec = ConvSpec(1, 20, 7, 9, 24, 3, 3, padding=1, bias=True, activation=activation, residual=True,
+                    layout="NCHW8c")
+    x, weight, bias, residual = random_operands(spec, seed=3)
+    x[0, 0, 3, 4, 2], x[0, 1, 0, 0, 5], x[0, 2, 6, 8, 3] = np.nan, np.inf, -np.inf
+    result = opencl.prepare(spec, heuristic_plan(spec, opencl.device, BLOCKED_DIRECT)).run(x, weight, bias, residual)
+    reference = reference_output(spec, (x, weight, bias, residual))
+    assert np.array_equal(np.isnan(result), np.isnan(reference))
+    assert np.array_equal(np.isposinf(result), np.isposinf(reference))
+    assert np.array_equal(np.isneginf(result), np.isneginf(reference))
+    finite = np.isfinite(reference)
+    assert np.max(np.abs(result[finite] - reference[finite])) / np.max(np.abs(reference[finite])) < 1e-4

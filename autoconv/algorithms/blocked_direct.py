@@ -5,11 +5,13 @@ channels x PIX output pixels of one row in registers (vector accumulators where 
 vectors), and for every input channel and filter tap broadcasts one input value per pixel against
 the CB filters, read as vectors from the weights laid out once per weights as OIHW{CB}i{CB}o.
 
-Two kernels from templates/shared/blocked_direct.j2:
+Kernels from templates/shared/blocked_direct.j2:
 1. filter (once per weights): KCRS -> [K/CB][C/CB][R][S][CB ci][CB co] in scratch, the channels
    beyond K and beyond C/groups zero;
-2. conv: the convolution, the bias and the fused epilogue, reading the NCHW input in place and
-   writing the NCHW output (no reorder pass over the activations).
+2. pad (PADX=1, layers with padding): the input copied with its zero border into scratch, after
+   the weights, so the conv stage checks no edges;
+3. conv: the convolution, the bias and the fused epilogue, reading the input in the layer's layout
+   (NCHW or NCHW{CB}c) and writing the output in it (no reorder pass over the activations).
 
 Covers every kernel size, stride, dilation and padding (asymmetric included); grouped layers
 whose filters per group fill whole blocks (k/groups a multiple of CB); not depthwise.
@@ -70,6 +72,8 @@ SPACE = ParamSpace(
         ParamDecl("ORDER", 0, "loop order: 0 input-channel blocks outermost, 1 the filter window outermost", (0, 1)),
         ParamDecl("LX", 0, "work-group width in pixel groups (0: the runtime chooses)", (0, 1, 2, 4, 8, 16, 32, 64),
                   device_limit=lambda limits: limits.max_work_group_size),
+        ParamDecl("PADX", 1, "layers with padding: 1 copies the input with its zero border into scratch first, "
+                  "so the convolution checks no edges; 0 checks them in the kernel", (0, 1)),
     ),
     constraints=(
         Constraint("registers", f"KV x PIX accumulator vectors (CB lanes each) must fit the registers: at most "
@@ -151,19 +155,25 @@ class BlockedDirect(AlgorithmDefaults):
         blocked = spec.layout != "NCHW"
         kb, ncb = output_blocks(spec, block), input_blocks(spec, block)
         kgroups = kb // params.KV
-        defines = dict(C=spec.c, H=spec.h, W=spec.w, K=spec.k, Cg=spec.c_per_group, Kg=spec.k_per_group,
+        top, left = spec.padding
+        bottom, right = spec.bottom_right
+        copied = pads_input(spec, params)
+        # The conv stage reads the input as given, or its zero-bordered copy in scratch (no padding left).
+        h, w = (spec.padded_h, spec.padded_w) if copied else (spec.h, spec.w)
+        lanes = block if blocked else 1
+        defines = dict(C=spec.c, H=h, W=w, K=spec.k, Cg=spec.c_per_group, Kg=spec.k_per_group,
                        R=spec.r, S=spec.s, P=spec.p, Q=spec.q, SH=spec.stride[0], SW=spec.stride[1],
-                       PH=spec.padding[0], PW=spec.padding[1], DH=spec.dilation[0], DW=spec.dilation[1],
+                       PH=0 if copied else top, PW=0 if copied else left, DH=spec.dilation[0], DW=spec.dilation[1],
                        CB=block, VB=vb, LPB=block // vb, KV=params.KV, PIX=params.PIX, KB=kb, NCB=ncb,
                        KGROUPS=kgroups, W_BLOCK=ncb * spec.r * spec.s * block * block,
                        # Strides of the input's layout: NCHW, or NCHW{CB}c (a layer constraint keeps b = CB).
-                       X_IMG=-(-spec.c // block) * block if blocked else spec.c, X_ROW=spec.w * block if blocked else spec.w,
-                       X_CH=1 if blocked else spec.h * spec.w, X_PX=block if blocked else 1, O_PX=block if blocked else 1)
-        top, left = spec.padding
-        bottom, right = spec.bottom_right
+                       X_IMG=-(-spec.c // block) * block if blocked else spec.c, X_ROW=w * lanes,
+                       X_CH=1 if blocked else h * w, X_PX=lanes, O_PX=lanes,
+                       X_OFFSET=_weight_floats(spec, params) if copied else 0,
+                       SRC_H=spec.h, SRC_W=spec.w, SRC_HP=spec.padded_h, SRC_WP=spec.padded_w, SRC_PH=top, SRC_PW=left)
         common = dict(dialect=dialect, defines=defines, vb=vb, blocked=blocked, order=params.ORDER, tail=spec.c_per_group % block,
                       k_tail=spec.k % block != 0, q_tail=spec.q % params.PIX != 0,
-                      padded_rows=top > 0 or bottom > 0, padded_cols=left > 0 or right > 0)
+                      padded_rows=not copied and (top > 0 or bottom > 0), padded_cols=not copied and (left > 0 or right > 0))
         scratch = KernelArg("scratch", "scratch")
         filter_stage = KernelSource(
             render_template("shared/blocked_direct.j2", stage="filter", entry="blocked_filter",
@@ -177,17 +187,42 @@ class BlockedDirect(AlgorithmDefaults):
             render_template("shared/blocked_direct.j2", stage="conv", entry="blocked_conv",
                             epilogue=epilogue.template_vars(spec), **common),
             "blocked_conv", dialect.name, (width, spec.p, spec.n * kgroups), None if lx == 0 else (lx, 1, 1),
-            (KernelArg("x", "input"), scratch, KernelArg("bias", "bias"), KernelArg("out", "output"),
-             *epilogue.residual_args(spec), *int_args(has_bias=int(spec.bias))))
-        return [filter_stage, conv_stage]
+            (KernelArg("x", "scratch" if copied else "input"), scratch, KernelArg("bias", "bias"),
+             KernelArg("out", "output"), *epilogue.residual_args(spec), *int_args(has_bias=int(spec.bias))))
+        if not copied:
+            return [filter_stage, conv_stage]
+        planes = spec.n * (-(-spec.c // block) if blocked else spec.c)
+        pad_stage = KernelSource(
+            render_template("shared/blocked_direct.j2", stage="pad", entry="blocked_pad",
+                            epilogue=epilogue.NO_EPILOGUE, **common),
+            "blocked_pad", dialect.name, (spec.padded_w * lanes, spec.padded_h, planes), None,
+            (KernelArg("x", "input"), scratch))
+        return [filter_stage, pad_stage, conv_stage]
 
     def scratch_bytes(self, spec: ConvSpec, params: Params) -> int:
-        """The channel-blocked weights."""
-        block = params.CB
-        return (output_blocks(spec, block) * block * input_blocks(spec, block) * block * spec.r * spec.s
-                * spec.itemsize)
+        """The channel-blocked weights, then the zero-bordered copy of the input where it makes one."""
+        return (_weight_floats(spec, params) + (_copy_floats(spec, params) if pads_input(spec, params) else 0)) \
+            * spec.itemsize
 
     def traffic_bytes(self, spec: ConvSpec, params: Params) -> int:
         """Input and output once, the blocked weights read once per call (their transform runs once
-        per weights)."""
-        return spec.input_bytes + spec.output_bytes + self.scratch_bytes(spec, params)
+        per weights), and the input's bordered copy written and read where it makes one."""
+        copy = 2 * _copy_floats(spec, params) * spec.itemsize if pads_input(spec, params) else 0
+        return spec.input_bytes + spec.output_bytes + _weight_floats(spec, params) * spec.itemsize + copy
+
+
+def pads_input(spec: ConvSpec, params: Params) -> bool:
+    """Whether the config copies the input with its zero border before the convolution."""
+    return bool(params.PADX) and spec.padded
+
+
+def _weight_floats(spec: ConvSpec, params: Params) -> int:
+    """The channel-blocked weights, rounded up to 16 floats so the input's copy after them is aligned."""
+    block = params.CB
+    floats = output_blocks(spec, block) * block * input_blocks(spec, block) * block * spec.r * spec.s
+    return -(-floats // 16) * 16
+
+
+def _copy_floats(spec: ConvSpec, params: Params) -> int:
+    channels = -(-spec.c // params.CB) * params.CB if spec.layout != "NCHW" else spec.c
+    return spec.n * channels * spec.padded_h * spec.padded_w
