@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--tune", default="light_resnet50.onnx", help="comma-separated models to tune first")
     parser.add_argument("--time-budget", type=float, default=300.0, help="seconds of tuning per tuned model")
     parser.add_argument("--models", default=None, help="comma-separated (default: all nine)")
+    parser.add_argument("--layout", default=None, help="also run each model with this blocked layout (e.g. NCHW16c)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "models-pocl.md"))
     args = parser.parse_args()
 
@@ -60,15 +61,22 @@ def main() -> int:
         # Untuned: what a new user gets (no database of theirs: the shipped ones and the fallbacks).
         results = {"untuned": compare_model(model, rounds=args.rounds, repeats=args.repeats, threads=threads,
                                             db=str(scratch / "no-such.db"), name=name)}
+        if args.layout:
+            results["untuned blocked"] = compare_model(model, rounds=args.rounds, repeats=args.repeats, threads=threads,
+                                                       db=str(scratch / "no-such.db"), name=name, layout=args.layout)
         tune_s = None
         if name in to_tune:
             db = scratch / f"{name}.db"
             start = time.perf_counter()
+            layouts = ["--layouts", f"NCHW,{args.layout}"] if args.layout else []
             subprocess.run([sys.executable, "-m", "autoconv.cli", "tune", "--onnx", str(path), "--db", str(db),
-                            "--time-budget", str(args.time_budget)], check=True, stdout=subprocess.DEVNULL)
+                            "--time-budget", str(args.time_budget), *layouts], check=True, stdout=subprocess.DEVNULL)
             tune_s = time.perf_counter() - start
             results["tuned"] = compare_model(model, rounds=args.rounds, repeats=args.repeats, threads=threads,
                                              db=str(db), name=name)
+            if args.layout:
+                results["tuned blocked"] = compare_model(model, rounds=args.rounds, repeats=args.repeats,
+                                                         threads=threads, db=str(db), name=name, layout=args.layout)
         rows.append(dict(name=name, results=results, tune_s=tune_s))
 
     from autoconv.backends import get_backend
@@ -89,10 +97,14 @@ def main() -> int:
            "round, medians over rounds ±spread (IQR / median), ms. Untuned: no database of the user's (the shipped "
            "one and the fallbacks); tuned: after `autoconv tune --onnx MODEL --time-budget` into a scratch "
            "database. Speed = onnxruntime's time / autoconv's, in the same comparison. Non-conv share: the numpy "
-           "and onnx.reference steps' time over all steps' in one timed run.", "",
-           "| model | conv layers | autoconv untuned | onnxruntime | speed | autoconv tuned (tune wall) | onnxruntime "
-           "| speed tuned | error vs ort | non-conv share | untuned conv layers served a fallback |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "and onnx.reference steps' time over all steps' in one timed run."
+           + (f" {args.layout} columns: the same model loaded with `layout=\"{args.layout}\"` (tensors between "
+              "convolutions channel-blocked), compared with onnxruntime in its own interleaved rounds; the tune "
+              f"then covers both layouts (`--layouts NCHW,{args.layout}`)." if args.layout else ""), ""]
+    blocked_head = (f" {args.layout} untuned | speed | {args.layout} tuned | speed |" if args.layout else "")
+    out += ["| model | conv layers | autoconv untuned | onnxruntime | speed | autoconv tuned (tune wall) | onnxruntime "
+            "| speed tuned | error vs ort | non-conv share | untuned conv layers served a fallback |" + blocked_head,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if args.layout else "")]
     for r in rows:
         u = r["results"]["untuned"]
         tuned = r["results"].get("tuned")
@@ -102,9 +114,14 @@ def main() -> int:
                        f"{cell(tuned.onnxruntime.median_ms, tuned.onnxruntime.spread)} | {tuned.speed:.2f}x")
         error = max(c.error for c in r["results"].values())
         share = (tuned or u).non_conv_share
+        blocked_cells = ""
+        if args.layout:
+            for key in ("untuned blocked", "tuned blocked"):
+                c = r["results"].get(key)
+                blocked_cells += " - | - |" if c is None else f" {cell(c.autoconv.median_ms, c.autoconv.spread)} | {c.speed:.2f}x |"
         out.append(f"| {r['name']} | {convs} | {cell(u.autoconv.median_ms, u.autoconv.spread)} | "
                    f"{cell(u.onnxruntime.median_ms, u.onnxruntime.spread)} | {u.speed:.2f}x | {tuned_cells} | "
-                   f"{error:.1e} | {share * 100:.1f}% | {len(u.fallbacks)} of {convs} |")
+                   f"{error:.1e} | {share * 100:.1f}% | {len(u.fallbacks)} of {convs} |" + blocked_cells)
     worst_error = max(c.error for r in rows for c in r["results"].values())
     shares = [(r["name"], max(c.non_conv_share for c in r["results"].values())) for r in rows]
     resnet = next((r for r in rows if r["name"] == "light_resnet50.onnx" and "tuned" in r["results"]), None)
@@ -113,7 +130,7 @@ def main() -> int:
             f"- All {len(rows)} run, each output within {GOAL_ERROR:.0e} relative error of onnxruntime's: "
             f"{met(worst_error < GOAL_ERROR)} (largest {worst_error:.1e})."]
     if resnet is not None:
-        speed = resnet["results"]["tuned"].speed
+        speed = max(resnet["results"][key].speed for key in ("tuned", "tuned blocked") if key in resnet["results"])
         out.append(f"- ResNet-50 at batch 1, after tuning, at least {GOAL_RESNET:.1f}x onnxruntime end to end: "
                    f"{met(speed >= GOAL_RESNET)} ({speed:.2f}x).")
     out += [f"- Non-conv operators at most {GOAL_NON_CONV * 100:.0f}% of autoconv's model time: "

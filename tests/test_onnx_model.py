@@ -346,6 +346,14 @@ def test_model_bench_reports_both_runtimes_per_op_and_per_step(tmp_path, opencl)
                                      "--json", "--db", str(tmp_path / "none.db")])
     assert fixed.exit_code == 0, fixed.output
     assert json.loads(fixed.stdout[fixed.stdout.index("{"):])["batch"] == 3
+    blocked = CliRunner().invoke(app, ["model", "bench", str(path), "--layout", "NCHW8c", "--rounds", "1",
+                                       "--repeats", "1", "--json", "--db", str(tmp_path / "none.db")])
+    assert blocked.exit_code == 0, blocked.output
+    report = json.loads(blocked.stdout[blocked.stdout.index("{"):])
+    assert report["max_relative_error"] < TOLERANCE
+    assert all(s["plan"].startswith("blocked_direct") for s in report["steps"] if s["runs_on"] == "autoconv layer")
+    wrong = CliRunner().invoke(app, ["model", "bench", str(path), "--layout", "NHWC"])
+    assert wrong.exit_code == 2 and "--layout" in wrong.output
 
 
 def test_the_host_blas_is_held_to_one_thread_while_a_cpu_device_runs_the_model(opencl, monkeypatch):

@@ -426,12 +426,17 @@ def tune(
         trials = 60
     named_layers = _layers([*(layer or []), *(layer_option or [])], model, batch, onnx)
     chosen_layouts = _layouts_option(layouts)
+    backend = get_backend(backend_name, device_option(device))
     unique: dict = {}
     for named in named_layers:
         for spec in ([named.spec] if chosen_layouts is None else [named.spec.replace(layout=l) for l in chosen_layouts]):
+            if spec.layout != named.spec.layout and not any(
+                    get_algorithm(name).supports(spec, backend.device) is None for name in backend.algorithms):
+                errors.print(error_line(f"{named.label}: no algorithm runs it in {spec.layout}", "skipped", "yellow"),
+                             soft_wrap=True)
+                continue
             unique.setdefault(spec, named.label if spec.layout == named.spec.layout else f"{named.label} {spec.layout}")
     chosen = [(label, spec) for spec, label in unique.items()]
-    backend = get_backend(backend_name, device_option(device))
     path = db_path_option(db)
     _print_device(out, backend.device)
     out.print(f"tuning {len(chosen)} layer(s) into {path}", soft_wrap=True)

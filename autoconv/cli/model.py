@@ -10,6 +10,7 @@ from rich.text import Text
 
 from autoconv.cli.common import DB_HELP, DEVICE_HELP, console, db_path_option, device_option, parse_duration, reports_errors
 from autoconv.cli.output import JSON_OPTION, Field, emit, ms, write_json
+from autoconv.spec import ConvSpec
 
 model_app = typer.Typer(help="Run whole ONNX models.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -31,6 +32,8 @@ def bench(
     repeats: int = typer.Option(5, min=1, help="timed runs per method per round (the median is kept)"),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    layout: Optional[str] = typer.Option(None, help="keep the tensors between convolutions channel-blocked: "
+                                         "NCHW16c, NCHW8c or NCHW4c (default: NCHW)"),
     plot: Optional[Path] = typer.Option(None, help="also draw per-step bars to this PNG or SVG "
                                         "(needs matplotlib: autoconv's [plot] extra)"),
     json_flag: bool = JSON_OPTION,
@@ -48,13 +51,17 @@ def bench(
         from autoconv.plots import check_output_path
 
         plot_path = check_output_path(plot)
+    from autoconv.layouts import LAYOUTS
+
+    if layout is not None and layout not in LAYOUTS:
+        raise typer.BadParameter(f"expected one of {', '.join(LAYOUTS)}, got {layout!r}", param_hint="--layout")
     budget_s = parse_duration(time_budget)
     path = db_path_option(db)
     out = console if not json_flag else None
     if tune_first:
-        _tune(model, batch, budget_s, device, path)
+        _tune(model, batch, budget_s, device, path, layout)
     result = compare_model(model, batch=batch, rounds=rounds, repeats=repeats, db=str(path),
-                           device=device_option(device), name=model.name)
+                           device=device_option(device), name=model.name, layout=layout)
     if json_flag:
         write_json(result.as_dict())
     else:
@@ -82,15 +89,24 @@ def bench(
             out.print(f"plot written to {plot_path}", soft_wrap=True)
 
 
-def _tune(model: Path, batch: Optional[int], budget_s: float, device: Optional[str], path: Path) -> None:
+def _tune(model: Path, batch: Optional[int], budget_s: float, device: Optional[str], path: Path,
+          layout: Optional[str] = None) -> None:
+    from autoconv.algorithms import get_algorithm
     from autoconv.backends import get_backend
     from autoconv.onnx_layers import onnx_layers
     from autoconv.store import SQLiteStore
     from autoconv.tuning.tuner import tune_layers
 
     layers, _ = onnx_layers(model, batch)
-    distinct = list({layer.spec: layer for layer in layers}.values())
     backend = get_backend("opencl", device_option(device))
+
+    def computed(spec: ConvSpec) -> ConvSpec:
+        """The spec in the layout its layer computes in: the model's, where an algorithm runs it there."""
+        blocked = spec.replace(layout=layout or "NCHW")
+        runs = any(get_algorithm(name).supports(blocked, backend.device) is None for name in backend.algorithms)
+        return blocked if runs else spec
+
+    distinct = {computed(layer.spec): layer for layer in layers}
     with console.status(f"tuning {len(distinct)} distinct conv layers for {budget_s:.0f} s ..."), SQLiteStore(path) as database:
-        tune_layers([(layer.label, layer.spec) for layer in distinct], backend, database, trials=None,
+        tune_layers([(layer.label, spec) for spec, layer in distinct.items()], backend, database, trials=None,
                     time_budget_s=budget_s)

@@ -81,9 +81,10 @@ def median_ms(call: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
 
 def compare_model(model: Any, *, batch: int | None = None, rounds: int = 5, repeats: int = 5, db: str | None = None,
                   backend: str | None = None, device: int | str | None = None, threads: int | None = None,
-                  seed: int = 0, name: str = "model") -> ModelComparison:
-    """Run `model` (a path or ModelProto) on autoconv and on onnxruntime's CPU execution provider
-    (default session options, `threads` intra-op threads: the machine's cores by default)."""
+                  seed: int = 0, name: str = "model", layout: str | None = None) -> ModelComparison:
+    """Run `model` (a path or ModelProto) on autoconv (`layout`: as autoconv.onnx.load's) and on
+    onnxruntime's CPU execution provider (default session options, `threads` intra-op threads: the
+    machine's cores by default)."""
     import os
 
     try:
@@ -102,7 +103,7 @@ def compare_model(model: Any, *, batch: int | None = None, rounds: int = 5, repe
     threads = threads or os.cpu_count() or 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks are listed in the result instead
-        loaded = Model(prepare(proto), device=device, backend=backend, db=db)
+        loaded = Model(prepare(proto), device=device, backend=backend, db=db, layout=layout)
     rng = np.random.default_rng(seed)
     feed = {n: rng.standard_normal(s).astype(np.float32) for n, s in loaded.inputs}
     options = ort.SessionOptions()
