@@ -97,6 +97,10 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
         in_layout = FUSED_POINTWISE.replace(c=block * 2 + 1, k=block + 3, layout=layout)
         params = BLOCKED_SPACE.validate(dict(CB=block, KV=1, PIX=2, LX=64))
         sources[f"blocked_{layout}"] = blocked.kernels(in_layout, params, CUDA)[-1].text
+        winograd_blocked = FUSED_WINOGRAD.replace(c=block + 3, k=block * 2 + 1, groups=1, layout=layout)
+        for k in get_algorithm(WINOGRAD).kernels(winograd_blocked, WINOGRAD_STRUCTURAL[0], CUDA):
+            if k.entry in ("winograd_input", "winograd_output"):  # the stages that see the layout
+                sources[f"winograd_{k.entry}_{layout}"] = k.text
         for source, target in ((NCHW, layout), (layout, NCHW)):
             sources[f"reorder_{source}_{target}"] = reorder_source((2, 19, 5, 7), source, target, CUDA).text
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import autoconv
 from autoconv import ConvSpec, Plan, get_algorithm, list_algorithms, lookup
-from autoconv.algorithms import BLOCKED_DIRECT
+from autoconv.algorithms import BLOCKED_DIRECT, WINOGRAD
 from autoconv.backends.reorder import relayout, reorder_on_device
 from autoconv.errors import InvalidSpecError
 from autoconv.layers import layer_text, parse_layer
@@ -24,8 +24,11 @@ from autoconv.store import SQLiteStore, TunedResult
 from autoconv.tuning.verify import random_operands, reference_output
 from conftest import assert_matches_reference, heuristic_plan, record_launches
 from test_blocked_direct import blocked_specs
+from test_winograd import winograd_specs
 
 BLOCKED = [layout for layout in LAYOUTS if layout != NCHW]
+# The algorithms whose kernels read and write the channel-blocked layouts.
+RUN_BLOCKED = {BLOCKED_DIRECT, WINOGRAD}
 tensor_shapes = st.tuples(st.integers(1, 3), st.integers(1, 40), st.integers(1, 9), st.integers(1, 9))
 
 
@@ -88,16 +91,30 @@ def test_blocked_direct_in_every_blocked_layout_matches_the_reference(opencl, sp
     assert_matches_reference(opencl, spec, heuristic_plan(spec, opencl.device, BLOCKED_DIRECT), seed)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(spec=winograd_specs(), block=st.sampled_from(BLOCKS), seed=st.integers(0, 2**16), tile=st.sampled_from([2, 4]),
+       xv=st.sampled_from([1, 4]), activation=st.sampled_from(["none", "relu", "relu6"]), residual=st.booleans())
+def test_winograd_in_every_blocked_layout_matches_the_reference(opencl, spec, block, seed, tile, xv, activation,
+                                                                residual):
+    """The transforms read and write NCHW{b}c (channel counts not multiples of b: the padding
+    channels zero in, written zero out, into a NaN-poisoned output), every epilogue."""
+    spec = spec.replace(layout=f"NCHW{block}c", activation=activation, residual=residual)
+    algorithm = get_algorithm(WINOGRAD)
+    assert algorithm.supports(spec, opencl.device) is None
+    params = algorithm.heuristic(spec, opencl.device).replace(TILE=tile, XV=xv)
+    assert_matches_reference(opencl, spec, Plan(WINOGRAD, params, "test"), seed)
+
+
 @pytest.mark.parametrize("layout", BLOCKED)
 def test_every_backend_runs_a_blocked_layer_or_says_why(backend, layout):
-    """Every algorithm × blocked layout × epilogue: blocked_direct computes it; every other
-    algorithm refuses it with a reason naming the layout (a Conv2d runs those layers in NCHW
+    """Every algorithm × blocked layout × epilogue: blocked_direct and Winograd compute it; every
+    other algorithm refuses it with a reason naming the layout (a Conv2d runs those layers in NCHW
     between reorders)."""
     spec = ConvSpec(2, 21, 7, 9, 19, 3, 3, padding=(1, 0), padding_end=(0, 2), bias=True, activation="relu6",
                     residual=True, layout=layout)
     for name in list_algorithms():
         reason = get_algorithm(name).supports(spec, backend.device)
-        if name == BLOCKED_DIRECT:
+        if name in RUN_BLOCKED:
             assert reason is None
             if name in backend.algorithms:
                 assert_matches_reference(backend, spec, heuristic_plan(spec, backend.device, name))
@@ -238,12 +255,12 @@ def test_compare_measures_each_blocked_layout_with_its_reorders(opencl):
 
     spec = ConvSpec(1, 20, 10, 10, 24, 3, 3, padding=1, bias=True, activation="relu")
     rows = compare_layer(spec, opencl, repeats=2)
-    blocked = {row.layout: row for row in rows if row.layout != NCHW}
-    assert set(blocked) == set(BLOCKED)
-    for layout, row in blocked.items():
-        assert row.algorithm == BLOCKED_DIRECT and row.verified and row.variant == f"blocked_direct ({layout})"
+    blocked = [row for row in rows if row.layout != NCHW]
+    assert {(row.algorithm, row.layout) for row in blocked} == {(a, layout) for a in RUN_BLOCKED for layout in BLOCKED}
+    for row in blocked:
+        assert row.verified and row.variant == f"{row.algorithm} ({row.layout})"
         assert 0 < row.reorder_ms < row.median_ms  # the reorders are counted in its time
-    assert all(row.layout == NCHW for row in rows if row.algorithm != BLOCKED_DIRECT)
+    assert all(row.layout == NCHW for row in rows if row.algorithm not in RUN_BLOCKED)
 
 
 def test_tune_with_layouts_tunes_each_layout_as_its_own_layer(opencl, tmp_path):

@@ -10,6 +10,9 @@ Four kernels from templates/shared/winograd.j2 and gemm.j2, all in one scratch b
    dimension (gemm.render_gemm's BatchedGemm), tuned with the same tunables;
 4. output transform A^T M A, cropped to the output, plus the bias.
 
+The transforms read and write the layer's layout, NCHW or channel-blocked NCHW{b}c (the output's
+padding channels past K written as zero); the GEMMs between them do not see it.
+
 Accuracy: the transforms' rounding grows with the tile and with the channels summed per output;
 F(4x4) is declared only up to WINOGRAD4_MAX_CHANNELS channels per group (a layer constraint),
 F(2x2) has no such limit on the layers we meet.
@@ -30,6 +33,7 @@ from autoconv import epilogue
 from autoconv.algorithms import gemm
 from autoconv.algorithms.base import FLOPS_PER_BYTE, AlgorithmDefaults, Constraint, LayerConstraint, ParamDecl, Params, ParamSpace
 from autoconv.device import DeviceInfo
+from autoconv.layouts import LAYOUTS
 from autoconv.render import Dialect, KernelArg, KernelSource, ceil_to, int_args, render_template
 from autoconv.spec import ConvSpec
 
@@ -100,7 +104,11 @@ class Layout:
         self.floats = self.m_offset + self.points * spec.k * self.tiles
 
     def defines(self, spec: ConvSpec, params: Params) -> dict[str, int]:
+        # The activations' layout: NCHW, or NCHW{b}c (LANES = b channels side by side per pixel, the
+        # image's channels padded to CPAD and KPAD); with LANES = 1 the addressing is NCHW's.
+        lanes = spec.block if spec.layout != "NCHW" else 1
         return dict(C=spec.c, K=spec.k, Cg=spec.c_per_group, H=spec.h, W=spec.w, P=spec.p, Q=spec.q,
+                    LANES=lanes, CPAD=ceil_to(spec.c, lanes), KPAD=ceil_to(spec.k, lanes),
                     PH=spec.padding[0], PW=spec.padding[1], TILES_H=self.tiles_h, TILES_W=self.tiles_w,
                     TILES=self.tiles, LDN=self.ldn, XV=params.XV, BLOCKS_W=self.blocks_w, ITEMS=self.items,
                     U_OFFSET=self.u_offset, V_OFFSET=self.v_offset, M_OFFSET=self.m_offset)
@@ -139,6 +147,9 @@ class Winograd(AlgorithmDefaults):
     title = "Winograd F(m x m, 3 x 3)"
     device_kernels = True
     space = SPACE
+    # The input transform reads, and the output transform writes, the layer's layout: a blocked
+    # chain keeps its 3x3 layers on Winograd without reorders around them.
+    layouts = LAYOUTS
 
     def supports_shape(self, spec: ConvSpec, device: DeviceInfo) -> str | None:
         if (spec.r, spec.s) != (3, 3):
@@ -185,7 +196,7 @@ class Winograd(AlgorithmDefaults):
                                      batch=layout.points * spec.groups, a_offset=layout.u_offset,
                                      b_offset=layout.v_offset, out_offset=layout.m_offset))
         output_transform = KernelSource(render("output", "winograd_output"), "winograd_output", dialect.name,
-                                        (layout.items, spec.k, 1), None,
+                                        (layout.items, defines["KPAD"], 1), None,
                                         (scratch, KernelArg("bias", "bias"), KernelArg("out", "output"),
                                          *epilogue.residual_args(spec), *int_args(has_bias=int(spec.bias))))
         return [filter_transform, input_transform, products, output_transform]
