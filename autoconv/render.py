@@ -159,12 +159,20 @@ def _environment() -> jinja2.Environment:
     )
 
 
+# Templates of the runtime's own kernels (layout reorders, a model's pooling), which no tuned
+# result measures: editing them must not make every tuned database stale.
+UNTUNED_TEMPLATES = frozenset({"shared/reorder.j2", "shared/pool.j2"})
+
+
 @lru_cache(maxsize=1)
 def template_hash() -> str:
-    """Hash of every template file: part of any key whose answer depends on the generated code.
-    Computed once per process (the installed templates do not change under a running process)."""
+    """Hash of every template the tuned algorithms' kernels render from: part of any key whose
+    answer depends on the generated code. Computed once per process (the installed templates do
+    not change under a running process)."""
     digest = hashlib.sha256()
     for path in sorted(template_dir().rglob("*.j2")):
+        if path.relative_to(template_dir()).as_posix() in UNTUNED_TEMPLATES:
+            continue
         digest.update(path.relative_to(template_dir()).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

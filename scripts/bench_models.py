@@ -39,7 +39,7 @@ def main() -> int:
     parser.add_argument("--tune", default="light_resnet50.onnx", help="comma-separated models to tune first")
     parser.add_argument("--time-budget", type=float, default=300.0, help="seconds of tuning per tuned model")
     parser.add_argument("--models", default=None, help="comma-separated (default: all nine)")
-    parser.add_argument("--layout", default=None, help="also run each model with this blocked layout (e.g. NCHW16c)")
+    parser.add_argument("--layout", default=None, help="also run each model in this layout (e.g. NCHW; the main columns run in the device's default)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "models-pocl.md"))
     args = parser.parse_args()
 
@@ -48,7 +48,12 @@ def main() -> int:
     import autoconv
     from autoconv.graph.compare import compare_model
 
+    from autoconv.graph.runner import model_layout
+
     threads = os.cpu_count() or 1
+    # The tune covers the layout each column runs in: the device's default, and --layout's.
+    default_layout = model_layout("opencl", None)
+    tuned_layouts = list(dict.fromkeys(["NCHW", default_layout, *([args.layout] if args.layout else [])]))
     scratch = Path(tempfile.mkdtemp(prefix="bench-models-"))
     names = args.models.split(",") if args.models else zoo_models()
     to_tune = set(filter(None, args.tune.split(",")))
@@ -68,7 +73,7 @@ def main() -> int:
         if name in to_tune:
             db = scratch / f"{name}.db"
             start = time.perf_counter()
-            layouts = ["--layouts", f"NCHW,{args.layout}"] if args.layout else []
+            layouts = ["--layouts", ",".join(tuned_layouts)]
             subprocess.run([sys.executable, "-m", "autoconv.cli", "tune", "--onnx", str(path), "--db", str(db),
                             "--time-budget", str(args.time_budget), *layouts], check=True, stdout=subprocess.DEVNULL)
             tune_s = time.perf_counter() - start
@@ -96,11 +101,12 @@ def main() -> int:
            "options, intra-op threads = the cores) and `autoconv.onnx.load` on the same input, interleaved round by "
            "round, medians over rounds ±spread (IQR / median), ms. Untuned: no database of the user's (the shipped "
            "one and the fallbacks); tuned: after `autoconv tune --onnx MODEL --time-budget` into a scratch "
-           "database. Speed = onnxruntime's time / autoconv's, in the same comparison. Non-conv share: the numpy "
-           "and onnx.reference steps' time over all steps' in one timed run."
-           + (f" {args.layout} columns: the same model loaded with `layout=\"{args.layout}\"` (tensors between "
-              "convolutions channel-blocked), compared with onnxruntime in its own interleaved rounds; the tune "
-              f"then covers both layouts (`--layouts NCHW,{args.layout}`)." if args.layout else ""), ""]
+           "database. Speed = onnxruntime's time / autoconv's, in the same comparison. Non-conv share: the "
+           "steps' time other than the conv layers' (device pooling, numpy and onnx.reference) over all steps' in "
+           f"one timed run. autoconv runs each model in the layout `autoconv.onnx.load` chooses for the device "
+           f"({default_layout} here), and the tune covers it (`--layouts {','.join(tuned_layouts)}`)."
+           + (f" {args.layout} columns: the same model loaded with `layout=\"{args.layout}\"`, compared with "
+              "onnxruntime in its own interleaved rounds." if args.layout else ""), ""]
     blocked_head = (f" {args.layout} untuned | speed | {args.layout} tuned | speed |" if args.layout else "")
     out += ["| model | conv layers | autoconv untuned | onnxruntime | speed | autoconv tuned (tune wall) | onnxruntime "
             "| speed tuned | error vs ort | non-conv share | untuned conv layers served a fallback |" + blocked_head,

@@ -15,6 +15,7 @@ import pytest
 
 from autoconv import ConvSpec, Plan, default_gemm_params, get_algorithm
 from autoconv.algorithms import BLOCKED_DIRECT, DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD
+from autoconv.backends.pool import POOL_KINDS, PoolGeometry, pool_source
 from autoconv.backends.reorder import reorder_source
 from autoconv.device import DeviceInfo
 from autoconv.errors import BackendUnavailableError
@@ -103,6 +104,10 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
                 sources[f"winograd_{k.entry}_{layout}"] = k.text
         for source, target in ((NCHW, layout), (layout, NCHW)):
             sources[f"reorder_{source}_{target}"] = reorder_source((2, 19, 5, 7), source, target, CUDA).text
+        for kind in POOL_KINDS:  # a model's pooling on the device, in the layout and in NCHW
+            geometry = PoolGeometry(kind, (3, 3), (2, 2), ((1, 1), (1, 1)))
+            sources[f"pool_{kind}_{layout}"] = pool_source((2, 19, 9, 9), layout, geometry, CUDA).text
+            sources[f"pool_{kind}_nchw"] = pool_source((2, 19, 9, 9), NCHW, geometry, CUDA).text
     with ThreadPoolExecutor(max_workers=2) as pool:
         failures = [f for f in pool.map(lambda item: _compile(item[1], tmp_path, item[0]), sources.items()) if f]
     assert not failures, "\n".join(failures)

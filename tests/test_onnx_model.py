@@ -221,8 +221,9 @@ def test_a_whole_small_cnn_matches_onnxruntime_and_keeps_convs_on_the_device(ope
 
 @pytest.mark.parametrize("layout", ["NCHW8c", "NCHW4c"])
 def test_a_whole_small_cnn_runs_channel_blocked_between_its_convolutions(opencl, monkeypatch, layout):
-    """layout=: every conv a blocked_direct layer in the layout; reorders only where another operator
-    reads a conv's result (the pooling, the Concat) and at the first conv's NCHW input."""
+    """layout=: every conv a blocked_direct layer in the layout; the max pooling a device kernel in
+    the layout; reorders only at the first conv's NCHW input (and by the host where numpy reads a
+    conv's result: the Concat)."""
     from conftest import record_launches
 
     x = RNG.standard_normal((2, 3, 16, 16)).astype(np.float32)
@@ -230,11 +231,13 @@ def test_a_whole_small_cnn_runs_channel_blocked_between_its_convolutions(opencl,
     loaded = _assert_like_onnxruntime(small_cnn(), {"x": x}, layout=layout)
     plans = [r.plan for r in loaded.describe() if r.runs_on == "autoconv layer"]
     assert len(plans) == 4 and all(plan.startswith("blocked_direct") for plan in plans), plans
-    # To the layout: x, and p1 twice (c2's input and c3's residual, one numpy array); a2 -> c3 and
-    # a3 -> c4 stay blocked (else more reorders to it). Back to NCHW: where numpy reads (the pooling,
-    # the Concat), by the host as it reads them, so no kernel.
-    assert launched.count("reorder_to_blocked") == 3, launched
+    # To the layout: x only; p1 (c2's input and c3's residual), a2 -> c3 and a3 -> c4 stay blocked
+    # (else more reorders to it). Back to NCHW: where numpy reads (the Concat), by the host as it
+    # reads it, so no kernel.
+    assert launched.count("reorder_to_blocked") == 1, launched
     assert "reorder_to_nchw" not in launched, launched
+    assert launched.count("max_pool") == 1, launched
+    assert [r.runs_on for r in loaded.describe() if r.ops == "MaxPool"] == ["device kernel"]
 
 
 def test_an_operator_without_a_kernel_runs_by_reference_said_once():
@@ -336,7 +339,7 @@ def test_model_bench_reports_both_runtimes_per_op_and_per_step(tmp_path, opencl)
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["max_relative_error"] < TOLERANCE
     assert report["autoconv_ms"] > 0 and report["onnxruntime_ms"] > 0
-    assert {s["runs_on"] for s in report["steps"]} == {"autoconv layer", "numpy"}
+    assert {s["runs_on"] for s in report["steps"]} == {"autoconv layer", "device kernel", "numpy"}  # the pooling
     assert len(report["fallback_layers"]) == 4  # nothing tuned: every conv layer on a fallback plan
     assert "Conv+BatchNormalization+Add+Relu" in report["per_op_ms"]
 
@@ -380,3 +383,32 @@ def test_the_host_blas_is_held_to_one_thread_while_a_cpu_device_runs_the_model(o
     seen.clear()
     on_host(RNG.standard_normal((2, 3, 16, 16)).astype(np.float32))
     assert seen == [outside]
+
+
+def test_a_model_keeps_the_devices_layout_unless_told_and_tune_onnx_tunes_in_it(opencl, tmp_path):
+    """On PoCL (a CPU device whose arrays carry layouts) a model runs channel-blocked at the CPU's
+    vector width unless given a layout; NCHW on the host backend; `tune --onnx` tunes the layers in
+    the layout the model will serve them in."""
+    from typer.testing import CliRunner
+
+    from autoconv.algorithms.blocked_direct import preferred_block
+    from autoconv.cli.main import app
+    from autoconv.graph.runner import model_layout
+    from autoconv.store import SQLiteStore
+
+    expected = f"NCHW{preferred_block(opencl.device)}c"
+    assert model_layout("opencl", None) == expected and model_layout("numpy", None) == "NCHW"
+    x = RNG.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    assert aonnx.load(small_cnn()).layout == expected
+    assert aonnx.load(small_cnn(), layout="NCHW").layout == "NCHW"
+    path = tmp_path / "cnn.onnx"
+    onnx.save(small_cnn(), str(path))
+    db = tmp_path / "tuned.db"
+    result = CliRunner().invoke(app, ["tune", "--onnx", str(path), "--trials", "1", "--algorithm", "blocked_direct",
+                                      "--db", str(db), "--json"])
+    assert result.exit_code == 0, result.output
+    with SQLiteStore(db) as store:
+        assert {r.spec.layout for r in store.results()} == {expected}
+    loaded = _assert_like_onnxruntime(small_cnn(), {"x": x}, db=str(db))
+    plans = [r.plan for r in loaded.describe() if r.runs_on == "autoconv layer"]
+    assert len(plans) == 4 and all("(tuned" in plan for plan in plans), plans

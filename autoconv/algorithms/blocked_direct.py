@@ -98,7 +98,7 @@ SPACE = ParamSpace(
 )
 
 
-def _preferred_block(device: DeviceInfo | None) -> int:
+def preferred_block(device: DeviceInfo | None) -> int:
     """The CPU's native vector width where its name says it (PoCL names the target: AVX-512 holds 16
     floats, AVX2 8), else 8."""
     name = "" if device is None else device.name.lower()
@@ -133,7 +133,7 @@ class BlockedDirect(AlgorithmDefaults):
         if device is not None and device.device_type == "gpu" and limits is not None:
             widest = min(64, limits.max_work_group_size, limits.max_work_item_sizes[0])
             lx = max(c for c in SPACE.decl("LX").choices if c <= widest)
-        preferred = spec.block if spec.layout != "NCHW" else _preferred_block(device)
+        preferred = spec.block if spec.layout != "NCHW" else preferred_block(device)
         fitting = []  # in order of preference: the device's block, then the widest register tiles
         for block in sorted(BLOCKS, key=lambda b: (abs(b - preferred), -b)):
             for kv in (2, 1, 4, 3):

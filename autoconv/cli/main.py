@@ -381,7 +381,8 @@ def tune(
                                         "default: every one that supports the layer)", show_default=False),
     layouts: Optional[str] = typer.Option(None, help="tune each layer in these layouts too, comma-separated: "
                                           "NCHW, NCHW4c, NCHW8c, NCHW16c (each is its own layer in the database; "
-                                          "default: the layer's own, NCHW unless LAYER says layout=)"),
+                                          "default: the layer's own, NCHW unless LAYER says layout=; with --onnx, the layout "
+                                          "autoconv.onnx.load runs the model in)"),
     warm_start: bool = typer.Option(True, help="seed each new study with the winners of similar tuned layers "
                                     "(this database and the shipped ones)"),
     early_stop: bool = typer.Option(True, help="stop tuning an algorithm on a layer once it has stalled "
@@ -427,6 +428,21 @@ def tune(
     named_layers = _layers([*(layer or []), *(layer_option or [])], model, batch, onnx)
     chosen_layouts = _layouts_option(layouts)
     backend = get_backend(backend_name, device_option(device))
+    if chosen_layouts is None and onnx is not None:
+        # The layers autoconv.onnx.load will serve: in the layout it keeps the model's tensors in,
+        # where an algorithm runs the layer there (NCHW where none does, as the runner computes it).
+        from autoconv.graph.runner import model_layout
+        from autoconv.layers import NamedLayer
+        from autoconv.spec import ConvSpec
+
+        runner_layout = model_layout(backend_name, device_option(device))
+
+        def served(spec: ConvSpec) -> ConvSpec:
+            blocked = spec.replace(layout=runner_layout)
+            runs = any(get_algorithm(name).supports(blocked, backend.device) is None for name in backend.algorithms)
+            return blocked if runs else spec
+
+        named_layers = [NamedLayer(named.model, named.name, served(named.spec)) for named in named_layers]
     unique: dict = {}
     for named in named_layers:
         for spec in ([named.spec] if chosen_layouts is None else [named.spec.replace(layout=l) for l in chosen_layouts]):

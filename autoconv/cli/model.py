@@ -33,7 +33,7 @@ def bench(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     layout: Optional[str] = typer.Option(None, help="keep the tensors between convolutions channel-blocked: "
-                                         "NCHW16c, NCHW8c or NCHW4c (default: NCHW)"),
+                                         "NCHW16c, NCHW8c or NCHW4c, or NCHW for none (default: the device's, as autoconv.onnx.load chooses)"),
     plot: Optional[Path] = typer.Option(None, help="also draw per-step bars to this PNG or SVG "
                                         "(needs matplotlib: autoconv's [plot] extra)"),
     json_flag: bool = JSON_OPTION,
@@ -97,8 +97,11 @@ def _tune(model: Path, batch: Optional[int], budget_s: float, device: Optional[s
     from autoconv.store import SQLiteStore
     from autoconv.tuning.tuner import tune_layers
 
+    from autoconv.graph.runner import model_layout
+
     layers, _ = onnx_layers(model, batch)
     backend = get_backend("opencl", device_option(device))
+    layout = layout or model_layout("opencl", device_option(device))
 
     def computed(spec: ConvSpec) -> ConvSpec:
         """The spec in the layout its layer computes in: the model's, where an algorithm runs it there."""

@@ -19,7 +19,7 @@ Op = Callable[[Arrays, dict[str, Any], int], list[np.ndarray]]
 Pads = list[tuple[int, int]]
 
 
-def _pool_geometry(x: np.ndarray, attrs: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], Pads, Pads]:
+def pool_geometry(x: np.ndarray, attrs: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], Pads, Pads]:
     """(kernel, strides, per spatial axis (pad before, pad after) with ceil_mode's extra end
     padding, the same without it): auto_pad included."""
     kernel = tuple(int(k) for k in attrs["kernel_shape"])
@@ -71,13 +71,13 @@ def _reduce_windows(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, 
 
 def max_pool(inputs: Arrays, attrs: dict[str, Any], opset: int) -> list[np.ndarray]:
     x = np.asarray(inputs[0])
-    kernel, strides, pads, _ = _pool_geometry(x, attrs)
+    kernel, strides, pads, _ = pool_geometry(x, attrs)
     return [_reduce_windows(x, kernel, strides, pads, -np.inf, np.maximum)]
 
 
 def average_pool(inputs: Arrays, attrs: dict[str, Any], opset: int) -> list[np.ndarray]:
     x = np.asarray(inputs[0])
-    kernel, strides, pads, explicit = _pool_geometry(x, attrs)
+    kernel, strides, pads, explicit = pool_geometry(x, attrs)
     sums = _reduce_windows(x.astype(np.float64), kernel, strides, pads, 0.0, np.add)
     # What each window divides by: its input elements, and its explicit pads with count_include_pad
     # (never ceil_mode's overhang past them, as onnxruntime).

@@ -1,7 +1,8 @@
 """A prepared ONNX model run as a loop over its steps: each fused Conv an `autoconv.Conv2d` (resident
-weights; the tensors between two conv layers stay device arrays), each other operator numpy on
-the host arrays (views of device memory on shared-memory devices), any operator autoconv lacks
-through onnx.reference (correct, slow, and said once when the model is loaded)."""
+weights; the tensors between two conv layers stay device arrays), 2-D pooling of a device array a
+generated kernel on the same device in the array's layout (autoconv/backends/pool.py), each other
+operator numpy on the host arrays (views of device memory on shared-memory devices), any operator
+autoconv lacks through onnx.reference (correct, slow, and said once when the model is loaded)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from autoconv.graph.ops import OPS, SPLIT, split
+from autoconv.backends.pool import DevicePool, PoolGeometry
+from autoconv.graph.ops import OPS, SPLIT, pool_geometry, split
+from autoconv.layouts import NCHW
 from autoconv.graph.prepare import ConvStep, OpStep, PreparedModel, UnsupportedModelError, reference_node
 from autoconv.serve.api import to_device
 from autoconv.serve.layer import Conv2d
+from autoconv.serve.session import default_session, device_runtime
+
+# Pooling that runs on the device when its input is a device array: a model's tensors stay there,
+# in their layout (measured on ResNet-50's MaxPool on PoCL: numpy on the host took 1.5 ms, 2.6 ms
+# with the reorders of a blocked chain around it).
+DEVICE_POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool")
 
 
 @dataclass(frozen=True)
@@ -28,16 +37,34 @@ class StepRow:
     plan: str
 
 
+def model_layout(backend: str, device: int | str | None) -> str:
+    """The layout a whole model keeps between its convolutions unless told: on a CPU device whose
+    arrays carry layouts (PoCL), channel-blocked at its vector width, NCHW16c on AVX-512 and
+    NCHW8c otherwise, as onnxruntime's NCHWc transformer chooses (measured on ResNet-50 with PoCL
+    on AVX-512, tuned: 0.92x onnxruntime's speed in NCHW16c against 0.76x in NCHW,
+    benchmarks/models-pocl.md); NCHW elsewhere (GPUs: not measured; CUDA arrays are NCHW)."""
+    from autoconv.algorithms.blocked_direct import preferred_block
+
+    if backend == "numpy":
+        return NCHW
+    runtime = device_runtime(default_session().backend(backend, device))
+    if runtime is None or not runtime.layout_arrays or runtime.device.device_type != "cpu":
+        return NCHW
+    return f"NCHW{preferred_block(runtime.device)}c"
+
+
 class Model:
     """What `autoconv.onnx.load` returns. `run(output_names, input_feed)` has onnxruntime's
     `InferenceSession.run` signature; `model(x)` runs a one-input model and returns its first
-    output."""
+    output. `layout` is the layout its tensors keep between convolutions (`model_layout`'s
+    choice unless one was given)."""
 
     def __init__(self, prepared: PreparedModel, *, device: int | str | None = None, backend: str | None = None,
                  db: str | None = None, layout: str | None = None) -> None:
         self._prepared = prepared
         self._backend = backend or "opencl"
         self._device = device
+        self.layout = model_layout(self._backend, device) if layout is None else layout
         self._layers: dict[int, Any] = {}
         self._prepad: dict[int, list[tuple[int, int]]] = {}
         for index, step in enumerate(prepared.steps):
@@ -51,12 +78,15 @@ class Model:
                 padding = (0, 0)
             self._layers[index] = Conv2d(step.weight, step.bias, step.stride, padding, step.dilation, step.groups,
                                          activation=step.activation, device=device, backend=self._backend, db=db,
-                                         layout=layout)
+                                         layout=None if self.layout == NCHW else self.layout)
         # On a CPU device (PoCL) the host's BLAS is held to one thread while the model runs: OpenBLAS's
         # idle threads spin for a while after a call (a Gemm, say) and would take the cores the
         # device's kernels run on (measured on ResNet-50: 38 ms with two BLAS threads, 29.5 with one).
         shares_the_cpu = any(layer.device.device_type == "cpu" for layer in self._layers.values()) \
             and self._backend != "numpy"
+        self._runtime = device_runtime(default_session().backend(self._backend, device)) \
+            if self._layers and self._backend != "numpy" else None
+        self._pools: dict[int, tuple[tuple[Any, ...], DevicePool]] = {}
         self._blas: Any = None
         if shares_the_cpu:
             from threadpoolctl import ThreadpoolController
@@ -122,7 +152,8 @@ class Model:
                 rows.append(StepRow(step.name, "+".join(["Conv", *step.fused]), "autoconv layer", plan + note))
             else:
                 native = step.native and index not in self._reference
-                rows.append(StepRow(step.name, step.op_type, "numpy" if native else "onnx.reference", ""))
+                runs_on = "device kernel" if index in self._pools else "numpy" if native else "onnx.reference"
+                rows.append(StepRow(step.name, step.op_type, runs_on, ""))
         return rows
 
     # -----------------------------------------------------------------------------------------
@@ -170,12 +201,18 @@ class Model:
                     result.wait()
             else:
                 inputs = [env[name] if name else None for name in step.inputs]
-                results = self._native(index, step, inputs) if index not in self._reference else None
+                results = self._on_device(index, step, inputs)
+                if results is None and index not in self._reference:
+                    results = self._native(index, step, inputs)
                 if results is None:
                     results = self._by_reference(index, step, inputs)
                 for name, value in zip(step.outputs, results):
                     if name:
                         env[name] = value
+                if timed:
+                    for value in results:
+                        if hasattr(value, "wait"):
+                            value.wait()
             for name in self._drop_after.get(index, ()):
                 env.pop(name, None)
             if timed:
@@ -194,6 +231,27 @@ class Model:
             if isinstance(residual, np.ndarray):
                 residual = to_device(residual, backend=self._backend, device=self._device)
         return self._layers[index](x, residual=residual)
+
+    def _on_device(self, index: int, step: OpStep, inputs: list[Any]) -> list[Any] | None:
+        """A 2-D pooling of a device array of the layers' device, run there in the array's layout;
+        None for anything else (numpy runs it then)."""
+        runtime = self._runtime
+        if step.op_type not in DEVICE_POOLS or runtime is None or not inputs or len(step.outputs) != 1:
+            return None
+        x = inputs[0]
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) != 4 or runtime.device_buffer(x, step.name) is None:
+            return None
+        layout = getattr(x, "layout", NCHW)
+        key = (shape, layout)
+        cached = self._pools.get(index)
+        if cached is None or cached[0] != key:
+            geometry = _device_pool_geometry(step.op_type, shape, step.attrs)
+            if geometry is None:
+                return None
+            self._pools[index] = cached = (key, DevicePool(runtime, (shape[0], shape[1], shape[2], shape[3]), layout,
+                                                           geometry))
+        return [cached[1](x)]
 
     def _native(self, index: int, step: OpStep, inputs: list[Any]) -> list[np.ndarray] | None:
         """The numpy operator's outputs; None where there is none, or where it lacks an attribute's
@@ -218,3 +276,20 @@ class Model:
             evaluator = self._reference[index] = reference_node(onnx, step.node, self._prepared.opset_imports)
         feed = {name: np.asarray(value) for name, value in zip(step.inputs, inputs) if name}
         return [np.asarray(v) for v in evaluator(feed)]
+
+
+def _device_pool_geometry(op_type: str, shape: tuple[int, ...], attrs: dict[str, Any]) -> PoolGeometry | None:
+    """The node's pooling as a PoolGeometry (the ONNX attributes resolved as ops.py resolves them);
+    None where the device kernel lacks the variant (dilated pooling)."""
+    if op_type == "GlobalAveragePool":
+        return PoolGeometry("average", (shape[2], shape[3]), (1, 1), ((0, 0), (0, 0)))
+    try:
+        kernel, strides, pads, explicit = pool_geometry(np.empty((0, 0, *shape[2:])), attrs)
+    except NotImplementedError:
+        return None
+    if len(kernel) != 2:
+        return None
+    counted = explicit if op_type == "AveragePool" and int(attrs.get("count_include_pad", 0)) else [(0, 0), (0, 0)]
+    return PoolGeometry("max" if op_type == "MaxPool" else "average", (kernel[0], kernel[1]), (strides[0], strides[1]),
+                        ((pads[0][0], pads[0][1]), (pads[1][0], pads[1][1])),
+                        ((counted[0][0], counted[0][1]), (counted[1][0], counted[1][1])))
