@@ -18,8 +18,10 @@ def load(model: str | Path | Any, *, device: int | str | None = None, backend: s
     "numpy") and `device`, its convolutions served from `db` (then the shipped databases).
     `input_shapes` fixes inputs with dynamic dimensions (a symbolic batch, say). `layout`
     "NCHW{b}c" keeps the tensors between convolutions channel-blocked (OpenCL; reordered to NCHW
-    only where another operator reads them), "NCHW" does not; None chooses for the device (the
-    CPU's vector width in channels on PoCL, NCHW elsewhere: autoconv.graph.runner.model_layout)."""
+    only where another operator reads them), "NCHW" does not; None chooses for the graph and the
+    device (on PoCL, a chain of convolutions that all run blocked at the CPU's vector width in
+    channels; graphs with Concat, Split or depthwise layers, and other devices, NCHW:
+    autoconv.graph.runner.model_layout)."""
     return Model(prepare(model, input_shapes), device=device, backend=backend, db=None if db is None else str(db),
                  layout=layout)
 

@@ -103,8 +103,9 @@ def main() -> int:
            "one and the fallbacks); tuned: after `autoconv tune --onnx MODEL --time-budget` into a scratch "
            "database. Speed = onnxruntime's time / autoconv's, in the same comparison. Non-conv share: the "
            "steps' time other than the conv layers' (device pooling, numpy and onnx.reference) over all steps' in "
-           f"one timed run. autoconv runs each model in the layout `autoconv.onnx.load` chooses for the device "
-           f"({default_layout} here), and the tune covers it (`--layouts {','.join(tuned_layouts)}`)."
+           f"one timed run. autoconv runs each model in the layout `autoconv.onnx.load` chooses for it on the device "
+           f"({default_layout} here for a chain of convolutions that all run blocked, else NCHW), and the tune "
+           f"covers both (`--layouts {','.join(tuned_layouts)}`)."
            + (f" {args.layout} columns: the same model loaded with `layout=\"{args.layout}\"`, compared with "
               "onnxruntime in its own interleaved rounds." if args.layout else ""), ""]
     blocked_head = (f" {args.layout} untuned | speed | {args.layout} tuned | speed |" if args.layout else "")

@@ -28,7 +28,7 @@ Every method is interleaved round by round; medians of the rounds' medians with 
 (IQR / median).
 
     pip install '.[bench]' && python scripts/bench_resnet50.py [--trials 12] [--rounds 7]
-        [--repeats 10] [--out benchmarks/resnet50-convs-pocl.md]
+        [--repeats 10] [--out benchmarks/resnet50-convs-pocl.md] [--ship tuning_db/pocl-cpu.db]
 """
 
 from __future__ import annotations
@@ -194,6 +194,25 @@ def tune(onnx_path: Path, db: Path, trials: int, layout: str) -> float:
     return time.perf_counter() - start
 
 
+def ship_merged(tuned: Path, target: Path) -> None:
+    """The shipped database with this run's tuned results merged in (the best verified result per
+    key kept), written as bench_algorithms.py ships one: atomically, without measurements. What a
+    new user's `autoconv.onnx.load` of this graph is served, in either layout."""
+    import shutil
+
+    from bench_algorithms import ship
+
+    from autoconv.store import SQLiteStore
+
+    merged = Path(tempfile.mkdtemp(prefix="ship-")) / target.name
+    if target.exists():
+        shutil.copyfile(target, merged)
+    with SQLiteStore(merged) as into, SQLiteStore(tuned) as source:
+        stored, kept = into.merge_from(source)
+    print(f"{stored} tuned results merged into the shipped database ({kept} kept as they were)", file=sys.stderr)
+    ship(merged, target)
+
+
 def sgemm_gflops(a: np.ndarray, repeats: int) -> float:
     from threadpoolctl import threadpool_limits
 
@@ -216,7 +235,11 @@ def main() -> int:
     parser.add_argument("--db", default=None, help="use this tuned database instead of tuning one")
     parser.add_argument("--layout", default="NCHW16c", help="also time the layers in this blocked layout (NCHW: not)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "resnet50-convs-pocl.md"))
+    parser.add_argument("--ship", default=None, help="also merge the tuned layers (each epilogue, each layout) "
+                        "into this shipped database (e.g. tuning_db/pocl-cpu.db)")
     args = parser.parse_args()
+    if args.ship and args.db:
+        parser.error("--ship merges what this run tunes: it cannot be used with --db")
 
     import onnxruntime
     from threadpoolctl import threadpool_limits
@@ -235,6 +258,8 @@ def main() -> int:
     onnx_path.write_bytes(model.SerializeToString())
     db = Path(args.db) if args.db else Path(scratch) / "tuned.db"
     tune_s = None if args.db else tune(onnx_path, db, args.trials, args.layout)
+    if args.ship:
+        ship_merged(db, Path(args.ship))
     blocked_layout = None if args.layout == "NCHW" else args.layout
 
     rng = np.random.default_rng(args.seed + 1)

@@ -385,10 +385,29 @@ def test_the_host_blas_is_held_to_one_thread_while_a_cpu_device_runs_the_model(o
     assert seen == [outside]
 
 
+def chain_cnn(groups: int = 1) -> object:
+    """conv-relu, max pool, a residual conv (grouped if asked), average pool, classifier: a chain,
+    no branches joined by Concat."""
+    init = {"w1": RNG.standard_normal((16, 3, 3, 3)).astype(np.float32), "b1": RNG.standard_normal(16).astype(np.float32),
+            "w2": RNG.standard_normal((16, 16 // groups, 3, 3)).astype(np.float32),
+            "fc_w": RNG.standard_normal((10, 16)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a1"]),
+             helper.make_node("MaxPool", ["a1"], ["p1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["p1", "w2"], ["c2"], pads=[1, 1, 1, 1], group=groups),
+             helper.make_node("Add", ["c2", "p1"], ["s2"]),
+             helper.make_node("Relu", ["s2"], ["a2"]),
+             helper.make_node("GlobalAveragePool", ["a2"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc_w"], ["logits"], transB=1)]
+    return _model(nodes, [_value("x", (2, 3, 16, 16))], [_value("logits", (2, 10))], init)
+
+
 def test_a_model_keeps_the_devices_layout_unless_told_and_tune_onnx_tunes_in_it(opencl, tmp_path):
-    """On PoCL (a CPU device whose arrays carry layouts) a model runs channel-blocked at the CPU's
-    vector width unless given a layout; NCHW on the host backend; `tune --onnx` tunes the layers in
-    the layout the model will serve them in."""
+    """On PoCL (a CPU device whose arrays carry layouts) a chain of convolutions that all run
+    blocked runs channel-blocked at the CPU's vector width unless told; a graph joining branches
+    with Concat, or with a depthwise layer, runs NCHW; the host backend NCHW. `tune --onnx` tunes
+    the layers in the layout the model will serve them in."""
     from typer.testing import CliRunner
 
     from autoconv.algorithms.blocked_direct import preferred_block
@@ -399,16 +418,21 @@ def test_a_model_keeps_the_devices_layout_unless_told_and_tune_onnx_tunes_in_it(
     expected = f"NCHW{preferred_block(opencl.device)}c"
     assert model_layout("opencl", None) == expected and model_layout("numpy", None) == "NCHW"
     x = RNG.standard_normal((2, 3, 16, 16)).astype(np.float32)
-    assert aonnx.load(small_cnn()).layout == expected
-    assert aonnx.load(small_cnn(), layout="NCHW").layout == "NCHW"
-    path = tmp_path / "cnn.onnx"
-    onnx.save(small_cnn(), str(path))
+    assert aonnx.load(chain_cnn()).layout == expected
+    assert aonnx.load(chain_cnn(), layout="NCHW").layout == "NCHW"
+    assert aonnx.load(small_cnn()).layout == "NCHW"  # its Concat
+    assert aonnx.load(chain_cnn(groups=16)).layout == "NCHW"  # depthwise
+    _assert_like_onnxruntime(chain_cnn(groups=16), {"x": x})
+    path = tmp_path / "chain.onnx"
+    onnx.save(chain_cnn(), str(path))
     db = tmp_path / "tuned.db"
     result = CliRunner().invoke(app, ["tune", "--onnx", str(path), "--trials", "1", "--algorithm", "blocked_direct",
                                       "--db", str(db), "--json"])
     assert result.exit_code == 0, result.output
     with SQLiteStore(db) as store:
         assert {r.spec.layout for r in store.results()} == {expected}
-    loaded = _assert_like_onnxruntime(small_cnn(), {"x": x}, db=str(db))
-    plans = [r.plan for r in loaded.describe() if r.runs_on == "autoconv layer"]
-    assert len(plans) == 4 and all("(tuned" in plan for plan in plans), plans
+    loaded = _assert_like_onnxruntime(chain_cnn(), {"x": x}, db=str(db))
+    rows = loaded.describe()
+    plans = [r.plan for r in rows if r.runs_on == "autoconv layer"]
+    assert len(plans) == 2 and all("(tuned" in plan for plan in plans), plans
+    assert [r.runs_on for r in rows if r.ops in ("MaxPool", "GlobalAveragePool")] == ["device kernel"] * 2

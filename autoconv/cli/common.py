@@ -138,3 +138,17 @@ def name_filter_option(value: Optional[str], hint: str = "--device") -> Optional
     if value is not None and not value.strip():
         raise typer.BadParameter("expected part of a device name, got an empty string", param_hint=hint)
     return value
+
+
+def runner_layout(model: Path, batch: Optional[int], backend: str, device: int | str | None) -> str:
+    """The layout `autoconv.onnx.load` runs the graph in on that device (at `batch`); NCHW where the
+    graph cannot be prepared (the load itself then says why)."""
+    from autoconv.graph.prepare import UnsupportedModelError, load_proto, prepare, with_batch
+    from autoconv.graph.runner import model_layout
+
+    try:
+        proto = load_proto(model)
+        prepared = prepare(with_batch(proto, batch) if batch is not None else proto)
+    except UnsupportedModelError:
+        return "NCHW"
+    return model_layout(backend, device, prepared)

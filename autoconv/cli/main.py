@@ -431,11 +431,11 @@ def tune(
     if chosen_layouts is None and onnx is not None:
         # The layers autoconv.onnx.load will serve: in the layout it keeps the model's tensors in,
         # where an algorithm runs the layer there (NCHW where none does, as the runner computes it).
-        from autoconv.graph.runner import model_layout
+        from autoconv.cli.common import runner_layout as served_layout
         from autoconv.layers import NamedLayer
         from autoconv.spec import ConvSpec
 
-        runner_layout = model_layout(backend_name, device_option(device))
+        runner_layout = served_layout(onnx, batch, backend_name, device_option(device))
 
         def served(spec: ConvSpec) -> ConvSpec:
             blocked = spec.replace(layout=runner_layout)

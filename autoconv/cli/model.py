@@ -97,11 +97,11 @@ def _tune(model: Path, batch: Optional[int], budget_s: float, device: Optional[s
     from autoconv.store import SQLiteStore
     from autoconv.tuning.tuner import tune_layers
 
-    from autoconv.graph.runner import model_layout
+    from autoconv.cli.common import runner_layout
 
     layers, _ = onnx_layers(model, batch)
     backend = get_backend("opencl", device_option(device))
-    layout = layout or model_layout("opencl", device_option(device))
+    layout = layout or runner_layout(model, batch, "opencl", device_option(device))
 
     def computed(spec: ConvSpec) -> ConvSpec:
         """The spec in the layout its layer computes in: the model's, where an algorithm runs it there."""

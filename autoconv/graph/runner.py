@@ -37,12 +37,22 @@ class StepRow:
     plan: str
 
 
-def model_layout(backend: str, device: int | str | None) -> str:
+# Operators that read and write NCHW only and meet conv outputs in the middle of a graph: in a
+# blocked chain each costs reorders around it (measured untuned on PoCL AVX-512: the Inceptions,
+# DenseNet-121 and SqueezeNet, all Concat-heavy, 0.48x / 0.25x / 0.29x of onnxruntime in NCHW16c
+# against 0.70x / 0.35x / 0.40x in NCHW).
+NCHW_JOINS = ("Concat", "Split")
+
+
+def model_layout(backend: str, device: int | str | None, prepared: PreparedModel | None = None) -> str:
     """The layout a whole model keeps between its convolutions unless told: on a CPU device whose
-    arrays carry layouts (PoCL), channel-blocked at its vector width, NCHW16c on AVX-512 and
-    NCHW8c otherwise, as onnxruntime's NCHWc transformer chooses (measured on ResNet-50 with PoCL
-    on AVX-512, tuned: 0.92x onnxruntime's speed in NCHW16c against 0.76x in NCHW,
-    benchmarks/models-pocl.md); NCHW elsewhere (GPUs: not measured; CUDA arrays are NCHW)."""
+    arrays carry layouts (PoCL), channel-blocked at its vector width (NCHW16c on AVX-512, NCHW8c
+    otherwise, as onnxruntime's NCHWc transformer chooses) where the graph is a chain of
+    convolutions that all run blocked (ResNet-50 tuned for 5 minutes: 0.94x onnxruntime's speed in
+    NCHW16c against 0.83x in NCHW, benchmarks/models-resnet50-layouts-pocl.md); NCHW for graphs
+    that join branches with Concat or Split, or hold a convolution no algorithm runs blocked
+    (depthwise: ShuffleNet 0.07x blocked against 0.19x in NCHW, benchmarks/models-layouts-pocl.md),
+    and on other devices (GPUs: not measured; CUDA arrays are NCHW)."""
     from autoconv.algorithms.blocked_direct import preferred_block
 
     if backend == "numpy":
@@ -50,7 +60,15 @@ def model_layout(backend: str, device: int | str | None) -> str:
     runtime = device_runtime(default_session().backend(backend, device))
     if runtime is None or not runtime.layout_arrays or runtime.device.device_type != "cpu":
         return NCHW
-    return f"NCHW{preferred_block(runtime.device)}c"
+    block = preferred_block(runtime.device)
+    if prepared is not None:
+        for step in prepared.steps:
+            if isinstance(step, OpStep) and step.op_type in NCHW_JOINS:
+                return NCHW
+            if isinstance(step, ConvStep) and step.groups > 1 and (
+                    step.weight.shape[1] % block or (step.weight.shape[0] // step.groups) % block):
+                return NCHW  # each group must fill whole blocks to run blocked
+    return f"NCHW{block}c"
 
 
 class Model:
@@ -64,7 +82,7 @@ class Model:
         self._prepared = prepared
         self._backend = backend or "opencl"
         self._device = device
-        self.layout = model_layout(self._backend, device) if layout is None else layout
+        self.layout = model_layout(self._backend, device, prepared) if layout is None else layout
         self._layers: dict[int, Any] = {}
         self._prepad: dict[int, list[tuple[int, int]]] = {}
         for index, step in enumerate(prepared.steps):
