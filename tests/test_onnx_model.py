@@ -13,6 +13,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+import autoconv  # noqa: E402
 import autoconv.onnx as aonnx  # noqa: E402
 from autoconv.graph.prepare import UnsupportedModelError  # noqa: E402
 
@@ -422,6 +423,8 @@ def test_a_model_keeps_the_devices_layout_unless_told_and_tune_onnx_tunes_in_it(
     assert aonnx.load(chain_cnn(), layout="NCHW").layout == "NCHW"
     assert aonnx.load(small_cnn()).layout == "NCHW"  # its Concat
     assert aonnx.load(chain_cnn(groups=16)).layout == "NCHW"  # depthwise
+    with pytest.raises(autoconv.InvalidSpecError, match="layout: expected None or one of"):
+        aonnx.load(chain_cnn(), layout="NHWC")
     _assert_like_onnxruntime(chain_cnn(groups=16), {"x": x})
     path = tmp_path / "chain.onnx"
     onnx.save(chain_cnn(), str(path))

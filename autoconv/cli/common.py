@@ -152,3 +152,17 @@ def runner_layout(model: Path, batch: Optional[int], backend: str, device: int |
     except UnsupportedModelError:
         return "NCHW"
     return model_layout(backend, device, prepared)
+
+
+def runs_in_layout(spec: Any, backend: Any) -> bool:
+    """Whether any algorithm of the backend runs the layer in its spec's layout."""
+    from autoconv.algorithms import get_algorithm
+
+    return any(get_algorithm(name).supports(spec, backend.device) is None for name in backend.algorithms)
+
+
+def served_spec(spec: Any, layout: str, backend: Any) -> Any:
+    """The layer as a model in `layout` computes it: in that layout where an algorithm runs it there,
+    else as given (the runner computes it in NCHW between reorders)."""
+    placed = spec.replace(layout=layout)
+    return placed if runs_in_layout(placed, backend) else spec

@@ -408,7 +408,7 @@ def tune(
 
     from autoconv.algorithms import get_algorithm
     from autoconv.backends import get_backend
-    from autoconv.cli.common import parse_duration
+    from autoconv.cli.common import parse_duration, runs_in_layout
     from autoconv.store import SQLiteStore
     from autoconv.tuning.tuner import EARLY_STOP_GAIN, EARLY_STOP_TRIALS, LayerReport, tune_layers
 
@@ -431,23 +431,16 @@ def tune(
     if chosen_layouts is None and onnx is not None:
         # The layers autoconv.onnx.load will serve: in the layout it keeps the model's tensors in,
         # where an algorithm runs the layer there (NCHW where none does, as the runner computes it).
-        from autoconv.cli.common import runner_layout as served_layout
+        from autoconv.cli.common import runner_layout, served_spec
         from autoconv.layers import NamedLayer
-        from autoconv.spec import ConvSpec
 
-        runner_layout = served_layout(onnx, batch, backend_name, device_option(device))
-
-        def served(spec: ConvSpec) -> ConvSpec:
-            blocked = spec.replace(layout=runner_layout)
-            runs = any(get_algorithm(name).supports(blocked, backend.device) is None for name in backend.algorithms)
-            return blocked if runs else spec
-
-        named_layers = [NamedLayer(named.model, named.name, served(named.spec)) for named in named_layers]
+        layout = runner_layout(onnx, batch, backend_name, device_option(device))
+        named_layers = [NamedLayer(named.model, named.name, served_spec(named.spec, layout, backend))
+                        for named in named_layers]
     unique: dict = {}
     for named in named_layers:
         for spec in ([named.spec] if chosen_layouts is None else [named.spec.replace(layout=l) for l in chosen_layouts]):
-            if spec.layout != named.spec.layout and not any(
-                    get_algorithm(name).supports(spec, backend.device) is None for name in backend.algorithms):
+            if spec.layout != named.spec.layout and not runs_in_layout(spec, backend):
                 errors.print(error_line(f"{named.label}: no algorithm runs it in {spec.layout}", "skipped", "yellow"),
                              soft_wrap=True)
                 continue

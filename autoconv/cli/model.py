@@ -10,7 +10,6 @@ from rich.text import Text
 
 from autoconv.cli.common import DB_HELP, DEVICE_HELP, console, db_path_option, device_option, parse_duration, reports_errors
 from autoconv.cli.output import JSON_OPTION, Field, emit, ms, write_json
-from autoconv.spec import ConvSpec
 
 model_app = typer.Typer(help="Run whole ONNX models.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -91,25 +90,18 @@ def bench(
 
 def _tune(model: Path, batch: Optional[int], budget_s: float, device: Optional[str], path: Path,
           layout: Optional[str] = None) -> None:
-    from autoconv.algorithms import get_algorithm
     from autoconv.backends import get_backend
     from autoconv.onnx_layers import onnx_layers
     from autoconv.store import SQLiteStore
     from autoconv.tuning.tuner import tune_layers
 
-    from autoconv.cli.common import runner_layout
+    from autoconv.cli.common import runner_layout, served_spec
 
     layers, _ = onnx_layers(model, batch)
     backend = get_backend("opencl", device_option(device))
     layout = layout or runner_layout(model, batch, "opencl", device_option(device))
 
-    def computed(spec: ConvSpec) -> ConvSpec:
-        """The spec in the layout its layer computes in: the model's, where an algorithm runs it there."""
-        blocked = spec.replace(layout=layout or "NCHW")
-        runs = any(get_algorithm(name).supports(blocked, backend.device) is None for name in backend.algorithms)
-        return blocked if runs else spec
-
-    distinct = {computed(layer.spec): layer for layer in layers}
+    distinct = {served_spec(layer.spec, layout, backend): layer for layer in layers}
     with console.status(f"tuning {len(distinct)} distinct conv layers for {budget_s:.0f} s ..."), SQLiteStore(path) as database:
         tune_layers([(layer.label, spec) for spec, layer in distinct.items()], backend, database, trials=None,
                     time_budget_s=budget_s)

@@ -15,7 +15,8 @@ import numpy as np
 
 from autoconv.backends.pool import DevicePool, PoolGeometry
 from autoconv.graph.ops import OPS, SPLIT, pool_geometry, split
-from autoconv.layouts import NCHW
+from autoconv.errors import InvalidSpecError
+from autoconv.layouts import LAYOUTS, NCHW
 from autoconv.graph.prepare import ConvStep, OpStep, PreparedModel, UnsupportedModelError, reference_node
 from autoconv.serve.api import to_device
 from autoconv.serve.layer import Conv2d
@@ -82,6 +83,8 @@ class Model:
         self._prepared = prepared
         self._backend = backend or "opencl"
         self._device = device
+        if layout is not None and layout not in LAYOUTS:
+            raise InvalidSpecError(f"layout: expected None or one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.layout = model_layout(self._backend, device, prepared) if layout is None else layout
         self._layers: dict[int, Any] = {}
         self._prepad: dict[int, list[tuple[int, int]]] = {}
