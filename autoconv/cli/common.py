@@ -156,9 +156,9 @@ def runner_layout(model: Path, batch: Optional[int], backend: str, device: int |
 
 def runs_in_layout(spec: Any, backend: Any) -> bool:
     """Whether any algorithm of the backend runs the layer in its spec's layout."""
-    from autoconv.algorithms import get_algorithm
+    from autoconv.serve.lookup import runs_in_layout as runs
 
-    return any(get_algorithm(name).supports(spec, backend.device) is None for name in backend.algorithms)
+    return runs(spec, backend.device, backend.algorithms)
 
 
 def served_spec(spec: Any, layout: str, backend: Any) -> Any:

@@ -17,6 +17,7 @@ from autoconv.backends.pool import DevicePool, PoolGeometry
 from autoconv.graph.ops import OPS, SPLIT, pool_geometry, split
 from autoconv.errors import InvalidSpecError
 from autoconv.layouts import LAYOUTS, NCHW
+from autoconv.spec import ConvSpec
 from autoconv.graph.prepare import ConvStep, OpStep, PreparedModel, UnsupportedModelError, reference_node
 from autoconv.serve.api import to_device
 from autoconv.serve.layer import Conv2d
@@ -54,6 +55,7 @@ def model_layout(backend: str, device: int | str | None, prepared: PreparedModel
     that join branches with Concat or Split, or hold a convolution no algorithm runs blocked
     (depthwise: ShuffleNet 0.07x blocked against 0.19x in NCHW, benchmarks/models-layouts-pocl.md),
     and on other devices (GPUs: not measured; CUDA arrays are NCHW)."""
+    from autoconv.algorithms import BLOCKED_DIRECT, get_algorithm
     from autoconv.algorithms.blocked_direct import preferred_block
 
     if backend == "numpy":
@@ -61,15 +63,27 @@ def model_layout(backend: str, device: int | str | None, prepared: PreparedModel
     runtime = device_runtime(default_session().backend(backend, device))
     if runtime is None or not runtime.layout_arrays or runtime.device.device_type != "cpu":
         return NCHW
-    block = preferred_block(runtime.device)
+    blocked = f"NCHW{preferred_block(runtime.device)}c"
     if prepared is not None:
         for step in prepared.steps:
             if isinstance(step, OpStep) and step.op_type in NCHW_JOINS:
                 return NCHW
-            if isinstance(step, ConvStep) and step.groups > 1 and (
-                    step.weight.shape[1] % block or (step.weight.shape[0] // step.groups) % block):
-                return NCHW  # each group must fill whole blocks to run blocked
-    return f"NCHW{block}c"
+            # The algorithm an untuned blocked layer is served (lookup.heuristic_algorithm): where it
+            # refuses a conv (depthwise), that layer runs NCHW between two reorders.
+            if isinstance(step, ConvStep) and get_algorithm(BLOCKED_DIRECT).supports(
+                    _blocked_spec(step, blocked), runtime.device) is not None:
+                return NCHW
+    return blocked
+
+
+def _blocked_spec(step: ConvStep, layout: str) -> ConvSpec:
+    """The conv step as a layer in `layout`, on the smallest image its window fits: enough for an
+    algorithm to say whether it runs the layer there (the image size does not decide that)."""
+    _, _, r, s = step.weight.shape
+    (dh, dw), groups = step.dilation, step.groups
+    return ConvSpec.from_shapes((1, step.weight.shape[1] * groups, (r - 1) * dh + 1, (s - 1) * dw + 1),
+                                step.weight.shape, stride=step.stride, dilation=step.dilation, groups=groups,
+                                layout=layout)
 
 
 class Model:

@@ -139,6 +139,12 @@ def resolve(spec: ConvSpec, info: DeviceInfo, dbs: Sequence[DatabaseContents], *
     return Plan(chosen, get_algorithm(chosen).heuristic(spec, info), "heuristic")
 
 
+def runs_in_layout(spec: ConvSpec, info: DeviceInfo, algorithms: Iterable[str]) -> bool:
+    """Whether one of `algorithms` runs the layer in its spec's layout (a layer none runs there is
+    computed in NCHW between two reorders)."""
+    return any(get_algorithm(name).supports(spec, info) is None for name in algorithms)
+
+
 def heuristic_algorithm(spec: ConvSpec, info: DeviceInfo) -> str:
     """What an untuned layer is served: the generated im2col + GEMM, or for a channel-blocked layout
     (which it does not read) the blocked direct convolution; UnsupportedAlgorithmError when
