@@ -192,6 +192,26 @@ def test_a_layer_no_algorithm_runs_blocked_computes_in_nchw_between_two_reorders
     assert np.max(np.abs(np.asarray(y) - reference)) / np.max(np.abs(reference)) < 1e-4
 
 
+def test_a_first_layer_of_few_channels_reads_nchw_and_its_result_is_reordered(opencl, monkeypatch):
+    # Three colour channels fill 3 of 16 lanes: the layer computes in NCHW and only its result is
+    # reordered, with no reorder of the (NCHW) input.
+    weight = _weights(32, 3, 7, 11)
+    first = autoconv.Conv2d(weight, stride=2, padding=3, activation="relu", layout="NCHW16c")
+    x = _random((1, 3, 30, 30), 12)
+    assert first.computes_in(x.shape, layout="NCHW16c") == NCHW
+    launched = record_launches(opencl, monkeypatch)
+    y = first(autoconv.to_device(x))
+    assert y.layout == "NCHW16c"
+    assert "reorder_to_nchw" not in launched and launched.count("reorder_to_blocked") == 1, launched
+    spec = ConvSpec.from_shapes(x.shape, weight.shape, stride=2, padding=3, activation="relu")
+    reference = reference_output(spec, (x, weight, None))
+    assert np.max(np.abs(np.asarray(y) - reference)) / np.max(np.abs(reference)) < 1e-4
+    # Half a block or fewer stays NCHW; more than half is computed blocked.
+    assert autoconv.Conv2d(_weights(8, 8, 1, 13), layout="NCHW16c").computes_in((1, 8, 4, 4), layout="NCHW16c") == NCHW
+    assert autoconv.Conv2d(_weights(8, 9, 1, 14), layout="NCHW16c").computes_in((1, 9, 4, 4),
+                                                                               layout="NCHW16c") == "NCHW16c"
+
+
 def test_a_residual_in_the_layers_layout_or_in_nchw(opencl, monkeypatch):
     weight = _weights(24, 24, 3, 8)
     layer = autoconv.Conv2d(weight, padding=1, activation="relu", layout="NCHW16c")

@@ -162,7 +162,8 @@ def runs_in_layout(spec: Any, backend: Any) -> bool:
 
 
 def served_spec(spec: Any, layout: str, backend: Any) -> Any:
-    """The layer as a model in `layout` computes it: in that layout where an algorithm runs it there,
-    else as given (the runner computes it in NCHW between reorders)."""
-    placed = spec.replace(layout=layout)
-    return placed if runs_in_layout(placed, backend) else spec
+    """The layer as a model in `layout` computes it (lookup.computed_spec): in that layout where an
+    algorithm runs it there and its input fills the blocks, else in NCHW between reorders."""
+    from autoconv.serve.lookup import computed_spec
+
+    return computed_spec(spec.replace(layout=layout), backend.device, backend.algorithms)

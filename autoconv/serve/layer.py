@@ -17,7 +17,7 @@ from autoconv.backends.base import Backend, PreparedConv
 from autoconv.backends.reorder import relayout
 from autoconv.errors import InvalidSpecError
 from autoconv.layouts import LAYOUTS, NCHW
-from autoconv.serve.lookup import UnsupportedAlgorithmError
+from autoconv.serve.lookup import UnsupportedAlgorithmError, fills_blocks
 from autoconv.plan import Plan
 from autoconv.serve.api import resolve_padding
 from autoconv.serve.runner import Runner, batched_shape
@@ -51,8 +51,9 @@ class Conv2d:
     "NCHW{b}c" (b in 4, 8, 16; OpenCL). A layer computes in its result's layout where an algorithm
     runs the layer in it (the register-blocked direct convolution), so a chain of blocked layers
     never reorders between layers; an input or residual in another layout is reordered on the
-    device first, and a layer that no algorithm runs blocked (depthwise, say) computes in NCHW
-    between two reorders. A blocked result is a DeviceArray, also for a host input;
+    device first, and a layer that no algorithm runs blocked (depthwise, say), or whose input has at
+    most half a block of channels (a first layer's 3 colour channels), computes in NCHW between
+    two reorders. A blocked result is a DeviceArray, also for a host input;
     numpy.asarray gives it as NCHW.
     """
 
@@ -202,6 +203,8 @@ class Conv2d:
             if layout != NCHW and (self._runtime is None or not self._runtime.layout_arrays):
                 raise InvalidSpecError(f"layout: {layout} needs a backend whose device arrays carry a layout (opencl)")
             spec = self._spec_for(shape, residual, layout)
+            if not fills_blocks(spec):  # a first layer's few channels: NCHW, its result reordered
+                spec = spec.replace(layout=NCHW)
             try:
                 plan = self._session.choose_plan(spec, self._backend, self._db, algorithm=self._algorithm)
             except UnsupportedAlgorithmError:

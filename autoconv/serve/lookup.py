@@ -14,15 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from autoconv.algorithms import BLOCKED_DIRECT, IM2COL_GEMM, get_algorithm
+from autoconv.algorithms import BLOCKED_DIRECT, IM2COL_GEMM, WINOGRAD, get_algorithm
 from autoconv.device import DeviceInfo
 from autoconv.errors import AutoconvError
 from autoconv.plan import Plan
 from autoconv.spec import ACTIVATIONS, ConvSpec, grouping_kind, same_family, shape_distance
 from autoconv.store import TunedResult, fastest
 
-# What the lookup serves where nothing is tuned: the generated im2col + GEMM, heuristic params.
+# What the lookup serves where nothing is tuned and nothing better is known for the device
+# (heuristic_algorithm): the generated im2col + GEMM, heuristic params.
 DEFAULT_ALGORITHM = IM2COL_GEMM
+# On a CPU device, untuned 3x3 stride-1 layers with at least this many input channels per group run
+# Winograd (heuristic_algorithm).
+CPU_WINOGRAD_CHANNELS = 256
 
 
 class UnsupportedAlgorithmError(AutoconvError, ValueError):
@@ -145,11 +149,39 @@ def runs_in_layout(spec: ConvSpec, info: DeviceInfo, algorithms: Iterable[str]) 
     return any(get_algorithm(name).supports(spec, info) is None for name in algorithms)
 
 
+def fills_blocks(spec: ConvSpec) -> bool:
+    """Whether a layer asked for in a channel-blocked layout is computed in it: not where its input
+    has at most half a block of channels (a network's first layer, 3 colour channels), whose blocked
+    input would be mostly zero padding, read tap by tap. Such a layer reads NCHW and its result is
+    reordered: ResNet-50's 7x7 layer on PoCL AVX-512 took 0.90 ms in NCHW against 1.15 ms in
+    NCHW16c, before the reorders of its input that the blocked layout also needs."""
+    return spec.layout == "NCHW" or spec.c * 2 > spec.block
+
+
+def computed_spec(spec: ConvSpec, info: DeviceInfo, algorithms: Iterable[str]) -> ConvSpec:
+    """The layer as it is computed when its result is wanted in spec.layout: in that layout where
+    an algorithm runs it there and its input fills the blocks (fills_blocks), else in NCHW between
+    reorders."""
+    if fills_blocks(spec) and runs_in_layout(spec, info, algorithms):
+        return spec
+    return spec.replace(layout="NCHW")
+
+
 def heuristic_algorithm(spec: ConvSpec, info: DeviceInfo) -> str:
-    """What an untuned layer is served: the generated im2col + GEMM, or for a channel-blocked layout
-    (which it does not read) the blocked direct convolution; UnsupportedAlgorithmError when
-    neither runs the layer (a caller that can reorder runs it in NCHW instead)."""
-    for name in (DEFAULT_ALGORITHM, BLOCKED_DIRECT):
+    """What an untuned layer is served. On a CPU device: Winograd on 3x3 stride-1 layers of at least
+    CPU_WINOGRAD_CHANNELS input channels per group, the register-blocked direct convolution on the
+    other layers it runs, im2col + GEMM on the rest (depthwise); measured untuned on PoCL AVX-512
+    (benchmarks/fallback-pocl.md), Winograd won those wide 3x3 layers by up to 2x and lost the
+    narrower ones to the direct convolution, which beat im2col + GEMM on every dense layer. On other
+    devices the generated im2col + GEMM, or for a channel-blocked layout (which it does not read)
+    the blocked direct convolution. UnsupportedAlgorithmError when none runs the layer (a caller
+    that can reorder runs it in NCHW instead)."""
+    if info.device_type == "cpu":
+        wide = spec.c_per_group >= CPU_WINOGRAD_CHANNELS
+        order: tuple[str, ...] = ((WINOGRAD,) if wide else ()) + (BLOCKED_DIRECT, DEFAULT_ALGORITHM)
+    else:
+        order = (DEFAULT_ALGORITHM, BLOCKED_DIRECT)
+    for name in order:
         if get_algorithm(name).supports(spec, info) is None:
             return name
     raise UnsupportedAlgorithmError(f"layout: no algorithm runs {spec} in {spec.layout}: "
