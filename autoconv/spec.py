@@ -276,7 +276,7 @@ class ConvSpec:
 
     @property
     def input_bytes(self) -> int:
-        return int(np.prod(self.input_array_shape)) * self.itemsize
+        return math.prod(self.input_array_shape) * self.itemsize
 
     @property
     def weight_bytes(self) -> int:
@@ -284,7 +284,7 @@ class ConvSpec:
 
     @property
     def output_bytes(self) -> int:
-        return int(np.prod(self.output_array_shape)) * self.itemsize
+        return math.prod(self.output_array_shape) * self.itemsize
 
     @property
     def im2col_overhead(self) -> float:

@@ -199,6 +199,35 @@ def test_pocl_computes_in_host_memory(opencl):
     assert opencl.host_memory == "shared"
 
 
+def test_results_dropped_while_their_readers_are_queued_are_reused(opencl):
+    # A chain enqueued far ahead of the device (a barrier holds the queue): each result is dropped
+    # while the kernel reading it still waits, and the next result reuses its memory (the queue is
+    # in order) instead of fresh pages; the chain still computes right.
+    if opencl.host_memory != "shared":
+        pytest.skip("results come from the host-memory pool only where the device shares it")
+    import pyopencl as cl
+
+    spec = ConvSpec(1, 8, 6, 6, 8, 3, 3, padding=1)
+    x, w, _ = random_operands(spec, seed=12)
+    w = w / 8  # the chain stays near 1
+    layer = Conv2d(w, padding=1, backend=opencl)
+    layer.prepare(x.shape)  # kernels built and weights loaded (and waited for) before the barrier
+    expected = x.astype(np.float64)
+    for _ in range(10):
+        expected = reference_output(spec, (expected, w, None))
+    gate = cl.UserEvent(opencl.context)
+    cl.enqueue_barrier(opencl.queue, wait_for=[gate])
+    y = opencl.adopt(np.array(x, dtype=np.float32))
+    buffers = set()
+    for _ in range(10):
+        y = layer(y)
+        buffers.add(id(y.buffer))
+    assert y._ready.command_execution_status != cl.command_execution_status.COMPLETE  # all still queued
+    gate.set_status(cl.command_execution_status.COMPLETE)
+    assert relative_error(np.asarray(y), expected) < TOLERANCE
+    assert len(buffers) <= 3, f"{len(buffers)} result buffers for a chain of 10 calls"
+
+
 def test_staged_copies_go_through_reused_pinned_memory(monkeypatch):
     try:
         staged = create_backend("opencl", host_memory="staged")

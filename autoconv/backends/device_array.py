@@ -6,6 +6,7 @@ in); this class is the small OpenCL equivalent."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ class DeviceArray:
     def viewed_as(self, layout: str, shape: tuple[int, ...]) -> "DeviceArray":
         """The same memory read as a tensor of `shape` in `layout` (no copy; the sizes must agree)."""
         view = DeviceArray(self.runtime, self.buffer, shape, host=None, ready=self._ready, layout=layout)
-        if int(np.prod(view.storage_shape)) != int(np.prod(self.storage_shape)):
+        if math.prod(view.storage_shape) != math.prod(self.storage_shape):
             raise ValueError(f"cannot view {self.storage_shape} as {layout} {shape}")
         view._host = None if self._host is None else self._host.reshape(view.storage_shape)
         return view
@@ -66,7 +67,7 @@ class DeviceArray:
     @property
     def size(self) -> int:
         """Elements of the memory (a blocked layout's padding channels included)."""
-        return int(np.prod(self.storage_shape))
+        return math.prod(self.storage_shape)
 
     @property
     def nbytes(self) -> int:
@@ -84,7 +85,7 @@ class DeviceArray:
         new = tuple(int(v) for v in shape)
         if self.layout != NCHW:
             raise ValueError(f"cannot reshape a {self.layout} DeviceArray (numpy.asarray gives it as NCHW)")
-        if int(np.prod(new)) != self.size:
+        if math.prod(new) != self.size:
             raise ValueError(f"cannot reshape a DeviceArray of {self.size} elements to {new}")
         host = None if self._host is None else self._host.reshape(new)
         return DeviceArray(self.runtime, self.buffer, new, host=host, ready=self._ready)

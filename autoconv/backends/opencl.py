@@ -37,6 +37,10 @@ _PROBE_SOURCE = "__kernel void probe(__global float* a) { a[get_global_id(0)] +=
 # Result arrays kept for reuse once no caller holds them: at most this many per size, and this
 # many bytes in all (a fresh array and its buffer cost more than the kernels of a small layer).
 POOLED_PER_SIZE = 4
+# Calls retained (in flight) before the completed ones are looked for and let go: a model enqueues
+# its steps far ahead of the device, and checking after each one cost the host (which shares the
+# CPU device's cores) more than holding them a little longer.
+RELEASE_BACKLOG = 64
 POOLED_BYTES = 256 * 2**20
 
 
@@ -227,10 +231,14 @@ class OpenCLBackend(DeviceBackend):
         self._write_flags = mf.READ_WRITE | mf.USE_HOST_PTR
         # (event, buffers) of calls whose kernels may still run, oldest first (one in-order queue:
         # they complete in this order).
-        self._in_flight: collections.deque[tuple[Any, Any]] = collections.deque()
+        self._in_flight: collections.deque[tuple[Any, Any, tuple[int, ...]]] = collections.deque()
         self._in_flight_lock = threading.Lock()
+        # How many in-flight calls hold each pooled output buffer (by id): those references do not
+        # keep a pooled result from being reused (host_output).
+        self._held: collections.Counter[int] = collections.Counter()
         self._complete = cl.command_execution_status.COMPLETE
         self._pool: dict[int, list[_PooledOutput]] = {}
+        self._pooled_buffers: set[int] = set()  # ids of the pooled entries' buffers (kept for good)
         self._pooled_bytes = 0
         self._pool_lock = threading.Lock()
 
@@ -357,15 +365,20 @@ class OpenCLBackend(DeviceBackend):
                 self._release_completed()
 
     def retain(self, event: Any, objects: Any) -> None:
+        with self._pool_lock:
+            pooled = tuple(id(b) for b in _buffers_in(objects) if id(b) in self._pooled_buffers)
         with self._in_flight_lock:
-            self._in_flight.append((event, objects))
-        self._release_completed()
+            self._in_flight.append((event, objects, pooled))
+            self._held.update(pooled)
+            backlog = len(self._in_flight)
+        if backlog > RELEASE_BACKLOG:  # reading events costs the host a few us each: not per call
+            self._release_completed()
 
     def _release_completed(self) -> None:
         with self._in_flight_lock:
             while self._in_flight and self._guard(
                     lambda: self._in_flight[0][0].command_execution_status, "reading an event") == self._complete:
-                self._in_flight.popleft()
+                self._held.subtract(self._in_flight.popleft()[2])
 
     def elapsed_ms(self, enqueue: Any) -> float:
         def run() -> float:
@@ -390,7 +403,15 @@ class OpenCLBackend(DeviceBackend):
         with self._pool_lock:
             entries = self._pool.setdefault(count, [])
             for entry in entries:
-                if entry.refs() == entry.free_refs:
+                # Calls still in flight may hold the buffer (retain): they were enqueued before the
+                # kernels about to write it, and the queue is in order, so they are done with it
+                # first. Without this, a model enqueued ahead of the device found every result of
+                # its size held and wrote 31 of ResNet-50's 56 results to fresh memory, page-faulted
+                # by the kernels (in-model kernels up to 1.6x their time alone).
+                with self._in_flight_lock:
+                    held = self._held[id(entry.buffer)]
+                host_refs, buffer_refs = entry.refs()
+                if (host_refs, buffer_refs - held) == entry.free_refs:
                     return entry.host.reshape(shape), entry.buffer
             if len(entries) >= POOLED_PER_SIZE or self._pooled_bytes + count * 4 > POOLED_BYTES or not count:
                 host = np.empty(shape, dtype=np.float32)
@@ -399,6 +420,7 @@ class OpenCLBackend(DeviceBackend):
             entry.buffer = self.wrap(entry.host, writable=True)
             entry.free_refs = entry.refs()
             entries.append(entry)
+            self._pooled_buffers.add(id(entry.buffer))
             self._pooled_bytes += count * 4
             return entry.host.reshape(shape), entry.buffer
 
@@ -406,7 +428,7 @@ class OpenCLBackend(DeviceBackend):
         if self.host_memory == "shared":  # the device computes in host memory: keep a host view
             host, buffer = self.host_output(shape)
         else:
-            host, buffer = None, self.alloc(int(np.prod(shape)) * 4)
+            host, buffer = None, self.alloc(math.prod(shape) * 4)
         return DeviceArray(self, buffer, shape, host=host), buffer
 
     def adopt(self, host: np.ndarray) -> DeviceArray:
@@ -437,6 +459,22 @@ class OpenCLBackend(DeviceBackend):
             return action()
         except self._cl.Error as exc:
             raise KernelLaunchError(f"{what} failed on {self.device.name}: {exc}") from None
+
+
+def _buffers_in(objects: Any) -> list[Any]:
+    """The objects a retain() holds, flattened through tuples, lists and dicts' values: the buffers
+    among them are what host_output checks against its pool."""
+    found: list[Any] = []
+    stack = [objects]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        else:
+            found.append(item)
+    return found
 
 
 def _chosen_host_memory(entry: OpenCLDevice, asked: str | None) -> str:
