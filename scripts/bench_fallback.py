@@ -7,7 +7,8 @@ layer, as anchor.
 
 Every method takes a host array and returns a host array (autoconv: `numpy.asarray` of the
 layer's result; onnxruntime: `InferenceSession.run`), wall-clock, the methods interleaved round by
-round; each method is checked against the float64 reference first. OpenBLAS is held to one thread
+round, each turn 0.2 s after the last (the thread pools it left spinning stopped) and after 50 ms
+of untimed calls; each method is checked against the float64 reference first. OpenBLAS is held to one thread
 while autoconv runs (PoCL computes on the same cores), onnxruntime to the machine's cores. Medians
 of the rounds' medians with their spread (IQR / median). Shipped databases are switched off
 (AUTOCONV_SHIPPED_DB_DIR empty) and the user's database is a fresh empty file.
@@ -35,11 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_algorithms import OrtConv, _ort_version, stats  # noqa: E402
 
 import autoconv  # noqa: E402
-from autoconv.algorithms import IM2COL_GEMM  # noqa: E402
+from autoconv.algorithms import BLOCKED_DIRECT, IM2COL_GEMM  # noqa: E402
 from autoconv.layers import model_layers  # noqa: E402
+from autoconv.store import SQLiteStore  # noqa: E402
 from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# Each method starts this long after the last one: onnxruntime's pool threads spin for a while after
+# a run and would take the cores PoCL's threads compute on.
+SETTLE_S = 0.2
+# ... and first runs untimed for this long: after the pause the cores come back at a low clock.
+WARM_MS = 50.0
 
 
 def wall_ms(call, x: np.ndarray, repeats: int) -> float:
@@ -50,6 +57,15 @@ def wall_ms(call, x: np.ndarray, repeats: int) -> float:
         np.asarray(call(x))
         samples.append((time.perf_counter() - start) * 1e3)
     return float(np.median(samples))
+
+
+def warm(call, x: np.ndarray) -> None:
+    """Untimed calls for WARM_MS (at least one): the caches, the queue and the cores' clocks up."""
+    start = time.perf_counter()
+    while True:
+        np.asarray(call(x))
+        if (time.perf_counter() - start) * 1e3 >= WARM_MS:
+            return
 
 
 def main() -> int:
@@ -64,6 +80,7 @@ def main() -> int:
 
     threads = os.cpu_count() or 1
     db = Path(tempfile.mkdtemp(prefix="autoconv-fallback-")) / "empty.db"
+    SQLiteStore(db).close()
     info = autoconv.get_backend("opencl").device
     rows = []
     for model in args.models.split(","):
@@ -76,6 +93,10 @@ def main() -> int:
             methods = {"served": served}
             if autoconv.get_algorithm(IM2COL_GEMM).supports(spec, info) is None:
                 methods["im2col_gemm"] = autoconv.Conv2d(weight, bias, algorithm=IM2COL_GEMM, **common)
+            served_algorithm = autoconv.lookup(spec, info, str(db)).algorithm
+            if served_algorithm != BLOCKED_DIRECT and autoconv.get_algorithm(BLOCKED_DIRECT).supports(spec, info) is None:
+                # Where the fallback chose another algorithm (Winograd), the direct one it passed over.
+                methods[BLOCKED_DIRECT] = autoconv.Conv2d(weight, bias, algorithm=BLOCKED_DIRECT, **common)
             ort = OrtConv(spec, weight, bias, threads)
             with threadpool_limits(1, user_api="blas"):
                 errors = {name: relative_error(np.asarray(layer_(x)), reference) for name, layer_ in methods.items()}
@@ -87,10 +108,12 @@ def main() -> int:
             for _ in range(args.rounds):
                 with threadpool_limits(1, user_api="blas"):
                     for name, layer_ in methods.items():
-                        wall_ms(layer_, x, 1)  # one untimed call: the caches and the queue warm
+                        time.sleep(SETTLE_S)
+                        warm(layer_, x)
                         medians[name].append(wall_ms(layer_, x, args.repeats))
                 with threadpool_limits(threads, user_api="blas"):
-                    ort.run(x)
+                    time.sleep(SETTLE_S)
+                    warm(ort.run, x)
                     medians["onnxruntime"].append(wall_ms(ort.run, x, args.repeats))
             plan = served.plans[next(iter(served.plans))]
             rows.append(dict(model=model, label=layer.label, spec=str(spec), plan=plan.describe(),
@@ -102,6 +125,10 @@ def main() -> int:
 
 def fmt(value: tuple[float, float] | None) -> str:
     return "n/a" if value is None else f"{value[0]:.3f} ±{value[1] * 100:.0f}%"
+
+
+def ratio(other: tuple[float, float] | None, served: tuple[float, float]) -> str:
+    return "n/a" if other is None else f"{other[0] / served[0]:.2f}x"
 
 
 def write(path: Path, rows: list[dict], info, args) -> None:
@@ -116,15 +143,17 @@ def write(path: Path, rows: list[dict], info, args) -> None:
              "layer forced to the generated im2col + GEMM (what the fallback served on every device before), and "
              "onnxruntime's CPU Conv of the layer; host array in, host array out, wall-clock medians of the rounds' "
              "medians ±spread (IQR / median). Speed-ups are the other method's time over the served plan's "
-             "(above 1: the served plan faster).", "",
-             "| model | layer | served plan | served ms | im2col_gemm ms | vs im2col_gemm | onnxruntime ms | vs onnxruntime |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "(above 1: the served plan faster). Where the fallback serves another algorithm than the "
+             "register-blocked direct convolution on a layer that one runs (Winograd), that one's time too.", "",
+             "| model | layer | served plan | served ms | im2col_gemm ms | vs im2col_gemm | blocked_direct ms | "
+             "vs blocked_direct | onnxruntime ms | vs onnxruntime |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     totals: dict[str, dict[str, float]] = {}
     for row in rows:
-        old, ort, new = row.get("im2col_gemm"), row["onnxruntime"], row["served"]
+        old, ort, new, direct = row.get("im2col_gemm"), row["onnxruntime"], row["served"], row.get(BLOCKED_DIRECT)
         lines.append(f"| {row['model']} | {row['label'].split('/', 1)[-1]} ({row['spec']}) | {row['plan']} | {fmt(new)} | "
-                     f"{fmt(old)} | {'n/a' if old is None else f'{old[0] / new[0]:.2f}x'} | {fmt(ort)} | "
-                     f"{ort[0] / new[0]:.2f}x |")
+                     f"{fmt(old)} | {ratio(old, new)} | {fmt(direct)} | {ratio(direct, new)} | {fmt(ort)} | "
+                     f"{ratio(ort, new)} |")
         total = totals.setdefault(row["model"], dict(served=0.0, im2col_gemm=0.0, onnxruntime=0.0, same=1.0))
         total["served"] += new[0]
         total["onnxruntime"] += ort[0]

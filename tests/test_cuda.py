@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from autoconv import ConvSpec, Plan, default_gemm_params, get_algorithm
-from autoconv.algorithms import BLOCKED_DIRECT, DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD
+from autoconv.algorithms import BLOCKED_DIRECT, DEPTHWISE_DIRECT, DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD
 from autoconv.backends.pool import POOL_KINDS, PoolGeometry, pool_source
 from autoconv.backends.reorder import reorder_source
 from autoconv.device import DeviceInfo
@@ -93,6 +93,12 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
     for i, params in enumerate(BLOCKED_STRUCTURAL + BLOCKED_SAMPLED):
         for k in blocked.kernels(BLOCKED_SPEC if params.CB <= 8 else FUSED_POINTWISE, params, CUDA):
             sources[f"blocked_{k.entry}_{i}"] = k.text
+    depthwise = get_algorithm(DEPTHWISE_DIRECT)
+    for layout in (NCHW, "NCHW4c", "NCHW8c", "NCHW16c"):  # one filter per channel, in NCHW and blocked
+        dw_spec = ConvSpec(2, 19, 9, 11, 19, 3, 5, stride=(1, 2), padding=(1, 2), padding_end=(2, 1), groups=19,
+                           bias=True, activation="relu6", residual=True, layout=layout)
+        for k in depthwise.kernels(dw_spec, depthwise.space.validate(dict(PIX=4, LX=64)), CUDA):
+            sources[f"depthwise_{k.entry}_{layout}"] = k.text
     for block in (4, 8, 16):  # the channel-blocked layouts: the conv read and written in NCHW{b}c, and the reorders
         layout = f"NCHW{block}c"
         in_layout = FUSED_POINTWISE.replace(c=block * 2 + 1, k=block + 3, layout=layout)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import autoconv
 from autoconv import ConvSpec, Plan, get_algorithm, list_algorithms, lookup
-from autoconv.algorithms import BLOCKED_DIRECT, WINOGRAD
+from autoconv.algorithms import BLOCKED_DIRECT, DEPTHWISE_DIRECT, WINOGRAD
 from autoconv.backends.reorder import relayout, reorder_on_device
 from autoconv.errors import InvalidSpecError
 from autoconv.layers import layer_text, parse_layer
@@ -28,7 +28,7 @@ from test_winograd import winograd_specs
 
 BLOCKED = [layout for layout in LAYOUTS if layout != NCHW]
 # The algorithms whose kernels read and write the channel-blocked layouts.
-RUN_BLOCKED = {BLOCKED_DIRECT, WINOGRAD}
+RUN_BLOCKED = {BLOCKED_DIRECT, WINOGRAD}  # dense layers; depthwise ones: DEPTHWISE_DIRECT
 tensor_shapes = st.tuples(st.integers(1, 3), st.integers(1, 40), st.integers(1, 9), st.integers(1, 9))
 
 
@@ -118,6 +118,12 @@ def test_every_backend_runs_a_blocked_layer_or_says_why(backend, layout):
             assert reason is None
             if name in backend.algorithms:
                 assert_matches_reference(backend, spec, heuristic_plan(spec, backend.device, name))
+        elif name == DEPTHWISE_DIRECT:  # runs every layout, depthwise layers only
+            assert reason is not None and "depthwise" in reason, reason
+            depthwise = spec.replace(k=spec.c, groups=spec.c)
+            assert get_algorithm(name).supports(depthwise, backend.device) is None
+            if name in backend.algorithms:
+                assert_matches_reference(backend, depthwise, heuristic_plan(depthwise, backend.device, name))
         else:
             assert reason is not None and layout in reason, (name, reason)
             if name in backend.algorithms:
@@ -132,12 +138,14 @@ def test_a_blocked_config_must_use_the_layouts_block(opencl):
     assert get_algorithm(BLOCKED_DIRECT).heuristic(spec, opencl.device).CB == 8
 
 
-def test_a_blocked_layer_untuned_is_served_blocked_direct_and_depthwise_is_refused(opencl):
+def test_a_blocked_layer_untuned_is_served_a_direct_convolution_or_refused_with_why(opencl):
     dense = ConvSpec(1, 32, 8, 8, 48, 3, 3, padding=1, layout="NCHW16c")
     assert lookup(dense, opencl.device).algorithm == BLOCKED_DIRECT  # the generated GEMM reads NCHW only
     depthwise = ConvSpec(1, 32, 8, 8, 32, 3, 3, padding=1, groups=32, layout="NCHW16c")
+    assert lookup(depthwise, opencl.device).algorithm == DEPTHWISE_DIRECT
+    split = ConvSpec(1, 32, 8, 8, 32, 3, 3, padding=1, groups=8, layout="NCHW16c")  # 4 channels per group
     with pytest.raises(UnsupportedAlgorithmError, match="NCHW16c"):
-        lookup(depthwise, opencl.device)
+        lookup(split, opencl.device)
 
 
 # Layouts flowing between layers -----------------------------------------------------------------
@@ -178,9 +186,9 @@ def test_a_chain_of_blocked_layers_never_reorders_between_layers(opencl, monkeyp
 
 def test_a_layer_no_algorithm_runs_blocked_computes_in_nchw_between_two_reorders(opencl, monkeypatch):
     dense = _weights(32, 16, 3, 5)
-    depthwise = _weights(32, 1, 3, 6)
+    grouped = _weights(32, 4, 3, 6)  # 8 groups of 4 channels: no whole block of 8 per group
     first = autoconv.Conv2d(dense, padding=1, layout="NCHW8c")
-    second = autoconv.Conv2d(depthwise, padding=1, groups=32)  # layout None: keeps its input's
+    second = autoconv.Conv2d(grouped, padding=1, groups=8)  # layout None: keeps its input's
     x = autoconv.to_device(_random((1, 16, 10, 10), 7), layout="NCHW8c")
     assert x.layout == "NCHW8c" and np.asarray(x).shape == (1, 16, 10, 10)
     launched = record_launches(opencl, monkeypatch)
@@ -188,7 +196,7 @@ def test_a_layer_no_algorithm_runs_blocked_computes_in_nchw_between_two_reorders
     assert y.layout == "NCHW8c"
     assert second.computes_in((1, 32, 10, 10), layout="NCHW8c") == NCHW
     assert launched.count("reorder_to_nchw") == 1 and launched.count("reorder_to_blocked") == 1, launched
-    reference = _reference_chain(np.asarray(x), [(dense, dict(padding=1)), (depthwise, dict(padding=1, groups=32))])
+    reference = _reference_chain(np.asarray(x), [(dense, dict(padding=1)), (grouped, dict(padding=1, groups=8))])
     assert np.max(np.abs(np.asarray(y) - reference)) / np.max(np.abs(reference)) < 1e-4
 
 

@@ -72,14 +72,15 @@ def test_device_default_then_vendor_default_then_heuristic(tmp_path):
 
 def test_the_heuristic_on_a_cpu_device_is_the_blocked_direct_convolution(tmp_path):
     # Measured on PoCL (benchmarks/fallback-pocl.md): untuned, it beats im2col + GEMM on every dense
-    # layer there; depthwise layers, which it does not run, keep im2col + GEMM, and GPUs keep it too.
+    # layer there; depthwise layers, which it does not run, get the depthwise direct convolution;
+    # GPUs keep im2col + GEMM.
     cpu = DeviceInfo("opencl", "PoCL", "GenuineIntel", "pthread-skylake-avx512", "3.1", "cpu", 2, 4194304, 4096,
                      (4096, 4096, 4096))
     db = tmp_path / "empty.db"
     SQLiteStore(db).close()
     assert lookup(RES2, cpu, db) == heuristic_plan(RES2, cpu, "blocked_direct")
     depthwise = ConvSpec(1, 32, 28, 28, 32, 3, 3, padding=1, groups=32)
-    assert lookup(depthwise, cpu, db) == heuristic_plan(depthwise, cpu)
+    assert lookup(depthwise, cpu, db) == heuristic_plan(depthwise, cpu, "depthwise_direct")
     assert lookup(RES2, GPU, db) == heuristic_plan(RES2, GPU)
     assert lookup(RES2.replace(layout="NCHW8c"), GPU, db).algorithm == "blocked_direct"
     # Wide 3x3 stride-1 layers: Winograd; strided ones stay direct.

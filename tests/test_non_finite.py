@@ -21,6 +21,7 @@ from autoconv.tuning.verify import random_operands, reference_output
 from conftest import plan_for
 
 BASE = ConvSpec(1, 6, 11, 13, 8, 3, 3, padding=1, bias=True)
+DEPTHWISE = ConvSpec(1, 6, 11, 13, 6, 3, 3, padding=1, groups=6, bias=True)  # the depthwise algorithm's layers
 EPILOGUES = [dict(activation="relu"), dict(activation="relu6"), dict(activation="relu", residual=True),
              dict(activation="none")]
 # (value, channel, row, col) of the poisoned input pixel: inside, and on the padded border.
@@ -42,9 +43,10 @@ def _tiles_holding(mask: np.ndarray, side: int) -> np.ndarray:
     return np.broadcast_to(grown[:, None], mask.shape)
 
 
+@pytest.mark.parametrize("base", [BASE, DEPTHWISE], ids=["dense", "depthwise"])
 @pytest.mark.parametrize("fused", EPILOGUES, ids=lambda e: "+".join(f"{v}" for v in e.values()))
-def test_each_algorithm_keeps_the_references_non_finite_outputs(backend, fused):
-    spec = BASE.replace(**fused)
+def test_each_algorithm_keeps_the_references_non_finite_outputs(backend, fused, base):
+    spec = base.replace(**fused)
     x, *rest = random_operands(spec, seed=7)
     for algorithm in backend.algorithms:
         if get_algorithm(algorithm).supports(spec, backend.device) is not None:

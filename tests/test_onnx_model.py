@@ -406,8 +406,9 @@ def chain_cnn(groups: int = 1) -> object:
 
 def test_a_model_keeps_the_devices_layout_unless_told_and_tune_onnx_tunes_in_it(opencl, tmp_path):
     """On PoCL (a CPU device whose arrays carry layouts) a chain of convolutions that all run
-    blocked runs channel-blocked at the CPU's vector width unless told; a graph joining branches
-    with Concat, or with a depthwise layer, runs NCHW; the host backend NCHW. `tune --onnx` tunes
+    blocked (depthwise ones included) runs channel-blocked at the CPU's vector width unless told; a
+    graph joining branches with Concat, or with a grouped layer no algorithm runs blocked, runs NCHW;
+    the host backend NCHW. `tune --onnx` tunes
     the layers in the layout the model will serve them in."""
     from typer.testing import CliRunner
 
@@ -422,7 +423,8 @@ def test_a_model_keeps_the_devices_layout_unless_told_and_tune_onnx_tunes_in_it(
     assert aonnx.load(chain_cnn()).layout == expected
     assert aonnx.load(chain_cnn(), layout="NCHW").layout == "NCHW"
     assert aonnx.load(small_cnn()).layout == "NCHW"  # its Concat
-    assert aonnx.load(chain_cnn(groups=16)).layout == "NCHW"  # depthwise
+    assert aonnx.load(chain_cnn(groups=8)).layout == "NCHW"  # 2 channels per group: no algorithm runs it blocked
+    assert aonnx.load(chain_cnn(groups=16)).layout == expected  # depthwise: depthwise_direct runs it blocked
     with pytest.raises(autoconv.InvalidSpecError, match="layout: expected None or one of"):
         aonnx.load(chain_cnn(), layout="NHWC")
     _assert_like_onnxruntime(chain_cnn(groups=16), {"x": x})

@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from autoconv import ConvSpec, get_algorithm, list_algorithms, lookup
-from autoconv.algorithms import DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD
+from autoconv.algorithms import DEPTHWISE_DIRECT, DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD
 from autoconv.device import DeviceInfo
 from autoconv.render import template_hash
 from autoconv.store import SQLiteStore
@@ -158,7 +158,8 @@ def test_end_to_end_on_pocl(opencl, tmp_path):
     # Each tunable algorithm's default is measured; the 4th trial is given only when one of them
     # is within 2x of the fastest method (on a tiny layer the host BLAS may be far ahead).
     assert report.trials in (3, 4) and {IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD} <= set(report.bests) <= set(list_algorithms())
-    assert report.unsupported == {}
+    assert set(report.unsupported) == {DEPTHWISE_DIRECT}  # a dense layer: the depthwise one says why
+    assert "depthwise layers only" in report.unsupported[DEPTHWISE_DIRECT]
     for result in report.bests.values():
         assert result.verified and result.rel_error < 1e-4 and result.median_ms > 0
     plan = lookup(spec, opencl, tmp_path / "e2e.db", generated_only=True)

@@ -16,6 +16,7 @@ from autoconv.algorithms.base import (
 )
 from autoconv.algorithms.blas import Im2colBlas
 from autoconv.algorithms.blocked_direct import BlockedDirect
+from autoconv.algorithms.depthwise_direct import DepthwiseDirect
 from autoconv.algorithms.direct import Direct
 from autoconv.algorithms.im2col_gemm import Im2colGemm
 from autoconv.algorithms.implicit_gemm import ImplicitGemm
@@ -27,6 +28,7 @@ IMPLICIT_GEMM = "implicit_gemm"
 WINOGRAD = "winograd"
 DIRECT = "direct"
 BLOCKED_DIRECT = "blocked_direct"
+DEPTHWISE_DIRECT = "depthwise_direct"
 IM2COL_BLAS = "im2col_blas"
 BASELINE = IM2COL_BLAS  # what every generated kernel is compared with
 
@@ -55,9 +57,9 @@ def list_algorithms() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-for _algorithm in (Im2colGemm(), ImplicitGemm(), Winograd(), BlockedDirect(), Direct(), Im2colBlas()):
+for _algorithm in (Im2colGemm(), ImplicitGemm(), Winograd(), BlockedDirect(), DepthwiseDirect(), Direct(), Im2colBlas()):
     register(_algorithm)
 
-__all__ = ["Algorithm", "BASELINE", "BLOCKED_DIRECT", "Constraint", "DIRECT", "EMPTY_SPACE", "IM2COL_BLAS", "IM2COL_GEMM",
+__all__ = ["Algorithm", "BASELINE", "BLOCKED_DIRECT", "Constraint", "DEPTHWISE_DIRECT", "DIRECT", "EMPTY_SPACE", "IM2COL_BLAS", "IM2COL_GEMM",
            "IMPLICIT_GEMM", "LayerConstraint", "ParamDecl", "ParamSpace", "Params", "WINOGRAD",
            "get_algorithm", "list_algorithms", "register"]

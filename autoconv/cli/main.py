@@ -229,7 +229,8 @@ def compare(
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Every algorithm on each layer (direct loops, im2col + BLAS, im2col + generated GEMM, implicit
-    GEMM, Winograd, register-blocked direct): time, GFLOP/s, extra memory, error, and the plan autoconv serves; with several
+    GEMM, Winograd, register-blocked direct, depthwise direct): time, GFLOP/s, extra memory, error, and the plan autoconv
+    serves; with several
     layers, a roll-up (total time per algorithm, geomean speed-ups, what each layer is served)."""
     from autoconv.backends import get_backend
     from autoconv.compare import layer_records

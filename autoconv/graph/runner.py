@@ -52,11 +52,11 @@ def model_layout(backend: str, device: int | str | None, prepared: PreparedModel
     otherwise, as onnxruntime's NCHWc transformer chooses) where the graph is a chain of
     convolutions that all run blocked (ResNet-50 tuned for 5 minutes: 0.94x onnxruntime's speed in
     NCHW16c against 0.83x in NCHW, benchmarks/models-resnet50-layouts-pocl.md); NCHW for graphs
-    that join branches with Concat or Split, or hold a convolution no algorithm runs blocked
-    (depthwise: ShuffleNet 0.07x blocked against 0.19x in NCHW, benchmarks/models-layouts-pocl.md),
-    and on other devices (GPUs: not measured; CUDA arrays are NCHW)."""
-    from autoconv.algorithms import BLOCKED_DIRECT, get_algorithm
+    that join branches with Concat or Split, or hold a convolution no algorithm runs blocked (a
+    grouped layer whose groups do not fill whole blocks: each such layer costs two reorders), and on
+    other devices (GPUs: not measured; CUDA arrays are NCHW)."""
     from autoconv.algorithms.blocked_direct import preferred_block
+    from autoconv.serve.lookup import UnsupportedAlgorithmError, heuristic_algorithm
 
     if backend == "numpy":
         return NCHW
@@ -68,11 +68,13 @@ def model_layout(backend: str, device: int | str | None, prepared: PreparedModel
         for step in prepared.steps:
             if isinstance(step, OpStep) and step.op_type in NCHW_JOINS:
                 return NCHW
-            # The algorithm an untuned blocked layer is served (lookup.heuristic_algorithm): where it
-            # refuses a conv (depthwise), that layer runs NCHW between two reorders.
-            if isinstance(step, ConvStep) and get_algorithm(BLOCKED_DIRECT).supports(
-                    _blocked_spec(step, blocked), runtime.device) is not None:
-                return NCHW
+            # Where no algorithm an untuned blocked layer could be served runs a conv blocked
+            # (lookup.heuristic_algorithm), that layer would run NCHW between two reorders.
+            if isinstance(step, ConvStep):
+                try:
+                    heuristic_algorithm(_blocked_spec(step, blocked), runtime.device)
+                except UnsupportedAlgorithmError:
+                    return NCHW
     return blocked
 
 

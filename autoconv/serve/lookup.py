@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from autoconv.algorithms import BLOCKED_DIRECT, IM2COL_GEMM, WINOGRAD, get_algorithm
+from autoconv.algorithms import BLOCKED_DIRECT, DEPTHWISE_DIRECT, IM2COL_GEMM, WINOGRAD, get_algorithm
 from autoconv.device import DeviceInfo
 from autoconv.errors import AutoconvError
 from autoconv.plan import Plan
@@ -170,22 +170,24 @@ def computed_spec(spec: ConvSpec, info: DeviceInfo, algorithms: Iterable[str]) -
 def heuristic_algorithm(spec: ConvSpec, info: DeviceInfo) -> str:
     """What an untuned layer is served. On a CPU device: Winograd on 3x3 stride-1 layers of at least
     CPU_WINOGRAD_CHANNELS input channels per group, the register-blocked direct convolution on the
-    other layers it runs, im2col + GEMM on the rest (depthwise); measured untuned on PoCL AVX-512
-    (benchmarks/fallback-pocl.md), Winograd won those wide 3x3 layers by up to 2x and lost the
-    narrower ones to the direct convolution, which beat im2col + GEMM on every dense layer. On other
+    other layers it runs, the depthwise direct convolution on depthwise layers, im2col + GEMM on the
+    rest. Measured untuned on PoCL AVX-512 (benchmarks/fallback-pocl.md): every served plan 1.7-7.1x
+    faster than im2col + GEMM, and Winograd 1.0-1.5x faster than the direct convolution on the wide
+    3x3 layers it serves (on 128 channels the direct one was faster, in a one-off compare). On other
     devices the generated im2col + GEMM, or for a channel-blocked layout (which it does not read)
-    the blocked direct convolution. UnsupportedAlgorithmError when none runs the layer (a caller
-    that can reorder runs it in NCHW instead)."""
+    the blocked or the depthwise direct convolution. UnsupportedAlgorithmError when none runs the
+    layer (a caller that can reorder runs it in NCHW instead)."""
     if info.device_type == "cpu":
         wide = spec.c_per_group >= CPU_WINOGRAD_CHANNELS
-        order: tuple[str, ...] = ((WINOGRAD,) if wide else ()) + (BLOCKED_DIRECT, DEFAULT_ALGORITHM)
+        order: tuple[str, ...] = ((WINOGRAD,) if wide else ()) + (BLOCKED_DIRECT, DEPTHWISE_DIRECT, DEFAULT_ALGORITHM)
     else:
-        order = (DEFAULT_ALGORITHM, BLOCKED_DIRECT)
+        order = (DEFAULT_ALGORITHM, BLOCKED_DIRECT, DEPTHWISE_DIRECT)
     for name in order:
         if get_algorithm(name).supports(spec, info) is None:
             return name
     raise UnsupportedAlgorithmError(f"layout: no algorithm runs {spec} in {spec.layout}: "
-                                    f"{get_algorithm(BLOCKED_DIRECT).supports(spec, info)}")
+                                    + "; ".join(f"{name}: {get_algorithm(name).supports(spec, info)}"
+                                                for name in (BLOCKED_DIRECT, DEPTHWISE_DIRECT)))
 
 
 def _kindred(winners: list[TunedResult], spec: ConvSpec) -> list[TunedResult]:
