@@ -130,6 +130,8 @@ OPERATORS = {
     "softmax-13": ("Softmax", ["x"], {}, 13, 1, dict(axis=1)),
     "softmax-11": ("Softmax", ["x"], {}, 11, 1, dict(axis=1)),
     "lrn": ("LRN", ["x"], {}, 13, 1, dict(size=3, alpha=1e-2, beta=0.75, bias=2.0)),
+    "lrn-any-beta": ("LRN", ["x"], {}, 13, 1, dict(size=5, alpha=3e-2, beta=0.6, bias=1.0)),
+    "lrn-alexnet": ("LRN", ["x"], {}, 13, 1, dict(size=5, alpha=1e-4, beta=0.75)),
     "dropout": ("Dropout", ["x"], {}, 13, 1, {}),
     "identity": ("Identity", ["x"], {}, 13, 1, {}),
     "add-broadcast": ("Add", ["x", "c"], {"c": RNG.standard_normal((2, 1, 1)).astype(np.float32)}, 13, 1, {}),
@@ -340,7 +342,9 @@ def test_model_bench_reports_both_runtimes_per_op_and_per_step(tmp_path, opencl)
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["max_relative_error"] < TOLERANCE
     assert report["autoconv_ms"] > 0 and report["onnxruntime_ms"] > 0
-    assert {s["runs_on"] for s in report["steps"]} == {"autoconv layer", "device kernel", "numpy"}  # the pooling
+    # the pooling on the device, the classifier a 1x1 conv
+    assert {s["runs_on"] for s in report["steps"]} == {"autoconv layer", "device kernel", "numpy",
+                                                        "autoconv layer (1x1 conv)"}
     assert len(report["fallback_layers"]) == 4  # nothing tuned: every conv layer on a fallback plan
     assert "Conv+BatchNormalization+Add+Relu" in report["per_op_ms"]
 
@@ -376,6 +380,8 @@ def test_the_host_blas_is_held_to_one_thread_while_a_cpu_device_runs_the_model(o
         return real_gemm(inputs, attrs, opset)
 
     monkeypatch.setitem(ops.OPS, "Gemm", spying_gemm)
+    # The classifier on the host BLAS (it runs on the device as a 1x1 conv otherwise).
+    monkeypatch.setattr("autoconv.graph.runner.dense_weights", lambda *args: None)
     loaded = aonnx.load(small_cnn())
     loaded(RNG.standard_normal((2, 3, 16, 16)).astype(np.float32))
     assert seen == [{1}]
@@ -443,3 +449,43 @@ def test_a_model_keeps_the_devices_layout_unless_told_and_tune_onnx_tunes_in_it(
     plans = [r.plan for r in rows if r.runs_on == "autoconv layer"]
     assert len(plans) == 2 and all("(tuned" in plan for plan in plans), plans
     assert [r.runs_on for r in rows if r.ops in ("MaxPool", "GlobalAveragePool")] == ["device kernel"] * 2
+
+
+def _classifier(batch: int, gemm: dict, c_shape: tuple[int, ...] | None, matmul: bool = False) -> object:
+    """conv, global average pool, flatten, then a fully connected layer (Gemm with `gemm`'s
+    attributes, or MatMul) and a relu: a CNN's classifier head."""
+    init = {"w": RNG.standard_normal((24, 3, 3, 3)).astype(np.float32),
+            "fc": RNG.standard_normal((24, 10) if matmul or not gemm.get("transB") else (10, 24)).astype(np.float32)}
+    fc_inputs = ["flat", "fc"]
+    if c_shape is not None:
+        init["c"] = RNG.standard_normal(c_shape).astype(np.float32)
+        fc_inputs.append("c")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["y"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("MatMul", fc_inputs[:2], ["logits"]) if matmul
+             else helper.make_node("Gemm", fc_inputs, ["logits"], **gemm),
+             helper.make_node("Relu", ["logits"], ["out"])]
+    return _model(nodes, [_value("x", (batch, 3, 8, 8))], [_value("out", (batch, 10))], init)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("variant", ["transB", "plain+alpha+beta", "scalar C", "MatMul"])
+def test_a_fully_connected_layer_with_constant_weights_runs_as_a_device_conv(opencl, batch, variant):
+    gemm, c_shape, matmul = {
+        "transB": (dict(transB=1), (10,), False),
+        "plain+alpha+beta": (dict(alpha=0.5, beta=2.0), (1, 10), False),
+        "scalar C": (dict(transB=1, beta=-1.0), (1,), False),
+        "MatMul": ({}, None, True),
+    }[variant]
+    x = RNG.standard_normal((batch, 3, 8, 8)).astype(np.float32)
+    loaded = _assert_like_onnxruntime(_classifier(batch, gemm, c_shape, matmul), {"x": x})
+    fc = [row for row in loaded.describe() if row.ops in ("Gemm", "MatMul")]
+    assert [row.runs_on for row in fc] == ["autoconv layer (1x1 conv)"] and "heuristic" in fc[0].plan, fc
+
+
+def test_a_fully_connected_layer_numpy_runs_where_the_weights_are_not_constant_or_c_varies(opencl):
+    # C of shape (batch, 10) varies along the batch: not a bias; numpy's Gemm runs it.
+    x = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    loaded = _assert_like_onnxruntime(_classifier(2, dict(transB=1), (2, 10)), {"x": x})
+    assert [row.runs_on for row in loaded.describe() if row.ops == "Gemm"] == ["numpy"]

@@ -157,11 +157,25 @@ def lrn(inputs: Arrays, attrs: dict[str, Any], opset: int) -> list[np.ndarray]:
     x = np.asarray(inputs[0])
     size = int(attrs["size"])
     alpha, beta, bias = float(attrs.get("alpha", 1e-4)), float(attrs.get("beta", 0.75)), float(attrs.get("bias", 1.0))
-    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
-    squares = np.pad(x.astype(np.float64) ** 2, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
-    window = np.cumsum(squares, axis=1)
-    window = np.concatenate([window[:, size - 1:size], window[:, size:] - window[:, :-size]], axis=1)
-    return [(x / (bias + alpha / size * window) ** beta).astype(x.dtype)]
+    before = (size - 1) // 2
+    # The window's sum of squares as `size` shifted adds in the input's dtype (a running sum would
+    # lose the small channels to cancellation); each channel's window clipped at the edges.
+    squares = np.square(x)
+    window = squares.copy()
+    channels = x.shape[1]
+    for shift in range(-before, size - before):
+        if shift:
+            lo, hi = max(0, -shift), min(channels, channels - shift)
+            window[:, lo:hi] += squares[:, lo + shift:hi + shift]
+    scale = window
+    scale *= x.dtype.type(alpha / size)
+    scale += x.dtype.type(bias)
+    if beta == 0.75:  # AlexNet's and GoogLeNet's: two square roots, several times cheaper than a power
+        root = np.sqrt(scale)
+        scale = root * np.sqrt(root)
+    else:
+        scale = np.power(scale, x.dtype.type(beta))
+    return [(x / scale).astype(x.dtype, copy=False)]
 
 
 def identity(inputs: Arrays, attrs: dict[str, Any], opset: int) -> list[np.ndarray]:

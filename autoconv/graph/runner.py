@@ -1,6 +1,7 @@
 """A prepared ONNX model run as a loop over its steps: each fused Conv an `autoconv.Conv2d` (resident
 weights; the tensors between two conv layers stay device arrays), 2-D pooling of a device array a
-generated kernel on the same device in the array's layout (autoconv/backends/pool.py), each other
+generated kernel on the same device in the array's layout (autoconv/backends/pool.py), a fully
+connected layer with constant weights a 1x1 convolution there (autoconv/graph/dense.py), each other
 operator numpy on the host arrays (views of device memory on shared-memory devices), any operator
 autoconv lacks through onnx.reference (correct, slow, and said once when the model is loaded)."""
 
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from autoconv.backends.pool import DevicePool, PoolGeometry
+from autoconv.graph.dense import DeviceDense, dense_weights
 from autoconv.graph.ops import OPS, SPLIT, pool_geometry, split
 from autoconv.errors import InvalidSpecError
 from autoconv.layouts import LAYOUTS, NCHW
@@ -124,6 +126,14 @@ class Model:
         self._runtime = device_runtime(default_session().backend(self._backend, device)) \
             if self._layers and self._backend != "numpy" else None
         self._pools: dict[int, tuple[tuple[Any, ...], DevicePool]] = {}
+        # Fully connected layers with constant weights run on the device as 1x1 convolutions.
+        self._dense: dict[int, DeviceDense] = {}
+        if self._runtime is not None:
+            for index, step in enumerate(prepared.steps):
+                weights = dense_weights(step.op_type, step.inputs, step.attrs, prepared.constants) \
+                    if isinstance(step, OpStep) else None
+                if weights is not None:
+                    self._dense[index] = DeviceDense(weights, device=device, backend=self._backend, db=db)
         self._blas: Any = None
         if shares_the_cpu:
             from threadpoolctl import ThreadpoolController
@@ -189,6 +199,12 @@ class Model:
                 rows.append(StepRow(step.name, "+".join(["Conv", *step.fused]), "autoconv layer", plan + note))
             else:
                 native = step.native and index not in self._reference
+                dense = self._dense.get(index)
+                if dense is not None:
+                    plans = dense.plans
+                    plan = "; ".join(p.describe() for p in plans.values()) if plans else "chosen at the first run"
+                    rows.append(StepRow(step.name, step.op_type, "autoconv layer (1x1 conv)", plan))
+                    continue
                 runs_on = "device kernel" if index in self._pools else "numpy" if native else "onnx.reference"
                 rows.append(StepRow(step.name, step.op_type, runs_on, ""))
         return rows
@@ -270,8 +286,14 @@ class Model:
         return self._layers[index](x, residual=residual)
 
     def _on_device(self, index: int, step: OpStep, inputs: list[Any]) -> list[Any] | None:
-        """A 2-D pooling of a device array of the layers' device, run there in the array's layout;
-        None for anything else (numpy runs it then)."""
+        """A 2-D pooling of a device array of the layers' device, run there in the array's layout, or
+        a dense layer with constant weights (DeviceDense); None for anything else (numpy runs it
+        then)."""
+        dense = self._dense.get(index)
+        if dense is not None and inputs:
+            result = dense(inputs[0])
+            if result is not None:
+                return [result]
         runtime = self._runtime
         if step.op_type not in DEVICE_POOLS or runtime is None or not inputs or len(step.outputs) != 1:
             return None
