@@ -489,3 +489,11 @@ def test_a_fully_connected_layer_numpy_runs_where_the_weights_are_not_constant_o
     x = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
     loaded = _assert_like_onnxruntime(_classifier(2, dict(transB=1), (2, 10)), {"x": x})
     assert [row.runs_on for row in loaded.describe() if row.ops == "Gemm"] == ["numpy"]
+
+
+def test_the_pooling_of_a_host_result_runs_on_the_device(opencl):
+    # small_cnn's GlobalAveragePool reads its Concat's result, a host array: it goes to the device.
+    x = RNG.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    loaded = _assert_like_onnxruntime(small_cnn(), {"x": x})
+    rows = {row.ops: row.runs_on for row in loaded.describe()}
+    assert rows["Concat"] == "numpy" and rows["GlobalAveragePool"] == "device kernel", rows

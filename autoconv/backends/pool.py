@@ -14,6 +14,8 @@ from autoconv.render import KernelArg, KernelSource, render_template
 
 Pair = tuple[int, int]
 POOL_KINDS = ("max", "average")
+# NCHW pooling: the window sizes whose taps are unrolled (a global pooling's whole image is not).
+MAX_UNROLLED_TAPS = 49
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ def pool_source(shape: tuple[int, int, int, int], layout: str, geometry: PoolGeo
                    COUNT_W_HI=w + count_right)
     entry = f"{geometry.kind}_pool"
     vb = lanes if 1 < lanes <= dialect.max_vector_width else 1  # a vector per pixel, where the language has one
-    text = render_template("shared/pool.j2", dialect=dialect, entry=entry, kind=geometry.kind, defines=defines, vb=vb)
+    text = render_template("shared/pool.j2", dialect=dialect, entry=entry, kind=geometry.kind, defines=defines, vb=vb,
+                           nchw=lanes == 1, unroll_taps=geometry.kernel[0] * geometry.kernel[1] <= MAX_UNROLLED_TAPS)
     return KernelSource(text, entry, dialect.name, (q * lanes // vb, p, n * -(-c // lanes)), None,
                         (KernelArg("src", "input"), KernelArg("dst", "output")))
 
