@@ -805,3 +805,18 @@ def test_a_time_budget_gives_every_layer_its_defaults_before_any_search(opencl, 
             assert tunables and report.trials >= len(tunables), report
             assert lookup(report.spec, opencl.device, tmp_path / "budget.db").source == "tuned"
     assert passes == [(0, 3), (1, 3), (2, 3), (3, 3)]
+
+
+def test_a_models_time_budget_tunes_the_layers_with_the_largest_stake_first(opencl, tmp_path):
+    """With counts (tune --onnx/--model), the layers are tuned in order of count x measured time:
+    the small layer that occurs 50 times goes before the larger one that occurs once."""
+    from autoconv.tuning.tuner import tune_layers
+
+    large, small = ConvSpec(1, 16, 12, 12, 16, 3, 3, padding=1), ConvSpec(1, 4, 6, 6, 4, 1, 1)
+    with SQLiteStore(tmp_path / "model.db") as db:
+        reports = tune_layers([("large", large), ("small", small)], opencl, db, trials=None, time_budget_s=0.01,
+                              repeats=1, warm_start=False, counts=[1, 50])
+    assert [r.label for r in reports] == ["small", "large"]
+    with SQLiteStore(tmp_path / "even.db") as db, pytest.raises(ValueError, match="counts: expected one per layer"):
+        tune_layers([("large", large), ("small", small)], opencl, db, trials=None, time_budget_s=0.01, repeats=1,
+                    warm_start=False, counts=[1])

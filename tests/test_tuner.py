@@ -332,3 +332,60 @@ def test_retiming_at_the_end_of_a_layer_decides_beyond_the_noise(db, faster, def
     stored = report.bests[IM2COL_GEMM]
     assert (stored.params == default_of(IM2COL_GEMM)) is default_kept
     assert IMPLICIT_GEMM not in report.retimed  # 5x slower: not a contender for serving
+
+
+# A time budget that follows the model (issue 25, item 3) -----------------------------------------
+
+def test_the_budget_goes_to_the_layers_where_the_models_time_is():
+    from autoconv.tuning.tuner import ModelBudget
+
+    # Three layers: 1 ms once, 0.5 ms four times, 3 ms once: stakes 1, 2 and 3.
+    budget = ModelBudget([1, 4, 1], [1.0, 0.5, 3.0])
+    assert budget.order == [2, 1, 0]  # the largest stake first
+    assert budget.share_s(0, 60.0) == pytest.approx(30.0)  # 3 of 6
+    # The first layer stopped after 10 s (its search stalled): the 50 s left go 2:1.
+    assert budget.share_s(1, 50.0) == pytest.approx(50.0 * 2 / 3)
+    assert budget.share_s(2, 5.0) == pytest.approx(5.0)  # the last one takes what is left
+    # A layer not measured yet counts the median of the others' times.
+    unknown = ModelBudget([2, 1, 1], [None, 1.0, 3.0])
+    assert unknown.stakes == [6.0, 1.0, 3.0] and unknown.order == [0, 2, 1]
+    with pytest.raises(ValueError, match="one of each per layer"):
+        ModelBudget([1], [1.0, 2.0])
+
+
+def test_tune_onnx_defaults_to_a_time_budget_that_counts_each_layer(tmp_path, monkeypatch):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from typer.testing import CliRunner
+
+    from autoconv.cli import app
+    from autoconv.tuning import tuner
+
+    rng = np.random.default_rng(0)
+    weights = {name: rng.standard_normal(shape).astype(np.float32)
+               for name, shape in (("w1", (8, 8, 3, 3)), ("w2", (8, 8, 3, 3)), ("w3", (16, 8, 1, 1)))}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "w2"], ["b"], pads=[1, 1, 1, 1]),  # the same layer again
+             helper.make_node("Conv", ["b", "w3"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 6, 6])],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    path = tmp_path / "three.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    asked = {}
+
+    def fake_tune_layers(layers, backend, db, **options):
+        asked.update(options, layers=layers)
+        return []
+
+    monkeypatch.setattr(tuner, "tune_layers", fake_tune_layers)
+    result = CliRunner().invoke(app, ["tune", "--onnx", str(path), "--db", str(tmp_path / "t.db"), "--layouts", "NCHW"])
+    assert result.exit_code == 0, result.output
+    assert asked["trials"] is None and asked["time_budget_s"] == 300.0
+    counts = {spec.r: count for (_, spec), count in zip(asked["layers"], asked["counts"])}
+    assert counts == {3: 2, 1: 1}
+    # A list of layers keeps 60 trials each and no counts.
+    result = CliRunner().invoke(app, ["tune", "n=1,c=8,h=6,w=6,k=8,r=3,s=3,pad=1", "--db", str(tmp_path / "t.db")])
+    assert result.exit_code == 0, result.output
+    assert asked["trials"] == 60 and asked["time_budget_s"] is None and asked["counts"] is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
@@ -18,6 +19,9 @@ from rich.text import Text
 from autoconv.cli.db import db_app
 from autoconv.cli.model import model_app
 from autoconv.tuning.build_pool import DEFAULT_JOBS
+
+# `autoconv tune --onnx/--model` with neither --trials nor --time-budget: this long in all.
+MODEL_TIME_BUDGET_S = 300.0
 from autoconv.cli.common import (
     DB_HELP,
     DEVICE_HELP,
@@ -373,8 +377,11 @@ def tune(
     batch: Optional[int] = typer.Option(None, help="batch size (overrides n)"),
     backend_name: str = typer.Option("opencl", "--backend", help="opencl or cuda"),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    trials: Optional[int] = typer.Option(None, min=1, help="measured configs per layer (default 60 without --time-budget)"),
-    time_budget: Optional[str] = typer.Option(None, help="wall time for all layers, e.g. 90s, 10m, 1h (a bare number is seconds)"),
+    trials: Optional[int] = typer.Option(None, min=1, help="measured configs per layer (default 60 without --time-budget; "
+                                         "with --onnx or --model and neither, a 5m budget)"),
+    time_budget: Optional[str] = typer.Option(None, help="wall time for all layers, e.g. 90s, 10m, 1h (a bare number is "
+                                              "seconds); with --onnx or --model it follows the model: each layer's share "
+                                              "is its count in the model times its time"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     repeats: int = typer.Option(7, min=1, help="timed runs per config (the median counts)"),
     seed: int = typer.Option(0, help="sampler and data seed"),
@@ -425,7 +432,10 @@ def tune(
 
         check_storage(storage)
     if trials is None and budget_s is None:
-        trials = 60
+        if model is not None or onnx is not None:  # a whole model: a wait a user can plan on
+            budget_s = MODEL_TIME_BUDGET_S
+        else:
+            trials = 60
     named_layers = _layers([*(layer or []), *(layer_option or [])], model, batch, onnx)
     chosen_layouts = _layouts_option(layouts)
     backend = get_backend(backend_name, device_option(device))
@@ -447,6 +457,10 @@ def tune(
                 continue
             unique.setdefault(spec, named.label if spec.layout == named.spec.layout else f"{named.label} {spec.layout}")
     chosen = [(label, spec) for spec, label in unique.items()]
+    # How many of the model's layers each distinct one stands for (the budget follows the model).
+    occurrences = Counter(spec for named in named_layers for spec in
+                          ([named.spec] if chosen_layouts is None else [named.spec.replace(layout=l) for l in chosen_layouts]))
+    counts = [occurrences[spec] for _, spec in chosen] if model is not None or onnx is not None else None
     path = db_path_option(db)
     _print_device(out, backend.device)
     out.print(f"tuning {len(chosen)} layer(s) into {path}", soft_wrap=True)
@@ -500,7 +514,7 @@ def tune(
                               progress=update, on_layer_start=start, on_layer_end=finished, on_defaults=defaults,
                               warm_start=warm_start,
                               early_stop=(EARLY_STOP_TRIALS, EARLY_STOP_GAIN) if early_stop else None,
-                              jobs=jobs, storage=storage)
+                              jobs=jobs, storage=storage, counts=counts)
     emit(console, fmt, f"tuned on {backend.device.name}", TUNE_FIELDS, [tune_record(r) for r in reports])
     _print_compiler_output([backend], verbose)
 

@@ -12,6 +12,7 @@ run loses nothing and the next run resumes."""
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections import deque
@@ -524,6 +525,33 @@ def tune_layer(
     return tuning.finish(started, retime=retime and not defaults_only)
 
 
+class ModelBudget:
+    """A time budget shared over a model's distinct layers by stake: each layer's count in the
+    model times its best time measured so far, what the model spends in it, so that the trials go
+    where the model's time is (Ansor's task scheduler weighs its tasks the same way). Layers are
+    tuned in order of stake, largest first, and each gets its stake's share of the time left when
+    it starts: time a layer leaves unused (its search stopped early, stalled) goes to the layers
+    after it. A layer with no time measured counts the median of the others'."""
+
+    def __init__(self, counts: Sequence[int], best_ms: Sequence[float | None]) -> None:
+        if len(counts) != len(best_ms):
+            raise ValueError("counts and best_ms: one of each per layer")
+        known = sorted(ms for ms in best_ms if ms is not None and math.isfinite(ms))
+        typical = known[len(known) // 2] if known else 1.0
+        self.stakes = [count * (typical if ms is None or not math.isfinite(ms) else ms)
+                       for count, ms in zip(counts, best_ms)]
+        # Largest stake first; ties in the given order.
+        self.order = sorted(range(len(self.stakes)), key=lambda i: (-self.stakes[i], i))
+
+    def share_s(self, position: int, remaining_s: float) -> float:
+        """Seconds for the layer tuned `position`-th (of `order`) when `remaining_s` are left."""
+        left = [self.stakes[i] for i in self.order[position:]]
+        total = sum(left)
+        if total <= 0:
+            return remaining_s / len(left)
+        return remaining_s * left[0] / total
+
+
 def tune_layers(
     layers: list[tuple[str, ConvSpec]],
     backend: Backend,
@@ -542,6 +570,7 @@ def tune_layers(
     jobs: int = 1,
     storage: str | None = None,
     on_defaults: Callable[[int, int], None] | None = None,
+    counts: Sequence[int] | None = None,
 ) -> list[LayerReport]:
     """Tune layers one after another; a time budget is shared out evenly over the layers left,
     after every layer's tunable algorithms have had their defaults measured (so no layer ends a
@@ -551,7 +580,8 @@ def tune_layers(
     `storage` (an Optuna storage URL or journal path) holds the studies when several workers
     share them; each worker still writes its measurements and bests to its own `db`. With
     jobs > 1, `jobs` builder processes are started (spawned: a script calling this needs the
-    `if __name__ == "__main__":` guard)."""
+    `if __name__ == "__main__":` guard). `counts`, how many times each layer occurs in a model: with a
+    time budget, the budget then follows the model (ModelBudget) instead of an even share."""
     from autoconv.serve.session import default_session
 
     session = default_session()
@@ -586,12 +616,21 @@ def tune_layers(
                 tune(label, spec, trials=None, deadline=time.monotonic(), early_stop=None, defaults_only=True)
             if on_defaults is not None:
                 on_defaults(len(layers), len(layers))
-        for index, (label, spec) in enumerate(layers):
+        budget = None
+        if end is not None and counts is not None:
+            if len(counts) != len(layers):
+                raise ValueError(f"counts: expected one per layer ({len(layers)}), got {len(counts)}")
+            budget = ModelBudget(counts, [_best_ms(db, backend, spec) for _, spec in layers])
+        order = budget.order if budget is not None else list(range(len(layers)))
+        for position, index in enumerate(order):
+            label, spec = layers[index]
             if on_layer_start is not None:
                 on_layer_start(label, spec)
             deadline = None
             if end is not None:
-                deadline = time.monotonic() + max(0.0, end - time.monotonic()) / (len(layers) - index)
+                remaining = max(0.0, end - time.monotonic())
+                deadline = time.monotonic() + (budget.share_s(position, remaining) if budget is not None
+                                               else remaining / (len(layers) - position))
             reports.append(tune(label, spec, trials=trials, deadline=deadline, progress=progress,
                                 early_stop=early_stop))
             if on_layer_end is not None:
@@ -603,4 +642,11 @@ def tune_layers(
     return reports
 
 
-__all__ = ["DeviceEvaluator", "Evaluator", "LayerReport", "Outcome", "tune_layer", "tune_layers"]
+def _best_ms(db: ResultStore, backend: Backend, spec: ConvSpec) -> float | None:
+    """The layer's fastest stored time on the backend's device with the current templates."""
+    best = fastest([r for r in db.results(device=backend.device.fingerprint(), template_hash=template_hash(),
+                                          layers=[spec.key()]) if r.spec == spec])
+    return None if best is None else best.median_ms
+
+
+__all__ = ["DeviceEvaluator", "ModelBudget", "Evaluator", "LayerReport", "Outcome", "tune_layer", "tune_layers"]
