@@ -55,6 +55,28 @@ def test_tune_with_a_time_budget(opencl, tmp_path):
     assert "tuned on" in result.output
 
 
+def test_tune_a_model_shows_its_estimated_time_falling(opencl, tmp_path):
+    # A two-conv model whose convolutions are one layer, twice: after the defaults and after it.
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = {name: np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+               for name, shape in (("w1", (8, 8, 3, 3)), ("w2", (8, 8, 3, 3)))}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    path = tmp_path / "twice.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    result = runner.invoke(app, ["tune", "--onnx", str(path), "--time-budget", "2s", "--repeats", "1", "--layouts",
+                                 "NCHW", "--db", str(tmp_path / "m.db")], env=WIDE)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "the model's convolutions, estimated" in line]
+    assert len(lines) == 2 and "after the defaults" in lines[-1], result.output  # one distinct layer, twice
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -813,10 +813,15 @@ def test_a_models_time_budget_tunes_the_layers_with_the_largest_stake_first(open
     from autoconv.tuning.tuner import tune_layers
 
     large, small = ConvSpec(1, 16, 12, 12, 16, 3, 3, padding=1), ConvSpec(1, 4, 6, 6, 4, 1, 1)
+    estimates: list[float] = []
     with SQLiteStore(tmp_path / "model.db") as db:
         reports = tune_layers([("large", large), ("small", small)], opencl, db, trials=None, time_budget_s=0.01,
-                              repeats=1, warm_start=False, counts=[1, 50])
+                              repeats=1, warm_start=False, counts=[1, 50], on_estimate=estimates.append)
     assert [r.label for r in reports] == ["small", "large"]
+    # The model's estimate after the defaults, then after each layer: count x best time, summed.
+    assert len(estimates) == 3 and all(ms > 0 for ms in estimates)
+    best = {r.label: r.best.median_ms for r in reports}
+    assert estimates[-1] == pytest.approx(1 * best["large"] + 50 * best["small"])
     with SQLiteStore(tmp_path / "even.db") as db, pytest.raises(ValueError, match="counts: expected one per layer"):
         tune_layers([("large", large), ("small", small)], opencl, db, trials=None, time_budget_s=0.01, repeats=1,
                     warm_start=False, counts=[1])

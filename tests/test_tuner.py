@@ -353,6 +353,13 @@ def test_the_budget_goes_to_the_layers_where_the_models_time_is():
         ModelBudget([1], [1.0, 2.0])
 
 
+def test_the_models_estimate_is_count_times_best_time_over_its_measured_layers():
+    from autoconv.tuning.tuner import model_estimate_ms
+
+    assert model_estimate_ms([1, 4, 2], [1.0, 0.5, 3.0]) == pytest.approx(9.0)
+    assert model_estimate_ms([1, 4], [None, 0.5]) == pytest.approx(2.0)  # not measured yet: nothing
+
+
 def test_tune_onnx_defaults_to_a_time_budget_that_counts_each_layer(tmp_path, monkeypatch):
     import numpy as np
     import onnx

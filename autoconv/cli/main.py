@@ -501,6 +501,21 @@ def tune(
             if done == total:
                 bar.stop_task(defaults_task[0])
 
+        estimates: list[float] = []
+
+        def estimated(ms: float) -> None:
+            """The model's estimated convolution time, falling as its layers are tuned."""
+            estimates.append(ms)
+            text = f"{ms:.2f} ms" + (f" (after the defaults: {estimates[0]:.2f} ms)" if len(estimates) > 1 else "")
+            if bar is None:
+                errors.print(f"the model's convolutions, estimated: {text}", soft_wrap=True)
+                return
+            if not estimate_task:
+                estimate_task.append(bar.add_task("model estimate", total=None, best=text))
+            bar.update(estimate_task[0], best=text)
+
+        estimate_task: list[TaskID] = []
+
         def finished(report: LayerReport) -> None:
             if bar is not None:  # the layer's timer stops with it
                 bar.update(tasks[report.label], completed=report.trials, total=max(report.trials, 1),
@@ -514,7 +529,7 @@ def tune(
                               progress=update, on_layer_start=start, on_layer_end=finished, on_defaults=defaults,
                               warm_start=warm_start,
                               early_stop=(EARLY_STOP_TRIALS, EARLY_STOP_GAIN) if early_stop else None,
-                              jobs=jobs, storage=storage, counts=counts)
+                              jobs=jobs, storage=storage, counts=counts, on_estimate=estimated)
     emit(console, fmt, f"tuned on {backend.device.name}", TUNE_FIELDS, [tune_record(r) for r in reports])
     _print_compiler_output([backend], verbose)
 

@@ -571,6 +571,7 @@ def tune_layers(
     storage: str | None = None,
     on_defaults: Callable[[int, int], None] | None = None,
     counts: Sequence[int] | None = None,
+    on_estimate: Callable[[float], None] | None = None,
 ) -> list[LayerReport]:
     """Tune layers one after another; a time budget is shared out evenly over the layers left,
     after every layer's tunable algorithms have had their defaults measured (so no layer ends a
@@ -581,7 +582,9 @@ def tune_layers(
     share them; each worker still writes its measurements and bests to its own `db`. With
     jobs > 1, `jobs` builder processes are started (spawned: a script calling this needs the
     `if __name__ == "__main__":` guard). `counts`, how many times each layer occurs in a model: with a
-    time budget, the budget then follows the model (ModelBudget) instead of an even share."""
+    time budget, the budget then follows the model (ModelBudget) instead of an even share, and
+    `on_estimate(ms)` hears the model's estimated convolution time (the sum of count x best time
+    over its layers) after the defaults pass and after each layer."""
     from autoconv.serve.session import default_session
 
     session = default_session()
@@ -617,10 +620,16 @@ def tune_layers(
             if on_defaults is not None:
                 on_defaults(len(layers), len(layers))
         budget = None
+        if counts is not None and len(counts) != len(layers):
+            raise ValueError(f"counts: expected one per layer ({len(layers)}), got {len(counts)}")
+
+        def estimate() -> None:
+            if on_estimate is not None and counts is not None:
+                on_estimate(model_estimate_ms(counts, [_best_ms(db, backend, spec) for _, spec in layers]))
+
         if end is not None and counts is not None:
-            if len(counts) != len(layers):
-                raise ValueError(f"counts: expected one per layer ({len(layers)}), got {len(counts)}")
             budget = ModelBudget(counts, [_best_ms(db, backend, spec) for _, spec in layers])
+            estimate()
         order = budget.order if budget is not None else list(range(len(layers)))
         for position, index in enumerate(order):
             label, spec = layers[index]
@@ -635,11 +644,18 @@ def tune_layers(
                                 early_stop=early_stop))
             if on_layer_end is not None:
                 on_layer_end(reports[-1])
+            estimate()
     finally:
         heartbeat.stop()
         if builders is not None:
             builders.shutdown(wait=True, cancel_futures=True)
     return reports
+
+
+def model_estimate_ms(counts: Sequence[int], best_ms: Sequence[float | None]) -> float:
+    """A model's convolution time as its tuning stands: each layer's count times its best time
+    (layers not measured yet count nothing)."""
+    return sum(count * ms for count, ms in zip(counts, best_ms) if ms is not None and math.isfinite(ms))
 
 
 def _best_ms(db: ResultStore, backend: Backend, spec: ConvSpec) -> float | None:
@@ -649,4 +665,4 @@ def _best_ms(db: ResultStore, backend: Backend, spec: ConvSpec) -> float | None:
     return None if best is None else best.median_ms
 
 
-__all__ = ["DeviceEvaluator", "ModelBudget", "Evaluator", "LayerReport", "Outcome", "tune_layer", "tune_layers"]
+__all__ = ["DeviceEvaluator", "ModelBudget", "model_estimate_ms", "Evaluator", "LayerReport", "Outcome", "tune_layer", "tune_layers"]
