@@ -37,11 +37,11 @@ _PROBE_SOURCE = "__kernel void probe(__global float* a) { a[get_global_id(0)] +=
 # Result arrays kept for reuse once no caller holds them: at most this many per size, and this
 # many bytes in all (a fresh array and its buffer cost more than the kernels of a small layer).
 POOLED_PER_SIZE = 4
+POOLED_BYTES = 256 * 2**20
 # Calls retained (in flight) before the completed ones are looked for and let go: a model enqueues
 # its steps far ahead of the device, and checking after each one cost the host (which shares the
 # CPU device's cores) more than holding them a little longer.
 RELEASE_BACKLOG = 64
-POOLED_BYTES = 256 * 2**20
 
 
 class _PooledOutput:

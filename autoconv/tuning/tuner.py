@@ -623,13 +623,14 @@ def tune_layers(
         if counts is not None and len(counts) != len(layers):
             raise ValueError(f"counts: expected one per layer ({len(layers)}), got {len(counts)}")
 
-        def estimate() -> None:
+        def estimate(best_ms: list[float | None] | None = None) -> None:
             if on_estimate is not None and counts is not None:
-                on_estimate(model_estimate_ms(counts, [_best_ms(db, backend, spec) for _, spec in layers]))
+                on_estimate(model_estimate_ms(counts, best_ms or [_best_ms(db, backend, spec) for _, spec in layers]))
 
         if end is not None and counts is not None:
-            budget = ModelBudget(counts, [_best_ms(db, backend, spec) for _, spec in layers])
-            estimate()
+            after_defaults = [_best_ms(db, backend, spec) for _, spec in layers]
+            budget = ModelBudget(counts, after_defaults)
+            estimate(after_defaults)
         order = budget.order if budget is not None else list(range(len(layers)))
         for position, index in enumerate(order):
             label, spec = layers[index]
