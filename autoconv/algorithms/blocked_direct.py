@@ -63,6 +63,12 @@ def input_blocks(spec: ConvSpec, block: int) -> int:
     return -(-spec.c_per_group // block)
 
 
+# The work-group width along a row, shared by the direct kernels (blocked and depthwise).
+ROW_GROUPS = ParamDecl("LX", 0, "work-group width in pixel groups (0: the runtime chooses)", (0, 1, 2, 4, 8, 16, 32, 64),
+                       device_limit=lambda limits: limits.max_work_group_size)
+ROW_GROUPS_FIT = Constraint("work_group", "LX must not exceed the device's work-group size",
+                            lambda p, d: p.LX <= min(d.max_work_group_size, d.max_work_item_sizes[0]))
+
 SPACE = ParamSpace(
     params=(
         ParamDecl("CB", 16, "channel block: output (and input) channels per vector, the layout's b of OIHW{b}i{b}o",
@@ -70,8 +76,7 @@ SPACE = ParamSpace(
         ParamDecl("KV", 2, "output-channel blocks each work-item accumulates", (1, 2, 3, 4)),
         ParamDecl("PIX", 7, "output pixels of one row each work-item accumulates", (1, 2, 4, 7, 8, 14, 16)),
         ParamDecl("ORDER", 0, "loop order: 0 input-channel blocks outermost, 1 the filter window outermost", (0, 1)),
-        ParamDecl("LX", 0, "work-group width in pixel groups (0: the runtime chooses)", (0, 1, 2, 4, 8, 16, 32, 64),
-                  device_limit=lambda limits: limits.max_work_group_size),
+        ROW_GROUPS,
         ParamDecl("PADX", 1, "layers with padding: 1 copies the input with its zero border into scratch first, "
                   "so the convolution checks no edges; 0 checks them in the kernel", (0, 1)),
     ),
@@ -79,8 +84,7 @@ SPACE = ParamSpace(
         Constraint("registers", f"KV x PIX accumulator vectors (CB lanes each) must fit the registers: at most "
                    f"{VECTOR_REGISTERS} vectors, or {SCALAR_REGISTERS} floats where the language has no vectors",
                    _fits_registers),
-        Constraint("work_group", "LX must not exceed the device's work-group size",
-                   lambda p, d: p.LX <= min(d.max_work_group_size, d.max_work_item_sizes[0])),
+        ROW_GROUPS_FIT,
     ),
     layer_constraints=(
         LayerConstraint(
@@ -96,6 +100,28 @@ SPACE = ParamSpace(
                         lambda p, spec: spec.layout == "NCHW" or spec.groups == 1 or spec.c_per_group % p.CB == 0),
     ),
 )
+
+
+def gpu_row_groups(device: DeviceInfo | None, choices: tuple[int, ...]) -> int:
+    """LX for a direct kernel's heuristic: on a GPU, work-groups of up to 64 neighbouring pixel
+    groups of a row (the widest of `choices` the device allows); elsewhere 0, the runtime's choice."""
+    if device is None or device.device_type != "gpu":
+        return 0
+    limits = device.limits()
+    widest = min(64, limits.max_work_group_size, limits.max_work_item_sizes[0])
+    return max(c for c in choices if c <= widest)
+
+
+def wastes_a_row(q: int, pix: int) -> bool:
+    """More than an eighth of a row of q pixels computed past its end in groups of pix."""
+    return (-(-q // pix) * pix - q) * 8 > q
+
+
+def row_launch(q: int, pix: int, lx: int) -> tuple[int, tuple[int, int, int] | None]:
+    """A direct kernel's launch along a row: the pixel groups (padded to whole work-groups of lx)
+    and the local size (None: the runtime's choice)."""
+    groups = -(-q // pix)
+    return (groups, None) if lx == 0 else (-(-groups // lx) * lx, (lx, 1, 1))
 
 
 def preferred_block(device: DeviceInfo | None) -> int:
@@ -128,11 +154,7 @@ class BlockedDirect(AlgorithmDefaults):
 
     def heuristic(self, spec: ConvSpec, device: DeviceInfo | None) -> Params:
         limits = None if device is None else device.limits()
-        # GPUs: work-groups of up to 64 neighbouring pixel groups; CPUs: the runtime's choice.
-        lx = 0
-        if device is not None and device.device_type == "gpu" and limits is not None:
-            widest = min(64, limits.max_work_group_size, limits.max_work_item_sizes[0])
-            lx = max(c for c in SPACE.decl("LX").choices if c <= widest)
+        lx = gpu_row_groups(device, SPACE.decl("LX").choices)
         preferred = spec.block if spec.layout != "NCHW" else preferred_block(device)
         fitting = []  # in order of preference: the device's block, then the widest register tiles
         for block in sorted(BLOCKS, key=lambda b: (abs(b - preferred), -b)):
@@ -144,11 +166,7 @@ class BlockedDirect(AlgorithmDefaults):
         if not fitting:  # CB=4, KV=1, PIX=1 breaks nothing on a layer supports() accepts
             return SPACE.validate(dict(CB=spec.block if spec.layout != "NCHW" else min(BLOCKS), KV=1, PIX=1, LX=lx))
 
-        def wastes_a_row(params: Params) -> bool:
-            """More than an eighth of each row's pixels computed past its end."""
-            return (-(-spec.q // params.PIX) * params.PIX - spec.q) * 8 > spec.q
-
-        return next((params for params in fitting if not wastes_a_row(params)), fitting[0])
+        return next((params for params in fitting if not wastes_a_row(spec.q, params.PIX)), fitting[0])
 
     def kernels(self, spec: ConvSpec, params: Params, dialect: Dialect) -> list[KernelSource]:
         block, vb = params.CB, min(params.CB, dialect.max_vector_width)
@@ -185,13 +203,11 @@ class BlockedDirect(AlgorithmDefaults):
                             epilogue=epilogue.NO_EPILOGUE, **common),
             "blocked_filter", dialect.name, (kb * block, ncb * block * spec.r * spec.s, 1), None,
             (KernelArg("wt", "weight"), scratch), once_per_weights=True)
-        lx = params.LX
-        groups_w = -(-spec.q // params.PIX)
-        width = groups_w if lx == 0 else -(-groups_w // lx) * lx
+        width, local = row_launch(spec.q, params.PIX, params.LX)
         conv_stage = KernelSource(
             render_template("shared/blocked_direct.j2", stage="conv", entry="blocked_conv",
                             epilogue=epilogue.template_vars(spec), **common),
-            "blocked_conv", dialect.name, (width, spec.p, spec.n * kgroups), None if lx == 0 else (lx, 1, 1),
+            "blocked_conv", dialect.name, (width, spec.p, spec.n * kgroups), local,
             (KernelArg("x", "scratch" if copied else "input"), scratch, KernelArg("bias", "bias"),
              KernelArg("out", "output"), *epilogue.residual_args(spec), *int_args(has_bias=int(spec.bias))))
         if not copied:

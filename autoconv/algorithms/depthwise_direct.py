@@ -16,7 +16,8 @@ with one filter per channel. Non-finite inputs behave as in the reference (tests
 from __future__ import annotations
 
 from autoconv import epilogue
-from autoconv.algorithms.base import AlgorithmDefaults, Constraint, ParamDecl, Params, ParamSpace
+from autoconv.algorithms.base import AlgorithmDefaults, ParamDecl, Params, ParamSpace
+from autoconv.algorithms.blocked_direct import ROW_GROUPS, ROW_GROUPS_FIT, gpu_row_groups, row_launch, wastes_a_row
 from autoconv.device import DeviceInfo
 from autoconv.layouts import LAYOUTS
 from autoconv.render import Dialect, KernelArg, KernelSource, int_args, render_template
@@ -25,13 +26,9 @@ from autoconv.spec import ConvSpec
 SPACE = ParamSpace(
     params=(
         ParamDecl("PIX", 8, "output pixels of one row each work-item accumulates", (1, 2, 4, 7, 8, 14, 16)),
-        ParamDecl("LX", 0, "work-group width in pixel groups (0: the runtime chooses)", (0, 1, 2, 4, 8, 16, 32, 64),
-                  device_limit=lambda limits: limits.max_work_group_size),
+        ROW_GROUPS,
     ),
-    constraints=(
-        Constraint("work_group", "LX must not exceed the device's work-group size",
-                   lambda p, d: p.LX <= min(d.max_work_group_size, d.max_work_item_sizes[0])),
-    ),
+    constraints=(ROW_GROUPS_FIT,),
 )
 
 
@@ -54,20 +51,13 @@ class DepthwiseDirect(AlgorithmDefaults):
         return None
 
     def heuristic(self, spec: ConvSpec, device: DeviceInfo | None) -> Params:
-        # GPUs: work-groups of up to 64 neighbouring pixel groups; CPUs: the runtime's choice. The
-        # widest pixel group that computes at most an eighth of a row past its end.
-        lx = 0
-        if device is not None and device.device_type == "gpu":
-            limits = device.limits()
-            widest = min(64, limits.max_work_group_size, limits.max_work_item_sizes[0])
-            lx = max(c for c in SPACE.decl("LX").choices if c <= widest)
-        for pix in (8, 7, 14, 16, 4, 2, 1):
-            if (-(-spec.q // pix) * pix - spec.q) * 8 <= spec.q:
-                break
-        return SPACE.validate(dict(PIX=pix, LX=lx))
+        # The first pixel group (in order of preference) that computes at most an eighth of a row
+        # past its end; 1 always does.
+        pix = next(p for p in (8, 7, 14, 16, 4, 2, 1) if not wastes_a_row(spec.q, p))
+        return SPACE.validate(dict(PIX=pix, LX=gpu_row_groups(device, SPACE.decl("LX").choices)))
 
     def kernels(self, spec: ConvSpec, params: Params, dialect: Dialect) -> list[KernelSource]:
-        lanes = spec.block if spec.layout != "NCHW" else 1
+        lanes = spec.block  # channels side by side per pixel; 1 in NCHW
         vb = min(lanes, dialect.max_vector_width)
         kb = -(-spec.k // lanes)
         top, left = spec.padding
@@ -84,17 +74,15 @@ class DepthwiseDirect(AlgorithmDefaults):
                             epilogue=epilogue.NO_EPILOGUE, **common),
             "depthwise_filter", dialect.name, (kb * lanes, spec.r * spec.s, 1), None,
             (KernelArg("wt", "weight"), scratch), once_per_weights=True)
-        groups_w = -(-spec.q // params.PIX)
-        width = groups_w if params.LX == 0 else -(-groups_w // params.LX) * params.LX
+        width, local = row_launch(spec.q, params.PIX, params.LX)
         conv_stage = KernelSource(
             render_template("shared/depthwise_direct.j2", stage="conv", entry="depthwise_conv",
                             epilogue=epilogue.template_vars(spec), **common),
-            "depthwise_conv", dialect.name, (width, spec.p, spec.n * kb), None if params.LX == 0 else (params.LX, 1, 1),
+            "depthwise_conv", dialect.name, (width, spec.p, spec.n * kb), local,
             (KernelArg("x", "input"), scratch, KernelArg("bias", "bias"), KernelArg("out", "output"),
              *epilogue.residual_args(spec), *int_args(has_bias=int(spec.bias))))
         return [filter_stage, conv_stage]
 
     def scratch_bytes(self, spec: ConvSpec, params: Params) -> int:
         """The filters as one vector per tap and channel block."""
-        lanes = spec.block if spec.layout != "NCHW" else 1
-        return -(-spec.k // lanes) * lanes * spec.r * spec.s * spec.itemsize
+        return -(-spec.k // spec.block) * spec.block * spec.r * spec.s * spec.itemsize

@@ -449,6 +449,7 @@ def tune(
         named_layers = [NamedLayer(named.model, named.name, served_spec(named.spec, layout, backend))
                         for named in named_layers]
     unique: dict = {}
+    occurrences: Counter = Counter()  # how many of the model's layers each distinct one stands for
     for named in named_layers:
         for spec in ([named.spec] if chosen_layouts is None else [named.spec.replace(layout=l) for l in chosen_layouts]):
             if spec.layout != named.spec.layout and not runs_in_layout(spec, backend):
@@ -456,10 +457,9 @@ def tune(
                              soft_wrap=True)
                 continue
             unique.setdefault(spec, named.label if spec.layout == named.spec.layout else f"{named.label} {spec.layout}")
+            occurrences[spec] += 1
     chosen = [(label, spec) for spec, label in unique.items()]
-    # How many of the model's layers each distinct one stands for (the budget follows the model).
-    occurrences = Counter(spec for named in named_layers for spec in
-                          ([named.spec] if chosen_layouts is None else [named.spec.replace(layout=l) for l in chosen_layouts]))
+    # The budget follows the model: each distinct layer weighed by its count.
     counts = [occurrences[spec] for _, spec in chosen] if model is not None or onnx is not None else None
     path = db_path_option(db)
     _print_device(out, backend.device)
