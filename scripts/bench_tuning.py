@@ -1,19 +1,28 @@
-"""Benchmark of the tuner itself, in one run, writing benchmarks/tuning-pocl.md and a PNG:
+"""Benchmark of the tuner itself on a whole model, writing benchmarks/tuning-pocl.md, a JSON and a PNG.
 
-1. Search quality, per ResNet-50 layer (one tunable algorithm, --algorithm, default im2col_gemm,
-   whose space is the largest): best-so-far vs trial index for cold TPE, warm-started TPE and
-   random search (--trials each), against a long TPE run (--reference-trials) as the reference
-   best. Warm start reads the shipped PoCL database leaving out the layer itself at every batch
-   size, as for a model never tuned here. Early stopping and re-timing are off, so every run
-   spends its whole budget; each run is a fresh in-memory study.
-2. The whole of ResNet-50 tuned as a user would (`autoconv tune --model resnet50 --trials N`: the defaults otherwise,
-   warm start from earlier layers of the run, early stopping, re-timing) with the build pool
-   (--jobs 2) and without (--jobs 1), each in its own process with an empty PoCL kernel cache and
-   no shipped database: wall time per layer, tuned vs default with the stored spreads, and the
-   stored baseline spreads.
+The model is the onnx package's light_resnet50 (every Conv node, in the layers `autoconv.onnx.load`
+serves: the layout it runs the model in, the fused epilogues). Each tuning run is `autoconv tune
+--onnx light_resnet50.onnx` in its own process with a fresh database, an empty PoCL kernel cache
+and no shipped database (a device nothing describes yet: what a new user's first tune is):
 
-    python scripts/bench_tuning.py [--layers res2_1x1a,res2_3x3,res3_down,res5_3x3] [--trials 20]
-        [--reference-trials 200] [--out benchmarks/tuning-pocl.md]
+1. the new defaults: no flags (a 5-minute budget that follows the model, the cost model, racing,
+   one search per convolution whatever its epilogue);
+2. the same budget with the search alone: `--no-cost-model` (TPE) and `--no-cost-model --sampler
+   random`;
+3. the reference: `--trials 200 --no-early-stop --no-cost-model --no-racing` (every layer 200
+   trials; --reference-db reuses a reference made earlier by this script).
+
+Then, in this process, every layer's served plan from each database (and the untuned fallback: an
+empty database) is checked against the float64 reference and timed, the methods interleaved round
+by round (kernel-event medians; OpenBLAS held to one thread while a device kernel runs); the
+model's summed convolution time is the sum of count x median over its layers, per round, and the
+median over rounds is reported with its spread. The curves are each run's own estimate as its
+progress prints it (count x best time, summed) against the run's wall time. Last, the cost model
+is trained on the reference's measurements with a quarter of the convolutions held out (4 folds)
+and ranks the held-out layers' configs: Spearman's rank correlation per layer and algorithm.
+
+    pip install '.[bench]' && python scripts/bench_tuning.py [--budget 5m] [--reference-trials 200]
+        [--reference-db PATH] [--rounds 5] [--out benchmarks/tuning-pocl.md]
 """
 
 from __future__ import annotations
@@ -24,27 +33,29 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import autoconv
 from autoconv.algorithms import IM2COL_BLAS
 from autoconv.backends import get_backend
 from autoconv.layers import model_layers
-from autoconv.serve.lookup import DatabaseContents
-from autoconv.serve.session import read_contents
-from autoconv.store import SQLiteStore, fastest
-from autoconv.tuning.tuner import EARLY_STOP_GAIN, EARLY_STOP_TRIALS, DeviceEvaluator, tune_layer
-from autoconv.tuning.verify import TOLERANCE, reference_output, relative_error
+from autoconv.store import SQLiteStore
+from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "layers" / "public.json"
-SHIPPED = REPO / "tuning_db" / "pocl-cpu.db"
 INF = float("inf")
+ESTIMATE_LINE = re.compile(r"the model's convolutions, estimated: ([0-9.]+) ms")
+# The folds of the cost model's held-out check.
+FOLDS = 4
 
 
 def public_resnet50_names() -> list[str]:
@@ -83,278 +94,275 @@ def checked_methods(backend, spec, tuned, operands: tuple, label: str, extra: di
     return convs
 
 
-def best_so_far(storage) -> list[float]:
-    """The best verified time after each completed trial of the only study in a storage."""
-    import optuna
-    from optuna.trial import TrialState
+def light_resnet50() -> Path:
+    import onnx
 
-    (name,) = optuna.study.get_all_study_names(storage)
-    best, curve = INF, []
-    for trial in sorted(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False),
-                        key=lambda t: t.number):
-        if trial.state != TrialState.COMPLETE:
-            continue
-        if trial.user_attrs.get("status") == "ok" and isinstance(trial.value, float) and math.isfinite(trial.value):
-            best = min(best, trial.value)
-        curve.append(best)
-    return curve
+    return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
 
 
-def search(backend, spec, algorithm: str, trials: int, *, sampler: str, records, seed: int) -> list[float]:
-    import optuna
+def model_convolutions(path: Path, backend) -> list[tuple[str, object, int]]:
+    """The distinct layers `tune --onnx` tunes (as autoconv.onnx.load serves them), with counts."""
+    from autoconv.cli.common import runner_layout, served_spec
+    from autoconv.onnx_layers import onnx_layers
 
-    storage = optuna.storages.InMemoryStorage()
-    with tempfile.TemporaryDirectory() as work, SQLiteStore(Path(work) / "t.db") as db:
-        tune_layer(spec, backend.device, DeviceEvaluator(backend, spec, repeats=5, seed=seed), db, trials=trials,
-                   storage=storage, algorithms=(algorithm,), records=records, early_stop=None, retime=False,
-                   sampler=sampler, seed=seed, jobs=2)
-    return best_so_far(storage)
+    found, _ = onnx_layers(path)
+    layout = runner_layout(path, None, backend.name, None)
+    counts: Counter = Counter()
+    labels: dict = {}
+    for named in found:
+        spec = served_spec(named.spec, layout, backend)
+        counts[spec] += 1
+        labels.setdefault(spec, named.label)
+    return [(labels[spec], spec, counts[spec]) for spec in labels]
 
 
-def leave_layer_out(contents: DatabaseContents, spec) -> list[DatabaseContents]:
-    """The shipped results without the layer itself at any batch size: a model never tuned here."""
-    kept = tuple(r for r in contents.results if r.spec.replace(n=1) != spec.replace(n=1))
-    return [DatabaseContents(kept, contents.devices)]
-
-
-def full_model_run(jobs: int, trials: int, work: Path) -> tuple[float, list[dict], Path]:
-    """`autoconv tune --model resnet50 --jobs N` in a fresh process with an empty PoCL kernel cache."""
-    db = work / f"jobs{jobs}.db"
-    cache = work / f"pocl-cache-{jobs}"
+def tune_run(name: str, model: Path, work: Path, options: list[str]) -> dict:
+    """`autoconv tune --onnx MODEL OPTIONS` in a fresh process: wall time, the estimate curve, the reports."""
+    db = work / f"{name}.db"
+    cache = work / f"pocl-cache-{name}"
     cache.mkdir()
     env = {**os.environ, "POCL_CACHE_DIR": str(cache), "AUTOCONV_SHIPPED_DB_DIR": ""}
+    command = [sys.executable, "-m", "autoconv.cli", "tune", "--onnx", str(model), "--db", str(db), "--json", *options]
+    print(f"{name}: autoconv tune --onnx {model.name} {' '.join(options)} ...", file=sys.stderr, flush=True)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "autoconv.cli", "tune", "--model", "resnet50", "--jobs", str(jobs),
-                           "--trials", str(trials), "--db", str(db), "--json"], env=env, capture_output=True, text=True)
+    curve: list[tuple[float, float]] = []
+    log: list[str] = []
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stderr is not None and process.stdout is not None
+        for line in process.stderr:
+            log.append(line)
+            found = ESTIMATE_LINE.search(line)
+            if found:
+                curve.append((time.monotonic() - started, float(found.group(1))))
+        stdout = process.stdout.read()
     wall = time.monotonic() - started
-    if done.returncode != 0:
-        raise SystemExit(f"autoconv tune --jobs {jobs} failed:\n{done.stderr}")
-    return wall, json.loads(done.stdout), db
+    if process.returncode != 0:
+        raise SystemExit(f"{name}: autoconv tune failed ({process.returncode}):\n{''.join(log[-30:])}")
+    print(f"  {wall:.0f} s", file=sys.stderr, flush=True)
+    return {"name": name, "options": options, "wall_s": wall, "curve": curve, "reports": json.loads(stdout),
+            "db": str(db)}
 
 
-# Early-stopping rules tried on the reference runs: (window in trials, minimum gain).
-STOP_WINDOWS = (6, 8, 10, 12, 16, 20, 30)
-STOP_GAINS = (0.01, 0.02, 0.05)
-MAX_STOP_LOSS = 0.10
+def served(spec, device, db: Path):
+    from autoconv import lookup
+
+    return lookup(spec, device, db)
 
 
-def stop_index(curve: list[float], window: int, gain: float) -> int:
-    """How many trials a run with this early-stopping rule would have measured (the tuner's
-    AlgorithmStudy.stalled: no more than `gain` better over the last `window` trials)."""
-    for done in range(window + 1, len(curve) + 1):
-        before, now = curve[done - window - 1], curve[done - 1]
-        if math.isfinite(before) and now >= before * (1 - gain):
-            return done
-    return len(curve)
+def model_times(backend, layers, dbs: dict[str, Path], rounds: int, repeats: int) -> tuple[dict, dict]:
+    """Per method (a database), the model's summed convolution time per round (count x the layer's
+    median), and per layer the median ms of each method; every plan checked first."""
+    from autoconv.tuning.tuner import host_threads_for
+
+    host = get_backend("numpy")
+    totals: dict[str, list[float]] = {name: [0.0] * rounds for name in dbs}
+    per_layer: dict[str, dict[str, object]] = {}
+    for label, spec, count in layers:
+        operands = random_operands(spec, 0)
+        reference = reference_output(spec, operands)
+        plans = {name: served(spec, backend.device, db) for name, db in dbs.items()}
+        convs = {}
+        for name, plan in plans.items():
+            runner = backend if plan.algorithm in backend.algorithms else host
+            convs[name] = (runner, runner.prepare(spec, plan))
+            error = relative_error(convs[name][1].run(*operands, poison=True), reference)
+            if not error < TOLERANCE:
+                raise SystemExit(f"{label}: {name}'s plan {plan} is wrong (relative error {error:.1e})")
+        samples: dict[str, list[float]] = {name: [] for name in dbs}
+        for round_index in range(rounds):
+            for name, (runner, conv) in convs.items():  # interleaved: drift hits every method alike
+                with host_threads_for(runner):
+                    timing = conv.time(*operands, warmup=1, repeats=repeats, min_sample_ms=1.0)
+                samples[name].append(timing.median_ms)
+                totals[name][round_index] += count * timing.median_ms
+        per_layer[label] = {"spec": spec.key(), "count": count,
+                            "plans": {name: f"{plan.algorithm} {plan.params.describe()}".strip()
+                                      for name, plan in plans.items()},
+                            "ms": {name: statistics.median(values) for name, values in samples.items()}}
+        print(f"  {label}: " + ", ".join(f"{name} {statistics.median(v):.3f}" for name, v in samples.items()),
+              file=sys.stderr, flush=True)
+    return totals, per_layer
 
 
-def geomean(values: list[float]) -> float:
-    return math.exp(statistics.fmean(math.log(v) for v in values))
+def correlations(reference_db: Path, device) -> dict[str, list[float]]:
+    """Spearman's rank correlation per held-out (layer, algorithm), by algorithm."""
+    from autoconv.tuning.cost_model import CostModel, rank_correlation
+
+    with SQLiteStore(reference_db, readonly=True) as db:
+        measured = db.timed_configs()
+        devices = {row["fingerprint"]: row for row in db.devices()}
+    convolutions = sorted({row.spec.convolution().replace(layout="NCHW").key() for row in measured})
+    found: dict[str, list[float]] = {}
+    for fold in range(FOLDS):
+        held = set(convolutions[fold::FOLDS])
+        train = [r for r in measured if r.spec.convolution().replace(layout="NCHW").key() not in held]
+        test = [r for r in measured if r.spec.convolution().replace(layout="NCHW").key() in held]
+        model = CostModel.fit(train, devices, device)
+        for (_, algorithm), rho in rank_correlation(model, test).items():
+            found.setdefault(algorithm, []).append(rho)
+    return found
 
 
-def plot(curves: dict[str, list[list[float]]], references: list[float], walls: dict[int, list[dict]],
-         path: Path, trials: int) -> None:
+def spread(values: list[float]) -> float:
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return (q3 - q1) / statistics.median(values)
+
+
+def plot(runs: list[dict], path: Path, reference_total: float, untuned_total: float, budget_s: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 6), dpi=100)
-    for label, per_layer in curves.items():
-        length = min(len(c) for c in per_layer)
-        ratios = [geomean([c[i] / ref for c, ref in zip(per_layer, references)]) for i in range(length)]
-        left.plot(range(1, length + 1), ratios, marker="o" if length <= trials else None, markersize=3, label=label)
-    left.axhline(1.05, color="grey", linestyle="--", linewidth=1, label="within 5% of the reference best")
-    left.axvline(trials, color="grey", linestyle=":", linewidth=1)
-    left.set_xscale("log")
-    left.set_xlabel("trial index (log scale)")
-    left.set_ylabel("best time so far / reference best (geomean over layers)")
-    left.set_title("Search quality")
-    left.legend()
-    names = [row["layer"].split("/")[-1] for row in walls[1]]
-    positions = range(len(names))
-    width = 0.4
-    for offset, jobs in ((-width / 2, 1), (width / 2, 2)):
-        right.bar([p + offset for p in positions], [row["wall_s"] for row in walls[jobs]], width,
-                  label=f"--jobs {jobs}")
-    right.set_xticks(list(positions), names, rotation=30, ha="right")
-    right.set_ylabel("tuning wall time per layer (s)")
-    right.set_title("autoconv tune --model resnet50, empty kernel cache")
-    right.legend()
+    figure, axis = plt.subplots(figsize=(9, 6), dpi=100)
+    for run in runs:
+        if run["curve"]:
+            axis.step([t for t, _ in run["curve"]], [ms for _, ms in run["curve"]], where="post", marker="o",
+                      markersize=3, label=run["label"])
+    axis.axhline(reference_total, color="black", linestyle="--", linewidth=1,
+                 label="reference (200 trials per layer), re-timed")
+    axis.axhline(untuned_total, color="grey", linestyle=":", linewidth=1, label="untuned fallback, re-timed")
+    axis.axvline(budget_s, color="grey", linestyle="-.", linewidth=1, label="the budget")
+    axis.set_xlabel("tuning wall time (s)")
+    axis.set_ylabel("the model's estimated convolution time (ms; count x best time)")
+    axis.set_title("light_resnet50: estimated model time as each run tunes")
+    axis.legend()
     figure.tight_layout()
     figure.savefig(path)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", default="res2_1x1a,res2_3x3,res3_down,res5_3x3",
-                        help="ResNet-50 layers for the search curves")
-    parser.add_argument("--algorithm", default="im2col_gemm")
-    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--budget", default="5m", help="--time-budget of the budgeted runs (the default's)")
     parser.add_argument("--reference-trials", type=int, default=200)
-    parser.add_argument("--model-trials", type=int, default=20, help="--trials of the whole-model runs")
+    parser.add_argument("--reference-db", type=Path, help="a reference database made earlier by this script")
+    parser.add_argument("--reference-wall", type=float, help="that reference run's wall time (s), to report")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/tuning-pocl.md")
     args = parser.parse_args()
 
-    import optuna
+    from autoconv.cli.common import parse_duration
+    from autoconv.settings import SHIPPED_DB_ENV, reload_settings
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ[SHIPPED_DB_ENV] = ""  # the untuned plans are the fallback's, as on a device nothing describes
+    reload_settings()
+
+    budget_s = parse_duration(args.budget)
     backend = get_backend("opencl")
     info = backend.device
-    by_name = {layer.name: layer for layer in model_layers("resnet50", batch=1)}
-    chosen = [by_name[name] for name in args.layers.split(",")]
-    shipped = read_contents(SHIPPED) if SHIPPED.is_file() else DatabaseContents()
-
-    curves: dict[str, list[list[float]]] = {"cold TPE": [], "warm-started TPE": [], "random search": [],
-                                            f"reference TPE ({args.reference_trials} trials)": []}
-    references: list[float] = []
-    for layer in chosen:
-        spec = layer.spec
-        print(f"{layer.name}: reference ({args.reference_trials} trials) ...", file=sys.stderr, flush=True)
-        reference = search(backend, spec, args.algorithm, args.reference_trials, sampler="tpe", records=None, seed=100)
-        runs = {
-            "cold TPE": search(backend, spec, args.algorithm, args.trials, sampler="tpe", records=None, seed=1),
-            "warm-started TPE": search(backend, spec, args.algorithm, args.trials, sampler="tpe",
-                                       records=leave_layer_out(shipped, spec), seed=1),
-            "random search": search(backend, spec, args.algorithm, args.trials, sampler="random", records=None, seed=1),
-        }
-        for label, curve in runs.items():
-            curves[label].append(curve)
-        curves[f"reference TPE ({args.reference_trials} trials)"].append(reference)
-        # The reference best: the best any run found (a short run can beat the long one by luck or noise).
-        references.append(min(min(reference), *(min(c) for c in runs.values())))
-        print(f"  best {references[-1]:.3f} ms; cold {min(runs['cold TPE']):.3f}, warm "
-              f"{min(runs['warm-started TPE']):.3f}, random {min(runs['random search']):.3f}",
-              file=sys.stderr, flush=True)
-
+    model = light_resnet50()
+    layers = model_convolutions(model, backend)
     work = Path(tempfile.mkdtemp(prefix="autoconv-bench-tuning-"))
-    walls: dict[int, list[dict]] = {}
-    totals: dict[int, float] = {}
-    dbs: dict[int, Path] = {}
-    for jobs in (2, 1):
-        print(f"autoconv tune --model resnet50 --jobs {jobs} ...", file=sys.stderr, flush=True)
-        totals[jobs], walls[jobs], dbs[jobs] = full_model_run(jobs, args.model_trials, work)
-        print(f"  {totals[jobs]:.0f} s", file=sys.stderr, flush=True)
+    budget = [] if args.budget == "5m" else ["--time-budget", args.budget]
+    runs = [
+        {"label": "new defaults (cost model, racing, TPE)", **tune_run("defaults", model, work, budget)},
+        {"label": "TPE alone (--no-cost-model)", **tune_run("tpe", model, work, [*budget, "--no-cost-model"])},
+        {"label": "random (--no-cost-model --sampler random)",
+         **tune_run("random", model, work, [*budget, "--no-cost-model", "--sampler", "random"])},
+    ]
+    if args.reference_db is not None:
+        reference = {"label": f"reference ({args.reference_trials} trials per layer)", "name": "reference",
+                     "db": str(args.reference_db), "wall_s": args.reference_wall, "curve": [], "reports": [],
+                     "options": ["(made earlier)"]}
+    else:
+        reference = {"label": f"reference ({args.reference_trials} trials per layer)",
+                     **tune_run("reference", model, work, ["--trials", str(args.reference_trials), "--no-early-stop",
+                                                           "--no-cost-model", "--no-racing"])}
+    untuned_db = work / "untuned.db"
+    SQLiteStore(untuned_db).close()
+    dbs = {"untuned": untuned_db, **{run["name"]: Path(run["db"]) for run in runs},
+           "reference": Path(reference["db"])}
+    print("timing every database's served plans, interleaved ...", file=sys.stderr, flush=True)
+    totals, per_layer = model_times(backend, layers, dbs, args.rounds, args.repeats)
+    summed = {name: statistics.median(values) for name, values in totals.items()}
+    print("cost model: held-out rank correlation ...", file=sys.stderr, flush=True)
+    rhos = correlations(Path(reference["db"]), info)
 
     out = Path(args.out)
-    png = out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    plot(runs, png, summed["reference"], summed["untuned"], budget_s)
     out.with_suffix(".json").write_text(json.dumps({
-        "layers": [layer.name for layer in chosen], "algorithm": args.algorithm, "references_ms": references,
-        "curves_ms": curves, "model_runs": {str(jobs): {"total_s": totals[jobs], "layers": walls[jobs]}
-                                            for jobs in walls}}, indent=1) + "\n")
-    plot(curves, references, walls, png, args.trials)
+        "device": info.name, "model": model.name, "budget_s": budget_s,
+        "runs": [{k: v for k, v in run.items() if k != "reports"} | {"layers": run["reports"]} for run in runs]
+        + [{k: v for k, v in reference.items() if k != "reports"}],
+        "summed_ms_per_round": totals, "layers": per_layer, "rank_correlations": rhos}, indent=1, default=str) + "\n")
 
-    def within(curve: list[float], ref: float, n: int) -> int | None:
-        """The first trial index (1-based) within 5% of the reference best, if within n trials."""
-        return next((i + 1 for i, value in enumerate(curve[:n]) if value <= 1.05 * ref), None)
-
+    defaults = runs[0]
     lines = [
-        f"# Tuning the tuner — {info.name}",
+        f"# Tuning a whole model — {info.name}",
         "",
-        f"Measured {datetime.date.today().isoformat()} by `scripts/bench_tuning.py --layers {args.layers} "
-        f"--algorithm {args.algorithm} --trials {args.trials} --reference-trials {args.reference_trials} "
-        f"--model-trials {args.model_trials}` "
-        f"(autoconv {autoconv.__version__}) on {info.platform}, driver {info.driver}, {info.compute_units} compute "
-        f"units; host {platform.machine()}, {os.cpu_count()} cores; batch 1, float32. Plot: `{png.name}`.",
+        f"Measured {datetime.date.today().isoformat()} by `scripts/bench_tuning.py"
+        + (f" --budget {args.budget}" if budget else "") + (" --reference-db ..." if args.reference_db else "")
+        + f"` (autoconv {autoconv.__version__}) on {info.platform}, driver {info.driver}, {info.compute_units} compute "
+        f"units; host {platform.machine()}, {os.cpu_count()} cores. Model: the onnx package's `{model.name}`, batch 1, "
+        f"{sum(c for _, _, c in layers)} convolutions, {len(layers)} distinct layers as `autoconv.onnx.load` serves "
+        f"them. Plot: `{png.name}`; every number: `{out.with_suffix('.json').name}`.",
         "",
-        "## 1. Search quality",
+        "Each tuning run: its own process, a fresh database, an empty PoCL kernel cache, no shipped database (a "
+        "device nothing describes yet). The summed convolution time of each database's served plans is measured "
+        f"afterwards in one process, the methods interleaved layer by layer over {args.rounds} rounds (kernel-event "
+        f"medians of {args.repeats} runs; the sum of count x median per round; the median over rounds with its "
+        "spread, IQR / median). The untuned plans are the fallback's (an empty database).",
         "",
-        f"Best time so far vs trial index for {args.algorithm} (its default config is trial 1 of every run). The "
-        "reference best is the best any run found on the layer. Warm start read the shipped database without "
-        "the layer itself at any batch size (its nearest same-family shapes on this device). Early stopping "
-        "and re-timing off; kernel-event medians of 5 runs; the build pool on (2 jobs).",
+        "## The runs",
         "",
-        f"| layer | reference best ms | cold TPE @{args.trials} | warm TPE @{args.trials} | random @{args.trials} | "
-        "warm within 5% at trial | cold within 5% at trial | random within 5% at trial |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | options | wall s | summed conv ms (spread) | vs untuned | vs reference |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    warm_ok = 0
-    for i, layer in enumerate(chosen):
-        ref = references[i]
-        cells = [f"{min(curves[label][i][:args.trials]) / ref:.3f}"
-                 for label in ("cold TPE", "warm-started TPE", "random search")]
-        firsts = [within(curves[label][i], ref, args.trials) for label in ("warm-started TPE", "cold TPE",
-                                                                          "random search")]
-        warm_ok += firsts[0] is not None
-        lines.append(f"| {layer.name} | {ref:.3f} | " + " | ".join(cells) + " | "
-                     + " | ".join(str(f) if f else f"not in {args.trials}" for f in firsts) + " |")
-    for label in ("cold TPE", "warm-started TPE", "random search"):
-        ratio = geomean([min(c[:args.trials]) / ref for c, ref in zip(curves[label], references)])
-        lines.append(f"- {label}: best after {args.trials} trials is {ratio:.3f}x the reference best (geomean).")
-    lines += [
-        f"- Goal, warm-started TPE within 5% of the reference best in <= {args.trials} trials: met on {warm_ok} of "
-        f"{len(chosen)} layers.",
-        "",
-        "Early stopping, replayed on the reference runs: trials a study would have measured under each rule, and "
-        "how far its best then was from the reference best (mean and worst over the layers).",
-        "",
-        "| window | min gain | trials measured (mean) | best / reference best (mean) | worst |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    reference_curves = curves[f"reference TPE ({args.reference_trials} trials)"]
-    fitting = []
-    for window in STOP_WINDOWS:
-        for gain in STOP_GAINS:
-            stops = [stop_index(curve, window, gain) for curve in reference_curves]
-            losses = [curve[stop - 1] / ref for curve, stop, ref in zip(reference_curves, stops, references)]
-            lines.append(f"| {window} | {gain:.0%} | {statistics.fmean(stops):.0f} | {statistics.fmean(losses):.3f} | "
-                         f"{max(losses):.3f} |")
-            if max(losses) <= 1 + MAX_STOP_LOSS:
-                fitting.append((window, -gain, gain))
-    chosen_rule = min(fitting)[::2] if fitting else None
+    rows = [("untuned fallback", "none", None, "untuned")] + \
+        [(run["label"], " ".join(run["options"]) or "(none)", run["wall_s"], run["name"]) for run in runs] + \
+        [(reference["label"], " ".join(reference["options"]), reference["wall_s"], "reference")]
+    for label, options, wall, name in rows:
+        lines.append(f"| {label} | `{options}` | {f'{wall:.0f}' if wall else 'n/a'} | {summed[name]:.2f} "
+                     f"(±{spread(totals[name]):.0%}) | {summed['untuned'] / summed[name]:.2f}x | "
+                     f"{summed['reference'] / summed[name]:.3f}x |")
+    gain_there = summed["untuned"] / summed["reference"]
+    tuned_gain = summed["untuned"] / summed["defaults"]
+    within = summed["defaults"] / summed["reference"]
     lines += [
         "",
-        f"- Rule for the defaults: the shortest window (then the largest gain) whose worst loss is within "
-        f"{MAX_STOP_LOSS:.0%}: " + (f"{chosen_rule[0]} trials, {chosen_rule[1]:.0%}" if chosen_rule else "none")
-        + f". autoconv's defaults: {EARLY_STOP_TRIALS} trials, {EARLY_STOP_GAIN:.0%}.",
+        "Goals (#25):",
+        f"- ResNet-50 tuned in at most 5 minutes on 2 cores: the new defaults' run took {defaults['wall_s']:.0f} s "
+        f"(process wall time, start-up included): {'met' if defaults['wall_s'] <= 300 else 'NOT met'}.",
+        f"- Within 5% of the reference's summed convolution time: {within:.3f}x the reference's "
+        f"({summed['defaults']:.2f} vs {summed['reference']:.2f} ms): {'met' if within <= 1.05 else 'NOT met'}.",
+        f"- At least 10% faster than untuned where the reference says that much is there to win: the reference is "
+        f"{gain_there:.2f}x the untuned plans, the new defaults {tuned_gain:.2f}x: "
+        + ("met" if tuned_gain >= 1.10 else ("NOT met" if gain_there >= 1.10 else
+                                             "not applicable (the reference itself wins less than 10%)")) + ".",
+        "",
+        "## Held-out rank correlation of the cost model",
+        "",
+        f"Trained on the reference run's verified measurements with a quarter of the convolutions left out ({FOLDS} "
+        "folds; a layer's layouts and epilogues are left out together), then ranking the left-out layers' "
+        "measured configs: Spearman's rho per (layer, algorithm) with at least 5 distinct configs.",
+        "",
+        "| algorithm | layers | mean rho | median | min |",
+        "|---|---:|---:|---:|---:|",
     ]
+    for algorithm, values in sorted(rhos.items()):
+        lines.append(f"| {algorithm} | {len(values)} | {statistics.fmean(values):.3f} | {statistics.median(values):.3f} "
+                     f"| {min(values):.3f} |")
     lines += [
         "",
-        "## 2. The whole of ResNet-50, as a user tunes it",
+        "## Per layer",
         "",
-        f"`autoconv tune --model resnet50 --trials {args.model_trials}` (at most {args.model_trials} trials per layer; "
-        "otherwise the defaults: early stopping, warm start from the layers already tuned in the run, re-timing), "
-        "each run in a fresh process with an empty PoCL "
-        "kernel cache and no shipped database, with the build pool and without.",
-        "",
-        "| layer | trials, --jobs 2 / 1 | wall s, --jobs 2 | wall s, --jobs 1 | served | tuned ms (spread) | "
-        "default ms | tuned vs default | baseline ms (spread) |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| layer | count | " + " | ".join(f"{name} ms" for name in dbs) + " | served after the new defaults |",
+        "|---|---:|" + "---:|" * len(dbs) + "---|",
     ]
-    with SQLiteStore(dbs[2], readonly=True) as db:
-        results = db.results()
-    baseline_spreads = []
-    for row2, row1 in zip(walls[2], walls[1]):
-        spec = next(layer.spec for layer in model_layers("resnet50") if layer.label == row2["layer"])
-        mine = [r for r in results if r.spec == spec]
-        generated = fastest([r for r in mine if r.algorithm != IM2COL_BLAS])
-        baseline = next((r for r in mine if r.algorithm == IM2COL_BLAS), None)
-        served = fastest(mine)
-        spread = lambda r: f"±{r.spread:.0%}" if r is not None and r.spread is not None else "n/a"  # noqa: E731
-        if baseline is not None and baseline.spread is not None:
-            baseline_spreads.append(baseline.spread)
-        vs_default = (f"{generated.default_ms / generated.median_ms:.2f}x"
-                      if generated is not None and generated.default_ms else "n/a")
-        lines.append(
-            f"| {row2['layer'].split('/')[-1]} | {row2['trials']} / {row1['trials']} | {row2['wall_s']:.0f} | "
-            f"{row1['wall_s']:.0f} | {served.algorithm if served else 'none'} | "
-            f"{generated.median_ms:.3f} ({spread(generated)}) | "
-            f"{generated.default_ms:.3f} | {vs_default} | "
-            f"{baseline.median_ms:.3f} ({spread(baseline)}) |" if generated and generated.default_ms and baseline else
-            f"| {row2['layer'].split('/')[-1]} | {row2['trials']} / {row1['trials']} | {row2['wall_s']:.0f} | "
-            f"{row1['wall_s']:.0f} | {served.algorithm if served else 'none'} | n/a | n/a | n/a | n/a |")
-    lines += [
-        "",
-        f"- Whole ResNet-50 ({len(walls[2])} layers): {totals[2]:.0f} s with --jobs 2, {totals[1]:.0f} s with "
-        f"--jobs 1 (process wall time, start-up included); the pool's speed-up {totals[1] / totals[2]:.2f}x. "
-        f"Goal <= 180 s: {'met' if totals[2] <= 180 else 'not met'}.",
-        f"- Stored baseline spreads: max {max(baseline_spreads):.1%} over {len(baseline_spreads)} layers; goal under "
-        f"10%: {'met' if baseline_spreads and max(baseline_spreads) < 0.10 else 'not met'} (a baseline whose "
-        "spread is 10% or more is not stored at all)." if baseline_spreads else "- No baseline was stored.",
-    ]
+    for label, row in per_layer.items():
+        lines.append(f"| {label} | {row['count']} | " + " | ".join(f"{row['ms'][name]:.3f}" for name in dbs)
+                     + f" | {row['plans']['defaults']} |")
+    lines += ["", "## Where the new defaults' time went", "",
+              "| layer | trials | cost-model picks | raced out | carried from | wall s |", "|---|---:|---:|---:|---|---:|"]
+    for report in defaults["reports"]:
+        lines.append(f"| {report['layer']} | {report['trials']} | {report.get('ranked', 0)} | {report.get('raced', 0)} "
+                     f"| {report.get('carried_from') or ''} | {report['wall_s']:.1f} |")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

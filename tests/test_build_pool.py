@@ -42,7 +42,7 @@ class LoggedBuilds:
             self._log("build", algorithm, params, start)
         return self.executor.submit(build)
 
-    def __call__(self, algorithm, params):
+    def __call__(self, algorithm, params, bound_ms=None):
         start = time.monotonic()
         time.sleep(self.time_s)
         self._log("time", algorithm, params, start)

@@ -150,7 +150,7 @@ def test_the_tuner_plugs_into_the_cuda_backend(tmp_path):
     class Fake:
         algorithms = (IM2COL_GEMM, IMPLICIT_GEMM, DIRECT, IM2COL_BLAS)  # cuBLAS runs the baseline on the GPU
 
-        def __call__(self, algorithm, params):
+        def __call__(self, algorithm, params, bound_ms=None):
             assert params.get("VWN", 1) == 1 and not params.violations(H100.limits())
             return Outcome("ok", 1.0 + params.get("MWG", 128) / 128, 1e-6)
 

@@ -66,7 +66,7 @@ class FakeEvaluator:
         self.measured = []
         self.baseline_ms, self.baseline_spread = baseline_ms, baseline_spread
 
-    def __call__(self, algorithm, params):
+    def __call__(self, algorithm, params, bound_ms=None):
         self.measured.append((algorithm, params))
         if algorithm == IM2COL_BLAS:
             return Outcome("ok", self.baseline_ms, 1e-6, spread=self.baseline_spread, repeats=7)
@@ -752,7 +752,7 @@ def test_a_run_killed_after_the_references_is_not_served_direct_loops(tmp_path):
     """Killed (Ctrl-C) before any tunable algorithm was measured, with the baseline unsteady: what
     is stored still beats serving the reference loops by default."""
     class KilledAtTheFirstDefault(FakeEvaluator):
-        def __call__(self, algorithm, params):
+        def __call__(self, algorithm, params, bound_ms=None):
             if algorithm not in (DIRECT, IM2COL_BLAS):
                 raise KeyboardInterrupt
             return super().__call__(algorithm, params)

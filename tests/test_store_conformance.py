@@ -110,6 +110,17 @@ class TestResultStore:
         with pytest.raises(ValueError):
             store.record_measurement(DEVICE.fingerprint(), SPEC, "im2col_gemm", "t1", None, "fine", 1.0, 0.0)
 
+    def test_timed_configs_are_the_verified_measurements_with_a_time(self, store):
+        store.record_layer(SPEC)
+        params = get_algorithm("im2col_gemm").space.validate({})
+        store.record_measurement(DEVICE.fingerprint(), SPEC, "im2col_gemm", "t1", params, "ok", 2.5, 1e-6)
+        store.record_measurement(DEVICE.fingerprint(), SPEC, "im2col_gemm", "t1", params, "wrong_result", float("inf"), 0.5)
+        store.record_measurement(DEVICE.fingerprint(), SPEC, "im2col_gemm", "t0", params, "ok", 3.0, 1e-6)
+        (timed,) = store.timed_configs("t1")
+        assert (timed.device, timed.spec, timed.algorithm, timed.params, timed.median_ms) == \
+            (DEVICE.fingerprint(), SPEC, "im2col_gemm", params, 2.5)
+        assert [t.median_ms for t in store.timed_configs()] == [2.5, 3.0]
+
     def test_devices_round_trip(self, store):
         (row,) = store.devices()
         assert row["fingerprint"] == DEVICE.fingerprint() and store.device(DEVICE.fingerprint())["name"] == DEVICE.name

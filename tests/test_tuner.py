@@ -2,6 +2,7 @@
 algorithms within 2x of the best, invalid configs never measured; end to end on PoCL with a tiny
 budget, and resuming after a real killed run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from autoconv.tuning.tuner import (
     RETIME_TOP,
     DeviceEvaluator,
     Outcome,
+    tunable,
     tune_layer,
 )
 from autoconv.serve.lookup import DatabaseContents
@@ -50,7 +52,7 @@ class FakeEvaluator:
         self.scale = scale or {IM2COL_GEMM: 1.0, IMPLICIT_GEMM: 0.9, DIRECT: 20.0, IM2COL_BLAS: 1.5}
         self.measured = []
 
-    def __call__(self, algorithm, params):
+    def __call__(self, algorithm, params, bound_ms=None):
         assert not params.violations(self.device.limits()), "an invalid config reached the evaluator"
         self.measured.append((algorithm, params))
         return self.outcome(algorithm, params)
@@ -367,6 +369,7 @@ def test_tune_onnx_defaults_to_a_time_budget_that_counts_each_layer(tmp_path, mo
     from typer.testing import CliRunner
 
     from autoconv.cli import app
+    from autoconv.cli.main import FINISH_RESERVE_S
     from autoconv.tuning import tuner
 
     rng = np.random.default_rng(0)
@@ -389,10 +392,135 @@ def test_tune_onnx_defaults_to_a_time_budget_that_counts_each_layer(tmp_path, mo
     monkeypatch.setattr(tuner, "tune_layers", fake_tune_layers)
     result = CliRunner().invoke(app, ["tune", "--onnx", str(path), "--db", str(tmp_path / "t.db"), "--layouts", "NCHW"])
     assert result.exit_code == 0, result.output
-    assert asked["trials"] is None and asked["time_budget_s"] == 300.0
+    # The budget is the command's wall time: what start-up took, and a reserve for the end, come off it.
+    assert asked["trials"] is None and 280.0 < asked["time_budget_s"] <= 300.0 - FINISH_RESERVE_S
     counts = {spec.r: count for (_, spec), count in zip(asked["layers"], asked["counts"])}
     assert counts == {3: 2, 1: 1}
+    # The cost model and racing are on by default; TPE samples.
+    assert (asked["cost_model"], asked["racing"], asked["sampler"]) == (True, True, "tpe")
     # A list of layers keeps 60 trials each and no counts.
-    result = CliRunner().invoke(app, ["tune", "n=1,c=8,h=6,w=6,k=8,r=3,s=3,pad=1", "--db", str(tmp_path / "t.db")])
+    result = CliRunner().invoke(app, ["tune", "n=1,c=8,h=6,w=6,k=8,r=3,s=3,pad=1", "--db", str(tmp_path / "t.db"),
+                                      "--no-cost-model", "--no-racing", "--sampler", "random"])
     assert result.exit_code == 0, result.output
     assert asked["trials"] == 60 and asked["time_budget_s"] is None and asked["counts"] is None
+    assert (asked["cost_model"], asked["racing"], asked["sampler"]) == (False, False, "random")
+    result = CliRunner().invoke(app, ["tune", "n=1,c=8,h=6,w=6,k=8,r=3,s=3,pad=1", "--sampler", "grid"])
+    assert result.exit_code == 2 and "expected tpe or random, got 'grid'" in result.output
+
+
+# Racing, the cost model's picks, one search per convolution -------------------------------------
+
+
+def test_raced_out_only_when_even_the_fastest_sample_less_the_noise_is_slower_than_the_best():
+    from autoconv.tuning.tuner import RACE_NOISE, raced_out
+
+    assert raced_out([1.3, 1.2, 1.25], 0.02, best_ms=1.0)  # 1.2 x (1 - 0.10) = 1.08 > 1.0
+    assert not raced_out([1.05, 1.3, 1.4], 0.02, best_ms=1.0)  # 1.05 x 0.9 < 1.0: could still win
+    assert not raced_out([1.3, 1.5, 1.4], 0.30, best_ms=1.0)  # a noisy sample: 1.3 x 0.7 < 1.0
+    assert raced_out([1.0 / (1 - RACE_NOISE) + 0.01], 0.0, best_ms=1.0)
+    assert not raced_out([5.0], 0.0, best_ms=None) and not raced_out([], 0.0, best_ms=1.0)
+
+
+class RacingFake(FakeEvaluator):
+    """Its short sample is the config's true time: raced out by the tuner's rule when asked to race."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.bounds = []
+
+    def __call__(self, algorithm, params, bound_ms=None):
+        from autoconv.tuning.tuner import raced_out
+
+        self.bounds.append(bound_ms)
+        outcome = super().__call__(algorithm, params)
+        if outcome.ok and raced_out([outcome.median_ms], 0.0, bound_ms):
+            return Outcome("ok", outcome.median_ms, outcome.rel_error, spread=0.0, repeats=3, raced=True)
+        return outcome
+
+
+def test_search_candidates_race_against_the_layers_best_and_the_defaults_never_do(db):
+    fake = RacingFake()
+    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=30, early_stop=None, retime=False)
+    untunable_and_defaults = 4  # direct, the baseline, then each tunable algorithm's default
+    assert fake.bounds[:untunable_and_defaults] == [None] * untunable_and_defaults
+    best = float("inf")
+    for (algorithm, params), bound in zip(fake.measured, fake.bounds):
+        if bound is not None:
+            assert bound == best  # the best so far over every algorithm, the baseline included
+        outcome = fake.outcome(algorithm, params)
+        if outcome.ok:
+            best = min(best, outcome.median_ms)
+    assert report.raced == sum(1 for (a, p), bound in zip(fake.measured, fake.bounds)
+                               if bound is not None and fake.outcome(a, p).ok and fake.outcome(a, p).median_ms * 0.9 > bound)
+    assert report.raced > 0
+    # Racing changes what is timed fully, never what wins.
+    plain = FakeEvaluator()
+    with SQLiteStore(db.path.parent / "plain.db") as other:
+        unraced = tune_layer(SPEC, SMALL_GPU, plain, other, trials=30, early_stop=None, retime=False, racing=False)
+    assert unraced.raced == 0 and unraced.best.median_ms == report.best.median_ms
+
+
+def test_the_device_evaluator_times_a_raced_out_config_by_its_short_sample_only(opencl):
+    from autoconv.tuning.tuner import RACE_REPEATS
+
+    spec = ConvSpec(1, 4, 6, 6, 4, 3, 3, padding=1)
+    evaluate = DeviceEvaluator(opencl, spec, repeats=7)
+    params = default_of(IM2COL_GEMM, opencl.device, spec)
+    raced = evaluate(IM2COL_GEMM, params, bound_ms=1e-9)
+    assert raced.ok and raced.raced and raced.repeats == RACE_REPEATS and raced.rel_error < 1e-4
+    full = evaluate(IM2COL_GEMM, params, bound_ms=1e9)
+    assert full.ok and not full.raced and full.repeats >= 7
+
+
+class FixedCostModel:
+    """Proposes what it is given, in order (what the tuner does with a model's ranking)."""
+
+    def __init__(self, picks):
+        self.picks = picks
+
+    def propose(self, spec, device, algorithm, count, *, exclude=(), seed=0):
+        return [p for p in self.picks.get(algorithm, []) if p not in exclude][:count]
+
+
+def test_the_cost_models_picks_are_measured_right_after_each_default(db):
+    from autoconv.tuning.cost_model import candidate_pool
+
+    picks = candidate_pool(SPEC, SMALL_GPU, IM2COL_GEMM, exclude=[default_of(IM2COL_GEMM)], size=3, seed=1)
+    assert len(picks) == 3
+    fake = FakeEvaluator()
+    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=12, early_stop=None, retime=False,
+                        cost_model=FixedCostModel({IM2COL_GEMM: picks}))
+    assert report.ranked == len(picks)
+    searched = [p for a, p in fake.measured if a == IM2COL_GEMM]
+    assert searched[0] == default_of(IM2COL_GEMM) and searched[1:1 + len(picks)] == picks
+
+
+def test_one_convolution_with_several_epilogues_is_searched_once():
+    from autoconv.tuning.tuner import epilogue_groups
+
+    plain = ConvSpec(1, 8, 6, 6, 8, 1, 1, bias=True)
+    specs = [plain, plain.replace(activation="relu", residual=True), ConvSpec(1, 8, 6, 6, 8, 3, 3, padding=1),
+             plain.replace(activation="relu")]
+    # The residual+relu one counts 3 times: it is searched; the others take its winners.
+    searched, variants = epilogue_groups(specs, [1, 3, 1, 1], [1.0, 1.0, 2.0, 1.0])
+    assert searched == [1, 2] and variants == {1: [0, 3], 2: []}
+    # Without counts (a list of layers, not a model) every layer is searched.
+    assert epilogue_groups(specs, None, [None] * 4) == ([0, 1, 2, 3], {0: [], 1: [], 2: [], 3: []})
+
+
+def test_a_models_epilogue_variant_measures_only_its_defaults_and_the_searched_layers_winners(opencl, tmp_path):
+    from autoconv.tuning.tuner import tune_layers
+
+    spec = ConvSpec(1, 8, 6, 6, 8, 3, 3, padding=1, bias=True)
+    layers = [("plain", spec), ("relu", spec.replace(activation="relu"))]
+    with SQLiteStore(tmp_path / "v.db") as db:
+        reports = tune_layers(layers, opencl, db, trials=8, repeats=1, warm_start=False, counts=[1, 2],
+                              cost_model=False)
+        searched, variant = reports
+        assert (searched.label, variant.label, variant.carried_from) == ("relu", "plain", "relu")
+        winners = {(name, result.params) for name, result in searched.bests.items() if tunable(name)}
+        measured = {(row["algorithm"], get_algorithm(row["algorithm"]).space.validate(json.loads(row["params"])))
+                    for row in db.measurements(opencl.device.fingerprint(), spec)}
+        defaults = {(name, default_of(name, opencl.device, spec)) for name in variant.trials_by_algorithm}
+        assert measured - {(n, p) for n, p in measured if not tunable(n)} <= winners | defaults
+        assert variant.trials <= len(winners | defaults)

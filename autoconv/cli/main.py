@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
@@ -22,6 +23,9 @@ from autoconv.tuning.build_pool import DEFAULT_JOBS
 
 # `autoconv tune --onnx/--model` with neither --trials nor --time-budget: this long in all.
 MODEL_TIME_BUDGET_S = 300.0
+# A time budget is the command's wall time: the search stops this long before it ends, for the
+# last layer's re-timing and the report (a few seconds on PoCL for ResNet-50's largest layers).
+FINISH_RESERVE_S = 5.0
 from autoconv.cli.common import (
     DB_HELP,
     DEVICE_HELP,
@@ -364,6 +368,7 @@ def tune_record(report: Any) -> dict[str, Any]:
             "baseline_ms": baseline.median_ms if baseline else None,
             "vs_baseline": baseline.median_ms / best.median_ms if baseline and best else None,
             "failed": sum(report.failures.values()), "wall_s": report.wall_s, "seeded": report.seeded,
+            "ranked": report.ranked, "raced": report.raced, "carried_from": report.carried_from or None,
             "trials_by_algorithm": dict(report.trials_by_algorithm)}
 
 
@@ -379,9 +384,10 @@ def tune(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     trials: Optional[int] = typer.Option(None, min=1, help="measured configs per layer (default 60 without --time-budget; "
                                          "with --onnx or --model and neither, a 5m budget)"),
-    time_budget: Optional[str] = typer.Option(None, help="wall time for all layers, e.g. 90s, 10m, 1h (a bare number is "
-                                              "seconds); with --onnx or --model it follows the model: each layer's share "
-                                              "is its count in the model times its time"),
+    time_budget: Optional[str] = typer.Option(None, help="the command's wall time, e.g. 90s, 10m, 1h (a bare number "
+                                              "is seconds; it may run over by every layer's defaults); with --onnx or "
+                                              "--model it follows the model: each layer's share is its count in the "
+                                              "model times its time"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     repeats: int = typer.Option(7, min=1, help="timed runs per config (the median counts)"),
     seed: int = typer.Option(0, help="sampler and data seed"),
@@ -395,6 +401,11 @@ def tune(
                                     "(this database and the shipped ones)"),
     early_stop: bool = typer.Option(True, help="stop tuning an algorithm on a layer once it has stalled "
                                     "(no 5% gain in 30 trials), leaving the time to other layers"),
+    cost_model: bool = typer.Option(True, help="measure first, after each algorithm's default, the configs a "
+                                    "cost model trained on the databases' measurements predicts fastest"),
+    racing: bool = typer.Option(True, help="time a search candidate fully only if its first short sample "
+                                "could still beat the layer's best"),
+    sampler: str = typer.Option("tpe", help="how new studies propose configs: tpe (Optuna's TPE) or random"),
     jobs: int = typer.Option(DEFAULT_JOBS, min=1, help="builder processes compiling candidates ahead "
                              "(1: everything in this process, one thing at a time)"),
     storage: Optional[str] = typer.Option(None, help="an Optuna storage shared by several tuners: a "
@@ -420,10 +431,13 @@ def tune(
     from autoconv.store import SQLiteStore
     from autoconv.tuning.tuner import EARLY_STOP_GAIN, EARLY_STOP_TRIALS, LayerReport, tune_layers
 
+    command_started = time.monotonic()
     fmt = output_format(json_flag, csv_flag)
     out = _info_console(fmt)
     if backend_name not in ("opencl", "cuda"):
         raise typer.BadParameter(f"expected opencl or cuda, got {backend_name!r}", param_hint="--backend")
+    if sampler not in ("tpe", "random"):
+        raise typer.BadParameter(f"expected tpe or random, got {sampler!r}", param_hint="--sampler")
     for name in algorithm or []:
         get_algorithm(name)
     budget_s = parse_duration(time_budget) if time_budget is not None else None
@@ -468,7 +482,8 @@ def tune(
     def summary(report: LayerReport) -> str:
         best = report.best
         text = "no verified config" if best is None else f"best {best.algorithm} {best.median_ms:.3f} ms"
-        return f"{report.trials} trials, {text}, {report.wall_s:.0f} s"
+        source = f" ({report.carried_from}'s winners: the same convolution)" if report.carried_from else ""
+        return f"{report.trials} trials{source}, {text}, {report.wall_s:.0f} s"
 
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[best]}", markup=False), TimeElapsedColumn())
@@ -506,7 +521,9 @@ def tune(
         def estimated(ms: float) -> None:
             """The model's estimated convolution time, falling as its layers are tuned."""
             estimates.append(ms)
-            text = f"{ms:.2f} ms" + (f" (after the defaults: {estimates[0]:.2f} ms)" if len(estimates) > 1 else "")
+            # A time budget measures every layer's defaults first: the first estimate is theirs.
+            text = f"{ms:.2f} ms" + (f" (after the defaults: {estimates[0]:.2f} ms)"
+                                     if len(estimates) > 1 and budget_s is not None else "")
             if bar is None:
                 errors.print(f"the model's convolutions, estimated: {text}", soft_wrap=True)
                 return
@@ -524,12 +541,15 @@ def tune(
             else:
                 errors.print(f"{report.label}: {summary(report)}", soft_wrap=True)
 
+        if budget_s is not None:  # what reading the model and opening the device took counts too
+            budget_s = max(budget_s - (time.monotonic() - command_started) - FINISH_RESERVE_S, 0.01)
         reports = tune_layers(chosen, backend, database, trials=trials, time_budget_s=budget_s, seed=seed,
                               repeats=repeats, algorithms=tuple(algorithm) if algorithm else None,
                               progress=update, on_layer_start=start, on_layer_end=finished, on_defaults=defaults,
                               warm_start=warm_start,
                               early_stop=(EARLY_STOP_TRIALS, EARLY_STOP_GAIN) if early_stop else None,
-                              jobs=jobs, storage=storage, counts=counts, on_estimate=estimated)
+                              jobs=jobs, storage=storage, counts=counts, on_estimate=estimated, racing=racing,
+                              cost_model=cost_model, sampler=sampler)
     emit(console, fmt, f"tuned on {backend.device.name}", TUNE_FIELDS, [tune_record(r) for r in reports])
     _print_compiler_output([backend], verbose)
 

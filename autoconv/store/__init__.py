@@ -8,6 +8,7 @@ from autoconv.store.base import (
     STATUS_WRONG_RESULT,
     STATUSES,
     ResultStore,
+    TimedConfig,
     TunedResult,
     best_per_algorithm,
     fastest,
@@ -15,5 +16,5 @@ from autoconv.store.base import (
 from autoconv.store.sqlite import SCHEMA_VERSION, SQLiteStore, device_from_row
 
 __all__ = ["ResultStore", "SCHEMA_VERSION", "SQLiteStore", "STATUSES", "STATUS_COMPILE_FAILED",
-           "STATUS_LAUNCH_FAILED", "STATUS_OK", "STATUS_TOO_LARGE", "STATUS_WRONG_RESULT", "TunedResult",
+           "STATUS_LAUNCH_FAILED", "STATUS_OK", "STATUS_TOO_LARGE", "STATUS_WRONG_RESULT", "TimedConfig", "TunedResult",
            "best_per_algorithm", "device_from_row", "fastest"]

@@ -58,6 +58,18 @@ class TunedResult:
         return self.median_ms < other.median_ms
 
 
+@dataclass(frozen=True)
+class TimedConfig:
+    """One verified measurement of a config on a layer: what a learned cost model trains on."""
+
+    device: str
+    spec: ConvSpec
+    algorithm: str
+    template_hash: str
+    params: Params
+    median_ms: float
+
+
 @runtime_checkable
 class ResultStore(Protocol):
     """Contract: writes are atomic (a result or measurement is stored whole or not at all); a
@@ -96,6 +108,11 @@ class ResultStore(Protocol):
         ...
 
     def measurements(self, device: str, spec: ConvSpec) -> Iterator[dict[str, Any]]:
+        ...
+
+    def timed_configs(self, template_hash: str | None = None) -> list[TimedConfig]:
+        """Every verified ("ok") measurement with a time, of every device and layer (optionally of
+        one template hash), oldest first; damaged rows and unknown algorithms are skipped."""
         ...
 
     def merge_from(self, other: "ResultStore") -> tuple[int, int]:

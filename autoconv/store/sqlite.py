@@ -25,11 +25,11 @@ from typing import Any, Iterator, Sequence
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from autoconv.algorithms import Params, get_algorithm
+from autoconv.algorithms import Params, get_algorithm, list_algorithms
 from autoconv.device import DeviceInfo
 from autoconv.errors import InvalidParamsError, InvalidSpecError, TuningDBError
 from autoconv.spec import ConvSpec
-from autoconv.store.base import STATUSES, ResultStore, TunedResult
+from autoconv.store.base import STATUS_OK, STATUSES, ResultStore, TimedConfig, TunedResult
 
 # Params are a small JSON object; anything longer is damage (or an attack), refused before parsing.
 MAX_PARAMS_TEXT = 4096
@@ -566,6 +566,35 @@ class SQLiteStore(ResultStore):
             rows = list(self.db.table("measurements").rows_where("device = ? and layer = ?", [device, spec.key()],
                                                            order_by="id"))
         yield from (row for row in rows if row.get("status") in STATUSES)
+
+    def timed_configs(self, template_hash: str | None = None) -> list[TimedConfig]:
+        """Every verified measurement with a time (a cost model's training data), oldest first."""
+        where, args = _conditions(("m.template_hash = ?", template_hash))
+        where += ["m.status = ?", "m.median_ms > 0"]
+        sql = ("select m.id, m.device, m.layer, m.dtype, m.algorithm, m.template_hash, m.params, m.median_ms, "
+               "l.n, l.c, l.h, l.w, l.k, l.r, l.s, l.stride_h, l.stride_w, l.pad_h, l.pad_w, l.dilation_h, "
+               "l.dilation_w, l.groups, l.bias, l.layout, l.pad_bottom, l.pad_right, l.activation, l.residual "
+               f"from measurements m join layers l on m.layer = l.key where {' and '.join(where)} order by m.id")
+        with self._reading():
+            cursor = self.db.execute(sql, [*args, STATUS_OK])
+            names = [d[0] for d in cursor.description]
+            rows = [dict(zip(names, values)) for values in cursor.fetchall()]
+        found, known = [], set(list_algorithms())
+        for row in rows:
+            # Rows of an algorithm this version lacks, or damaged ones, teach nothing: skipped quietly
+            # (a training set of thousands of rows must not print a warning per row).
+            if row["algorithm"] not in known or not _positive_ms(row["median_ms"]):
+                continue
+            try:
+                spec = spec_from_row(row)
+                if spec.key() != row["layer"]:
+                    continue
+                params = parse_params(row["params"], row["algorithm"], f"measurement {row['id']}")
+            except (InvalidParamsError, InvalidSpecError, KeyError, TypeError):
+                continue
+            found.append(TimedConfig(row["device"], spec, row["algorithm"], row["template_hash"], params,
+                                     float(row["median_ms"])))
+        return found
 
     # Maintenance -------------------------------------------------------------------------------
 

@@ -329,11 +329,12 @@ class Proposal:
 
 
 class AlgorithmStudy:
-    """The study of one tunable algorithm on one layer: resume, default first, then TPE."""
+    """The study of one tunable algorithm on one layer: resume, default first, then the cost
+    model's picks and the warm-start seeds, then TPE."""
 
     def __init__(self, storage: Any, device: DeviceInfo, spec: ConvSpec, algorithm: str, templates: str,
                  default: Params, *, seed: int = 0, seeds: Sequence[Params] = (),
-                 heartbeat: Heartbeat | None = None, sampler: str = "tpe") -> None:
+                 heartbeat: Heartbeat | None = None, sampler: str = "tpe", ranked: Sequence[Params] = ()) -> None:
         import optuna
         from optuna.trial import TrialState
 
@@ -377,9 +378,13 @@ class AlgorithmStudy:
         # "tuned vs default" is never silently missing.
         if self.default not in self.known and not pending and killed < DEFAULT_ATTEMPTS:
             self.study.enqueue_trial(self.space.sampled_values(self.default), user_attrs={"default": True})
-        # A new study starts from the winners of similar layers (warm start), right after its default.
-        self.seeded = 0
+        # A new study measures the cost model's predicted best configs right after its default, then
+        # the winners of similar layers (warm start); its sampler proposes from there on.
+        self.ranked = self.seeded = 0
         if not self.resumed:
+            for params in ranked:
+                self.study.enqueue_trial(self.space.sampled_values(params), user_attrs={"cost_model": True})
+                self.ranked += 1
             for params in seeds:
                 self.study.enqueue_trial(self.space.sampled_values(params), user_attrs={"warm_start": True})
                 self.seeded += 1

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from autoconv.algorithms import BASELINE, Params, get_algorithm, list_algorithms
 from autoconv.backends.base import Backend, Timing
@@ -36,6 +36,7 @@ from autoconv.store import (
     STATUS_TOO_LARGE,
     STATUS_WRONG_RESULT,
     ResultStore,
+    TimedConfig,
     TunedResult,
     fastest,
 )
@@ -52,6 +53,7 @@ from autoconv.tuning.study import (
 )
 from autoconv.serve.lookup import DatabaseContents
 from autoconv.store.base import UNSTEADY_SPREAD
+from autoconv.tuning.cost_model import CostModel, training_data
 from autoconv.tuning.warm_start import warm_start_configs
 from autoconv.tuning.verify import TOLERANCE, random_operands, reference_output, relative_error
 
@@ -71,10 +73,10 @@ BLAS_SETTLE_S = 0.15
 CANDIDATE_FACTOR = 2.0
 # Early stopping: an algorithm whose best improved by at most EARLY_STOP_GAIN over its last
 # EARLY_STOP_TRIALS trials gets no more; a layer whose algorithms all stalled ends, and a time
-# budget flows to the layers still improving. Chosen by scripts/bench_tuning.py (replayed on
-# 200-trial runs: the shortest window whose worst loss stays within 10% of the best found;
-# TPE's improvements on PoCL come in steps after long plateaus, so shorter windows stop early
-# at 1.3-2x the best).
+# budget flows to the layers still improving. Chosen by scripts/bench_tuning.py as it was in
+# November 2026 (git history; replayed on 200-trial runs: the shortest window whose worst loss
+# stays within 10% of the best found; TPE's improvements on PoCL come in steps after long
+# plateaus, so shorter windows stop early at 1.3-2x the best).
 EARLY_STOP_TRIALS = 30
 EARLY_STOP_GAIN = 0.05
 # At the end of a layer, each contending algorithm's RETIME_TOP fastest configs and its default
@@ -83,7 +85,16 @@ EARLY_STOP_GAIN = 0.05
 # RETIME_FACTOR of the layer's best time.
 RETIME_TOP = 2
 RETIME_ROUNDS = 3
+# Racing: a search candidate is first timed RACE_REPEATS times (one warm-up); it gets the full
+# repeats only if its fastest sample, less the noise (its own spread, at least RACE_NOISE), could
+# still beat the layer's best time. Most candidates are clearly slower after one short sample.
+RACE_REPEATS = 3
+RACE_NOISE = 0.10
 RETIME_FACTOR = 1.25
+# The cost model's predicted best configs each new study measures right after its default.
+RANKED_FIRST = 4
+# The cost model is retrained once its training rows have grown by this fraction.
+REFIT_GROWTH = 0.10
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_QUANTILE = 0.05
 
@@ -98,6 +109,7 @@ class Outcome:
     message: str = ""
     spread: float | None = None
     repeats: int | None = None
+    raced: bool = False  # timed by the short sample only: clearly slower than the layer's best
 
     @property
     def ok(self) -> bool:
@@ -113,8 +125,18 @@ class Evaluator(Protocol):
 
     algorithms: tuple[str, ...]  # what it can measure
 
-    def __call__(self, algorithm: str, params: Params) -> Outcome:
+    def __call__(self, algorithm: str, params: Params, bound_ms: float | None = None) -> Outcome:
+        """Verify and time a config; with `bound_ms` (the layer's best so far) a config that
+        races out (raced_out) is timed by the short sample only."""
         ...
+
+
+def raced_out(samples_ms: Sequence[float], spread: float, best_ms: float | None) -> bool:
+    """Whether a candidate's short sample shows it cannot beat the layer's best: even its fastest
+    sample, less the noise (its spread, at least RACE_NOISE), is slower than `best_ms`."""
+    if best_ms is None or not math.isfinite(best_ms) or not samples_ms:
+        return False
+    return min(samples_ms) * (1 - max(RACE_NOISE, spread)) > best_ms
 
 
 def winner_beyond_noise(samples: dict[Params, list[float]], default: Params, seed: int = 0) -> Params:
@@ -164,7 +186,7 @@ class DeviceEvaluator:
         # spin on them for about 0.1 s after a call: the next kernel would be timed under load.
         self._shares_cores = backend is not self._host and backend.device.device_type == "cpu"
 
-    def __call__(self, algorithm: str, params: Params) -> Outcome:
+    def __call__(self, algorithm: str, params: Params, bound_ms: float | None = None) -> Outcome:
         backend = self.backend if algorithm in self.backend.algorithms else self._host
         try:
             conv = backend.prepare(self.spec, Plan(algorithm, params, "tuning"))
@@ -176,6 +198,12 @@ class DeviceEvaluator:
             error = relative_error(conv.run(*self.operands, poison=True), self.reference)
             if not error < TOLERANCE:
                 return Outcome(STATUS_WRONG_RESULT, INF, error, f"relative error {error:.2e} >= {TOLERANCE:.0e}")
+            if bound_ms is not None:
+                with host_threads_for(backend):
+                    quick = conv.time(*self.operands, warmup=1, repeats=RACE_REPEATS, min_sample_ms=MIN_SAMPLE_MS)
+                if raced_out(quick.samples_ms, quick.spread, bound_ms):
+                    return Outcome(STATUS_OK, quick.median_ms, error, spread=quick.spread,
+                                   repeats=len(quick.samples_ms), raced=True)
             best: Timing | None = None
             # Up to MEASURE_ROUNDS rounds until one is steady: a busy core shows as a wide spread.
             for round_index in range(MEASURE_ROUNDS):
@@ -216,6 +244,9 @@ class LayerReport:
     wall_s: float = 0.0
     resumed: bool = False
     seeded: int = 0  # warm-start configs enqueued from similar layers
+    ranked: int = 0  # the cost model's predicted best configs enqueued
+    raced: int = 0  # search candidates timed by their short sample only (clearly slower)
+    carried_from: str = ""  # the label of the layer (same convolution, another epilogue) whose winners it took
     retimed: dict[str, tuple[bool, int]] = field(default_factory=dict)  # algorithm -> (default kept, configs)
 
     @property
@@ -250,12 +281,15 @@ class LayerTuning:
                  algorithms: tuple[str, ...] | None, progress: ProgressCallback | None,
                  records: Sequence[DatabaseContents] | None = None, early_stop: tuple[int, float] | None = None,
                  jobs: int = 1, warm: Warm | None = None, heartbeat: Heartbeat | None = None,
-                 sampler: str = "tpe") -> None:
+                 sampler: str = "tpe", racing: bool = True, cost_model: CostModel | None = None,
+                 carried: Mapping[str, Sequence[Params]] | None = None) -> None:
         self.spec, self.device, self.evaluate, self.db = spec, device, evaluate, db
         # A CPU device computes on the cores the builders compile on: they never overlap.
         self.pool = BuildPool(warm, jobs=jobs, pause_builds=device.device_type != "gpu")
         self.pipeline: deque[tuple[str, Proposal, Any]] = deque()
         self.trials, self.deadline, self.progress, self.early_stop = trials, deadline, progress, early_stop
+        self.racing = racing
+        self.racing_now = False  # only search trials race, never defaults or re-timing
         self.templates = template_hash()
         self.fingerprint = device.fingerprint()
         self.report = LayerReport(label or str(spec), spec)
@@ -267,11 +301,16 @@ class LayerTuning:
         for name in chosen:
             if tunable(name):
                 default = get_algorithm(name).heuristic(spec, device)
-                seeds = warm_start_configs(records, device, spec, name, get_algorithm(name).space.canonical(default)) \
-                    if records is not None else []
+                canonical = get_algorithm(name).space.canonical(default)
+                seeds = warm_start_configs(records, device, spec, name, canonical) \
+                    if records is not None and carried is None else []
+                ranked = cost_model.propose(spec, device, name, RANKED_FIRST, exclude=[canonical, *seeds], seed=seed) \
+                    if cost_model is not None and carried is None else []
+                seeds += [params for params in (carried or {}).get(name, ()) if params not in (canonical, *seeds)]
                 self.studies[name] = AlgorithmStudy(storage, device, spec, name, self.templates, default, seed=seed,
-                                                    seeds=seeds, heartbeat=heartbeat, sampler=sampler)
+                                                    seeds=seeds, heartbeat=heartbeat, sampler=sampler, ranked=ranked)
         self.report.seeded = sum(study.seeded for study in self.studies.values())
+        self.report.ranked = sum(study.ranked for study in self.studies.values())
         self.untunable = [name for name in chosen if not tunable(name)]
         self.report.resumed = any(study.resumed for study in self.studies.values())
 
@@ -358,8 +397,9 @@ class LayerTuning:
             status, ms, error = proposal.known
         else:
             self.pool.ready(build)
-            outcome = self.evaluate(name, proposal.params)
+            outcome = self.evaluate(name, proposal.params, bound_ms=self.layer_best_ms() if self.racing_now else None)
             self._record(name, proposal.params, outcome)
+            self.report.raced += outcome.raced
             status, ms, error = outcome.status, outcome.median_ms, outcome.rel_error
         study.conclude(proposal, status, ms, error, measured=proposal.known is None)
         best = study.best()
@@ -396,6 +436,12 @@ class LayerTuning:
                 return
             self._finish_oldest()
 
+    def layer_best_ms(self) -> float | None:
+        """The layer's best time so far over every algorithm (what a search candidate races against)."""
+        bests = [found[1] for found in (study.best() for study in self.studies.values()) if found is not None]
+        best = min([*bests, *self.times.values()], default=INF)
+        return best if math.isfinite(best) else None
+
     def _in_flight(self, name: str) -> int:
         return sum(1 for entry in self.pipeline if entry[0] == name)
 
@@ -418,7 +464,17 @@ class LayerTuning:
                           and not (self.early_stop and self.studies[name].stalled(*self.early_stop))]
             return min(candidates, key=lambda n: (self.studies[n].completed + self._in_flight(n), n), default=None)
 
-        self._run(choose)
+        self.racing_now = self.racing
+        try:
+            self._run(choose)
+        finally:
+            self.racing_now = False
+
+    def measure_carried(self) -> None:
+        """The configs carried over from the same convolution with another epilogue (enqueued
+        after each study's default), and nothing else: that convolution's search serves this one."""
+        todo = [name for name, study in self.studies.items() for _ in range(study.seeded)]
+        self._run(lambda exhausted: todo.pop(0) if todo else None, deadline=False)
 
     def retime(self) -> None:
         """Time the contending algorithms' top configs and defaults again, interleaved, and store
@@ -491,6 +547,9 @@ def tune_layer(
     heartbeat: Heartbeat | None = None,
     sampler: str = "tpe",
     defaults_only: bool = False,
+    racing: bool = True,
+    cost_model: CostModel | None = None,
+    carried: Mapping[str, Sequence[Params]] | None = None,
 ) -> LayerReport:
     """Tune (or resume tuning) one layer over every algorithm that supports it until the tunable
     algorithms' studies hold `trials` measured trials together, the monotonic `deadline` passes,
@@ -501,7 +560,11 @@ def tune_layer(
     studies only: a resumed one keeps how it was sampled in its trials). The studies live in `storage` (default:
     the journal beside the database), which other workers may share. Returns the report and
     leaves each algorithm's best in the store. `defaults_only`: just each tunable algorithm's
-    default (a resumed study has it already), no references, no search, no re-timing."""
+    default (a resumed study has it already), no references, no search, no re-timing. `racing`:
+    search candidates clearly slower than the layer's best after a short sample get no full
+    timing. `cost_model`: its predicted best configs are measured right after each new study's
+    default. `carried`: per algorithm, configs that won on the same convolution with another
+    epilogue: they are measured after the defaults instead of a search (then re-timed)."""
     if trials is None and deadline is None:
         raise InvalidParamsError("tuning needs a budget: a trial count or a time limit")
     started = time.monotonic()
@@ -511,12 +574,14 @@ def tune_layer(
                          storage=storage if storage is not None else journal_storage(Path(db.path)), trials=trials,
                          deadline=deadline, label=label, seed=seed, algorithms=algorithms, progress=progress,
                          records=records, early_stop=early_stop, jobs=jobs, warm=warm, heartbeat=heartbeat,
-                         sampler=sampler)
+                         sampler=sampler, racing=racing, cost_model=cost_model, carried=carried)
     try:
         if not defaults_only:
             tuning.measure_untunable()
         tuning.measure_defaults()
-        if not defaults_only:
+        if carried is not None and not defaults_only:
+            tuning.measure_carried()
+        elif not defaults_only:
             tuning.share_budget()
     finally:
         tuning.pool.close()
@@ -572,19 +637,26 @@ def tune_layers(
     on_defaults: Callable[[int, int], None] | None = None,
     counts: Sequence[int] | None = None,
     on_estimate: Callable[[float], None] | None = None,
+    racing: bool = True,
+    cost_model: bool = True,
+    sampler: str = "tpe",
 ) -> list[LayerReport]:
     """Tune layers one after another; a time budget is shared out evenly over the layers left,
     after every layer's tunable algorithms have had their defaults measured (so no layer ends a
     budget with nothing but the reference loops; `on_defaults(done, total)` reports that pass).
     With warm_start, each new study is seeded from this database's and the shipped databases'
     winners on similar layers (read again before each layer: earlier layers of the run count).
+    With cost_model, a cost model trained on every verified measurement of those databases
+    (retrained before each layer) picks each new study's first configs after its default.
     `storage` (an Optuna storage URL or journal path) holds the studies when several workers
     share them; each worker still writes its measurements and bests to its own `db`. With
     jobs > 1, `jobs` builder processes are started (spawned: a script calling this needs the
-    `if __name__ == "__main__":` guard). `counts`, how many times each layer occurs in a model: with a
-    time budget, the budget then follows the model (ModelBudget) instead of an even share, and
-    `on_estimate(ms)` hears the model's estimated convolution time (the sum of count x best time
-    over its layers) after the defaults pass and after each layer."""
+    `if __name__ == "__main__":` guard). `counts`, how many times each layer occurs in a model:
+    the layers of one convolution with different epilogues are then searched once (the one the
+    model spends most in) and the others measure its winners (`carried`); with a time budget, the
+    budget follows the model (ModelBudget) instead of an even share, and `on_estimate(ms)` hears
+    the model's estimated convolution time (the sum of count x best time over its layers) after
+    the defaults pass and after each layer."""
     from autoconv.serve.session import default_session
 
     session = default_session()
@@ -597,15 +669,20 @@ def tune_layers(
     device_index = getattr(backend, "index", None)
     reports = []
     end = None if time_budget_s is None else time.monotonic() + time_budget_s
+    if counts is not None and len(counts) != len(layers):
+        raise ValueError(f"counts: expected one per layer ({len(layers)}), got {len(counts)}")
+    trainer = CostModelTrainer(db, session.database_paths(db.path)[1:], backend.device, seed) if cost_model else None
 
     def tune(label: str, spec: ConvSpec, **budget: Any) -> LayerReport:
         # The database being tuned into, then the shipped ones (each re-read only when it changed):
         # new studies are seeded from them (warm start).
         records = [session.contents(p) for p in session.database_paths(db.path)] if warm_start else None
+        model = trainer.current() if trainer is not None and not budget.get("defaults_only") \
+            and budget.get("carried") is None else None
         try:
             return tune_layer(spec, backend.device, DeviceEvaluator(backend, spec, repeats=repeats, seed=seed), db,
                               label=label, seed=seed, storage=studies, algorithms=algorithms, records=records,
-                              jobs=jobs, heartbeat=heartbeat,
+                              jobs=jobs, heartbeat=heartbeat, racing=racing, cost_model=model, sampler=sampler,
                               warm=None if builders is None else process_warm(builders, backend.name, device_index,
                                                                               spec), **budget)
         except OSError as exc:  # the journal became unwritable (read-only, disk full) mid-run
@@ -619,19 +696,20 @@ def tune_layers(
                 tune(label, spec, trials=None, deadline=time.monotonic(), early_stop=None, defaults_only=True)
             if on_defaults is not None:
                 on_defaults(len(layers), len(layers))
-        budget = None
-        if counts is not None and len(counts) != len(layers):
-            raise ValueError(f"counts: expected one per layer ({len(layers)}), got {len(counts)}")
 
         def estimate(best_ms: list[float | None] | None = None) -> None:
             if on_estimate is not None and counts is not None:
                 on_estimate(model_estimate_ms(counts, best_ms or [_best_ms(db, backend, spec) for _, spec in layers]))
 
+        best_now: list[float | None] = [_best_ms(db, backend, spec) for _, spec in layers] if end is not None \
+            else [None] * len(layers)
+        searched, variants = epilogue_groups([spec for _, spec in layers], counts, best_now)
+        budget = None
         if end is not None and counts is not None:
-            after_defaults = [_best_ms(db, backend, spec) for _, spec in layers]
-            budget = ModelBudget(counts, after_defaults)
-            estimate(after_defaults)
-        order = budget.order if budget is not None else list(range(len(layers)))
+            budget = ModelBudget([sum(counts[i] for i in (leader, *variants[leader])) for leader in searched],
+                                 [best_now[leader] for leader in searched])
+            estimate(best_now)
+        order = [searched[i] for i in budget.order] if budget is not None else searched
         for position, index in enumerate(order):
             label, spec = layers[index]
             if on_layer_start is not None:
@@ -640,11 +718,22 @@ def tune_layers(
             if end is not None:
                 remaining = max(0.0, end - time.monotonic())
                 deadline = time.monotonic() + (budget.share_s(position, remaining) if budget is not None
-                                               else remaining / (len(layers) - position))
+                                               else remaining / (len(order) - position))
             reports.append(tune(label, spec, trials=trials, deadline=deadline, progress=progress,
                                 early_stop=early_stop))
             if on_layer_end is not None:
                 on_layer_end(reports[-1])
+            winners = {name: [result.params] for name, result in reports[-1].bests.items() if tunable(name)}
+            for variant in variants[index]:
+                variant_label, variant_spec = layers[variant]
+                if on_layer_start is not None:
+                    on_layer_start(variant_label, variant_spec)
+                report = tune(variant_label, variant_spec, trials=None, deadline=time.monotonic(), early_stop=None,
+                              progress=progress, carried=winners)
+                report.carried_from = label
+                reports.append(report)
+                if on_layer_end is not None:
+                    on_layer_end(report)
             estimate()
     finally:
         heartbeat.stop()
@@ -653,10 +742,71 @@ def tune_layers(
     return reports
 
 
+def epilogue_groups(specs: Sequence[ConvSpec], counts: Sequence[int] | None,
+                    best_ms: Sequence[float | None]) -> tuple[list[int], dict[int, list[int]]]:
+    """Which layers are searched and which take a searched layer's winners: with `counts` (a
+    model), the layers of one convolution (the same shape, layout and bias) with different
+    activations or residuals form a group whose member with the largest count x time (else the
+    largest count, then the first) is searched; without, every layer is searched. Returns the
+    searched layers' indices in the given order and, per searched layer, its group's others."""
+    groups: dict[object, list[int]] = {}
+    for index, spec in enumerate(specs):
+        groups.setdefault(spec.unfused() if counts is not None else index, []).append(index)
+
+    def weight(i: int) -> tuple[float, int, int]:
+        count = counts[i] if counts is not None else 1
+        ms = best_ms[i]
+        return (count * ms if ms is not None and math.isfinite(ms) else 0.0, count, -i)
+
+    variants: dict[int, list[int]] = {}
+    for members in groups.values():
+        leader = max(members, key=weight)
+        variants[leader] = [i for i in members if i != leader]
+    return sorted(variants), variants
+
+
 def model_estimate_ms(counts: Sequence[int], best_ms: Sequence[float | None]) -> float:
     """A model's convolution time as its tuning stands: each layer's count times its best time
     (layers not measured yet count nothing)."""
     return sum(count * ms for count, ms in zip(counts, best_ms) if ms is not None and math.isfinite(ms))
+
+
+class CostModelTrainer:
+    """The tuning run's cost model, retrained before a layer once the databases hold at least
+    REFIT_GROWTH more training rows than when it was last trained (each fit takes a fraction of a
+    second that a time budget pays for)."""
+
+    def __init__(self, db: ResultStore, shipped: Sequence[Path], device: DeviceInfo, seed: int = 0) -> None:
+        self.db, self.shipped, self.device, self.seed = db, list(shipped), device, seed
+        self.rows = 0
+        self.model: CostModel | None = None
+
+    def current(self) -> CostModel:
+        measured, devices = training_rows(self.db, self.shipped)
+        if self.model is None or len(measured) >= self.rows * (1 + REFIT_GROWTH):
+            self.model = CostModel.fit(measured, devices, self.device, seed=self.seed)
+            self.rows = len(measured)
+        return self.model
+
+
+def training_rows(db: ResultStore, shipped: Sequence[Path]) -> tuple[list[TimedConfig], dict[str, dict[str, Any]]]:
+    """The current templates' verified measurements and results of the database being tuned into
+    and the shipped ones, with their devices rows."""
+    from autoconv.store import SQLiteStore
+
+    stores: list[ResultStore] = [db]
+    opened = []
+    try:
+        for path in shipped:
+            try:
+                opened.append(SQLiteStore(path, readonly=True))
+            except TuningDBError:
+                continue  # a damaged shipped file: the lookup says so; the model learns without it
+        stores += opened
+        return training_data(stores, template_hash())
+    finally:
+        for store in opened:
+            store.close()
 
 
 def _best_ms(db: ResultStore, backend: Backend, spec: ConvSpec) -> float | None:
