@@ -30,7 +30,8 @@ RUN_KEYS = {"layer", "shape", "device", "algorithm", "plan", "plan_source", "ms"
 COMPARE_KEYS = {"layer", "shape", "method", "algorithm", "plan", "ms", "gflops", "vs_direct", "extra_mib",
                 "extra_vs_input", "rel_error", "verified", "served", "traffic_bytes", "intensity", "layout", "reorder_ms"}
 TUNE_KEYS = {"layer", "shape", "trials", "fastest", "fastest_ms", "best_generated", "best_generated_ms", "vs_default",
-             "baseline_ms", "vs_baseline", "failed", "wall_s", "seeded", "trials_by_algorithm"}
+             "baseline_ms", "vs_baseline", "failed", "wall_s", "seeded", "ranked", "raced", "carried_from",
+             "trials_by_algorithm"}
 DEVICE_KEYS = {"index", "platform", "device", "type", "driver", "compute_units", "local_mem_kib", "max_work_group",
                "host_memory", "usable", "default", "problem"}
 LIST_KEYS = {"device", "layer", "key", "algorithm", "served", "ms", "spread", "repeats", "gflops", "vs_default",

@@ -524,3 +524,21 @@ def test_a_models_epilogue_variant_measures_only_its_defaults_and_the_searched_l
         defaults = {(name, default_of(name, opencl.device, spec)) for name in variant.trials_by_algorithm}
         assert measured - {(n, p) for n, p in measured if not tunable(n)} <= winners | defaults
         assert variant.trials <= len(winners | defaults)
+
+
+def test_a_study_made_by_the_defaults_pass_still_measures_the_picks_first(db):
+    """With a time budget every layer's defaults are measured first (the studies exist when the
+    search starts): the cost model's picks and the warm-start seeds are queued at the search's start."""
+    from autoconv.tuning.cost_model import candidate_pool
+
+    tune_layer(SPEC, SMALL_GPU, FakeEvaluator(), db, trials=None, deadline=0.0, defaults_only=True, early_stop=None)
+    picks = candidate_pool(SPEC, SMALL_GPU, IM2COL_GEMM, exclude=[default_of(IM2COL_GEMM)], size=2, seed=3)
+    fake = FakeEvaluator()
+    report = tune_layer(SPEC, SMALL_GPU, fake, db, trials=10, early_stop=None, retime=False,
+                        cost_model=FixedCostModel({IM2COL_GEMM: picks}))
+    assert report.resumed and report.ranked == 2
+    assert [p for a, p in fake.measured if a == IM2COL_GEMM][:2] == picks
+    # A third run queues nothing it measured already.
+    again = tune_layer(SPEC, SMALL_GPU, FakeEvaluator(), db, trials=12, early_stop=None, retime=False,
+                       cost_model=FixedCostModel({IM2COL_GEMM: picks}))
+    assert again.ranked == 0

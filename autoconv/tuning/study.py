@@ -329,12 +329,11 @@ class Proposal:
 
 
 class AlgorithmStudy:
-    """The study of one tunable algorithm on one layer: resume, default first, then the cost
-    model's picks and the warm-start seeds, then TPE."""
+    """The study of one tunable algorithm on one layer: resume, default first, then what the
+    tuner queues (enqueue_first: the cost model's picks, warm-start seeds), then TPE."""
 
     def __init__(self, storage: Any, device: DeviceInfo, spec: ConvSpec, algorithm: str, templates: str,
-                 default: Params, *, seed: int = 0, seeds: Sequence[Params] = (),
-                 heartbeat: Heartbeat | None = None, sampler: str = "tpe", ranked: Sequence[Params] = ()) -> None:
+                 default: Params, *, seed: int = 0, heartbeat: Heartbeat | None = None, sampler: str = "tpe") -> None:
         import optuna
         from optuna.trial import TrialState
 
@@ -378,16 +377,28 @@ class AlgorithmStudy:
         # "tuned vs default" is never silently missing.
         if self.default not in self.known and not pending and killed < DEFAULT_ATTEMPTS:
             self.study.enqueue_trial(self.space.sampled_values(self.default), user_attrs={"default": True})
-        # A new study measures the cost model's predicted best configs right after its default, then
-        # the winners of similar layers (warm start); its sampler proposes from there on.
-        self.ranked = self.seeded = 0
-        if not self.resumed:
-            for params in ranked:
-                self.study.enqueue_trial(self.space.sampled_values(params), user_attrs={"cost_model": True})
-                self.ranked += 1
-            for params in seeds:
-                self.study.enqueue_trial(self.space.sampled_values(params), user_attrs={"warm_start": True})
-                self.seeded += 1
+
+    def enqueue_first(self, configs: Sequence[Params], tag: str) -> int:
+        """Queue configs to be proposed next, in order (before the sampler's own), each marked with
+        the user attribute `tag`: those neither measured yet nor already queued (by this worker or
+        another sharing the study). Returns how many were queued."""
+        from optuna.trial import TrialState
+
+        queued = set()
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            try:
+                queued.add(self.space.canonical(self.space.validate(trial.system_attrs.get("fixed_params", {}))))
+            except InvalidParamsError:
+                continue
+        count = 0
+        for params in configs:
+            params = self.space.canonical(params)
+            if params in self.known or params in queued:
+                continue
+            self.study.enqueue_trial(self.space.sampled_values(params), user_attrs={tag: True})
+            queued.add(params)
+            count += 1
+        return count
 
     def _sync(self, trials: Sequence[Any]) -> None:
         """Take in the study as the storage holds it now (other workers' trials included): fail the

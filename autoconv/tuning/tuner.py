@@ -298,19 +298,12 @@ class LayerTuning:
         db.record_layer(spec)
         chosen = self._supported(algorithms or list_algorithms())
         self.studies = {}
+        self.records, self.cost_model, self.carried, self.seed = records, cost_model, carried, seed
         for name in chosen:
             if tunable(name):
                 default = get_algorithm(name).heuristic(spec, device)
-                canonical = get_algorithm(name).space.canonical(default)
-                seeds = warm_start_configs(records, device, spec, name, canonical) \
-                    if records is not None and carried is None else []
-                ranked = cost_model.propose(spec, device, name, RANKED_FIRST, exclude=[canonical, *seeds], seed=seed) \
-                    if cost_model is not None and carried is None else []
-                seeds += [params for params in (carried or {}).get(name, ()) if params not in (canonical, *seeds)]
                 self.studies[name] = AlgorithmStudy(storage, device, spec, name, self.templates, default, seed=seed,
-                                                    seeds=seeds, heartbeat=heartbeat, sampler=sampler, ranked=ranked)
-        self.report.seeded = sum(study.seeded for study in self.studies.values())
-        self.report.ranked = sum(study.ranked for study in self.studies.values())
+                                                    heartbeat=heartbeat, sampler=sampler)
         self.untunable = [name for name in chosen if not tunable(name)]
         self.report.resumed = any(study.resumed for study in self.studies.values())
 
@@ -452,6 +445,19 @@ class LayerTuning:
         todo = [name for name, study in self.studies.items() if study.default not in study.known]
         self._run(lambda exhausted: todo.pop(0) if todo else None, deadline=False)
 
+    def queue_first(self) -> None:
+        """Before the search: queue in each study the cost model's picks (predicted fastest first),
+        then the warm-start seeds, each unless measured already (a study made by a run's defaults
+        pass, or by an earlier run, gets them too)."""
+        for name, study in self.studies.items():
+            seeds = warm_start_configs(self.records, self.device, self.spec, name, study.default) \
+                if self.records is not None else []
+            exclude = [study.default, *study.known, *seeds]
+            picks = self.cost_model.propose(self.spec, self.device, name, RANKED_FIRST, exclude=exclude,
+                                            seed=self.seed) if self.cost_model is not None else []
+            self.report.ranked += study.enqueue_first(picks, "cost_model")
+            self.report.seeded += study.enqueue_first(seeds, "warm_start")
+
     def share_budget(self) -> None:
         """One trial at a time to the tunable algorithms within CANDIDATE_FACTOR of the best time
         so far, the one with the fewest trials (measured and in flight) first, until the budget
@@ -471,9 +477,10 @@ class LayerTuning:
             self.racing_now = False
 
     def measure_carried(self) -> None:
-        """The configs carried over from the same convolution with another epilogue (enqueued
-        after each study's default), and nothing else: that convolution's search serves this one."""
-        todo = [name for name, study in self.studies.items() for _ in range(study.seeded)]
+        """The configs carried over from the same convolution with another epilogue (after each
+        study's default), and nothing else: that convolution's search serves this one."""
+        todo = [name for name, study in self.studies.items()
+                for _ in range(study.enqueue_first((self.carried or {}).get(name, ()), "carried"))]
         self._run(lambda exhausted: todo.pop(0) if todo else None, deadline=False)
 
     def retime(self) -> None:
@@ -582,6 +589,7 @@ def tune_layer(
         if carried is not None and not defaults_only:
             tuning.measure_carried()
         elif not defaults_only:
+            tuning.queue_first()
             tuning.share_budget()
     finally:
         tuning.pool.close()
