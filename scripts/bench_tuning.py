@@ -304,7 +304,9 @@ def main() -> int:
         "device nothing describes yet). The summed convolution time of each database's served plans is measured "
         f"afterwards in one process, the methods interleaved layer by layer over {args.rounds} rounds (kernel-event "
         f"medians of {args.repeats} runs; the sum of count x median per round; the median over rounds with its "
-        "spread, IQR / median). The untuned plans are the fallback's (an empty database).",
+        "spread, IQR / median). The untuned plans are the fallback's (an empty database). The plot's curves are "
+        "each run's own estimate from its stored times (re-timing at the end of a layer can raise them, and the "
+        "machine drifts between runs): the re-timed sums below are what compares.",
         "",
         "## The runs",
         "",
