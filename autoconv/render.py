@@ -159,9 +159,9 @@ def _environment() -> jinja2.Environment:
     )
 
 
-# Templates of the runtime's own kernels (layout reorders, a model's pooling), which no tuned
-# result measures: editing them must not make every tuned database stale.
-UNTUNED_TEMPLATES = frozenset({"shared/reorder.j2", "shared/pool.j2"})
+# Templates of the runtime's own kernels (layout reorders, a model's pooling and per-channel
+# affine maps), which no tuned result measures: editing them must not make every tuned database stale.
+UNTUNED_TEMPLATES = frozenset({"shared/reorder.j2", "shared/pool.j2", "shared/affine.j2"})
 
 
 @lru_cache(maxsize=1)

@@ -15,6 +15,8 @@ import pytest
 
 from autoconv import ConvSpec, Plan, default_gemm_params, get_algorithm
 from autoconv.algorithms import BLOCKED_DIRECT, DEPTHWISE_DIRECT, DIRECT, IM2COL_BLAS, IM2COL_GEMM, IMPLICIT_GEMM, WINOGRAD
+from autoconv.backends.affine import affine_source
+from autoconv.spec import ACTIVATIONS
 from autoconv.backends.pool import POOL_KINDS, PoolGeometry, pool_source
 from autoconv.backends.reorder import reorder_source
 from autoconv.device import DeviceInfo
@@ -114,6 +116,9 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
             geometry = PoolGeometry(kind, (3, 3), (2, 2), ((1, 1), (1, 1)))
             sources[f"pool_{kind}_{layout}"] = pool_source((2, 19, 9, 9), layout, geometry, CUDA).text
             sources[f"pool_{kind}_nchw"] = pool_source((2, 19, 9, 9), NCHW, geometry, CUDA).text
+        for activation in ACTIVATIONS:  # a model's standalone BatchNormalization and its activation
+            sources[f"affine_{activation}_{layout}"] = affine_source((2, 19, 9, 9), layout, activation, CUDA).text
+            sources[f"affine_{activation}_nchw"] = affine_source((2, 19, 9, 9), NCHW, activation, CUDA).text
     with ThreadPoolExecutor(max_workers=2) as pool:
         failures = [f for f in pool.map(lambda item: _compile(item[1], tmp_path, item[0]), sources.items()) if f]
     assert not failures, "\n".join(failures)

@@ -67,6 +67,8 @@ X = RNG.standard_normal((2, 3, 9, 9)).astype(np.float32)
 @pytest.mark.parametrize("tail, fused", [
     ([], "Conv"),
     (["bn"], "Conv+BatchNormalization"),
+    (["bn", "mul", "add_c", "relu"], "Conv+BatchNormalization+Mul+Add+Relu"),  # DenseNet's Caffe2 export
+    (["mul_s", "add_c", "add"], "Conv+Mul+Add+Add"),
     (["bn", "relu"], "Conv+BatchNormalization+Relu"),
     (["bn", "add", "relu"], "Conv+BatchNormalization+Add+Relu"),
     (["clip6"], "Conv+Clip"),
@@ -88,6 +90,15 @@ def test_each_fusion_matches_onnxruntime(opencl, tail, fused):
         elif op == "clip6":
             init["lo"], init["hi"] = np.array(0, np.float32), np.array(6, np.float32)
             nodes.append(helper.make_node("Clip", [current, "lo", "hi"], [out]))
+        elif op == "mul":  # one factor per channel, shaped (C, 1, 1)
+            init["m"] = RNG.uniform(0.5, 1.5, (3, 1, 1)).astype(np.float32)
+            nodes.append(helper.make_node("Mul", [current, "m"], [out]))
+        elif op == "mul_s":  # one factor for all, the constant first
+            init["s"] = np.array(1.7, np.float32)
+            nodes.append(helper.make_node("Mul", ["s", current], [out]))
+        elif op == "add_c":  # one shift per channel, shaped (1, C, 1, 1)
+            init["a"] = RNG.standard_normal((1, 3, 1, 1)).astype(np.float32)
+            nodes.append(helper.make_node("Add", [current, "a"], [out]))
         current = out
     model = _model(nodes, [_value("x", X.shape)], [_value(current, (2, 3, 9, 9))], init)
     loaded = _assert_like_onnxruntime(model, {"x": X})
@@ -497,3 +508,58 @@ def test_the_pooling_of_a_host_result_runs_on_the_device(opencl):
     loaded = _assert_like_onnxruntime(small_cnn(), {"x": x})
     rows = {row.ops: row.runs_on for row in loaded.describe()}
     assert rows["Concat"] == "numpy" and rows["GlobalAveragePool"] == "device kernel", rows
+
+
+def test_a_mul_or_add_by_a_constant_that_is_not_per_channel_stays_a_step(opencl):
+    """(C,) broadcasts along the width, not the channels: not folded into the conv."""
+    init = _weights(3, 3, 3)
+    init["m"] = RNG.uniform(0.5, 1.5, 9).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["t0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["t0", "m"], ["t1"])]
+    model = _model(nodes, [_value("x", X.shape)], [_value("t1", (2, 3, 9, 9))], init)
+    loaded = _assert_like_onnxruntime(model, {"x": X})
+    assert [(r.ops, r.runs_on) for r in loaded.describe()] == [("Conv", "autoconv layer"), ("Mul", "numpy")]
+
+
+def pre_activation_cnn(after: str) -> object:
+    """conv-relu, then a BatchNormalization of its own (DenseNet's pre-activation) with `after`
+    ("relu", "clip6", "none", or "output": its result also a graph output), then a conv: 20 channels,
+    a partial last block in every blocked layout."""
+    init = {"w1": RNG.standard_normal((20, 3, 3, 3)).astype(np.float32) * 0.3,
+            "w2": RNG.standard_normal((8, 20, 1, 1)).astype(np.float32) * 0.3,
+            "scale": RNG.uniform(0.5, 1.5, 20).astype(np.float32), "shift": RNG.standard_normal(20).astype(np.float32),
+            "mean": RNG.standard_normal(20).astype(np.float32), "var": RNG.uniform(0.5, 1.5, 20).astype(np.float32),
+            "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a1"]),
+             helper.make_node("BatchNormalization", ["a1", "scale", "shift", "mean", "var"], ["bn"], epsilon=1e-3)]
+    if after == "relu":
+        nodes.append(helper.make_node("Relu", ["bn"], ["act"]))
+    elif after == "mul-add-relu":  # DenseNet's Caffe2 export: the scale and shift as a Mul and an Add
+        init["m"] = RNG.uniform(0.5, 1.5, (20, 1, 1)).astype(np.float32)
+        init["a"] = RNG.standard_normal((1, 20, 1, 1)).astype(np.float32)
+        nodes += [helper.make_node("Mul", ["bn", "m"], ["bm"]), helper.make_node("Add", ["a", "bm"], ["ba"]),
+                  helper.make_node("Relu", ["ba"], ["act"])]
+    elif after == "clip6":
+        nodes.append(helper.make_node("Clip", ["bn", "lo", "hi"], ["act"]))
+    nodes.append(helper.make_node("Conv", ["act" if after in ("relu", "clip6", "mul-add-relu") else "bn", "w2"], ["y"]))
+    outputs = [_value("y", (2, 8, 9, 9))] + ([_value("bn", (2, 20, 9, 9))] if after == "output" else [])
+    return _model(nodes, [_value("x", (2, 3, 9, 9))], outputs, init)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NCHW8c", "NCHW16c"])
+@pytest.mark.parametrize("after, ops", [("relu", "BatchNormalization+Relu"), ("clip6", "BatchNormalization+Clip"),
+                                        ("mul-add-relu", "BatchNormalization+Mul+Add+Relu"),
+                                        ("none", "BatchNormalization"), ("output", "BatchNormalization")])
+def test_a_batch_normalization_after_no_conv_runs_on_the_device_with_its_activation(opencl, layout, after, ops):
+    x = RNG.standard_normal((2, 3, 9, 9)).astype(np.float32) * 3
+    loaded = _assert_like_onnxruntime(pre_activation_cnn(after), {"x": x}, layout=layout)
+    rows = loaded.describe()
+    assert [(r.ops, r.runs_on) for r in rows if not r.ops.startswith("Conv")] == [(ops, "device kernel")]
+
+
+def test_a_standalone_batch_normalization_runs_in_numpy_where_no_device_runs_the_model():
+    x = RNG.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    loaded = _assert_like_onnxruntime(pre_activation_cnn("relu"), {"x": x}, backend="numpy")
+    assert [(r.ops, r.runs_on) for r in loaded.describe() if not r.ops.startswith("Conv")] == \
+        [("BatchNormalization+Relu", "numpy")]

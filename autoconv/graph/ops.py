@@ -274,6 +274,21 @@ def batch_normalization(inputs: Arrays, attrs: dict[str, Any], opset: int) -> li
     return [x * factor.astype(x.dtype).reshape(shape) + shift.astype(x.dtype).reshape(shape)]
 
 
+def affine_map(x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """x * scale + shift per channel (axis 1), the factors given in float64 and applied in x's dtype."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return x * scale.astype(x.dtype).reshape(shape) + shift.astype(x.dtype).reshape(shape)
+
+
+def activate(x: np.ndarray, activation: str | None) -> np.ndarray:
+    """A fused activation ("relu", "relu6" or None) applied as the Relu / Clip(0, 6) node would."""
+    if activation == "relu":
+        return relu([x], {}, 13)[0]
+    if activation == "relu6":
+        return clip([x, np.float32(0.0), np.float32(6.0)], {}, 13)[0]
+    return x
+
+
 OPS: dict[str, Op] = {
     "MaxPool": max_pool, "AveragePool": average_pool, "GlobalAveragePool": global_average_pool,
     "GlobalMaxPool": global_max_pool, "Concat": concat, "Gemm": gemm, "MatMul": matmul, "Flatten": flatten,

@@ -64,6 +64,12 @@ class OpStep:
     attrs: dict[str, Any]
     node: Any  # the NodeProto (onnx.reference runs it)
     native: bool
+    # A BatchNormalization of constant statistics that follows no convolution takes the Relu or
+    # Clip(0, 6) after it (its output is then that node's): one pass over the tensor, not two.
+    activation: str | None = None
+    fused: list[str] = field(default_factory=list)  # the op types folded into it, in order
+    # That BatchNormalization as x * scale + shift per channel (float64), the folded Mul/Add included.
+    affine: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -280,6 +286,16 @@ def _fuse(onnx: Any, graph: Any, constants: dict[str, np.ndarray]) -> list[ConvS
             absorbed.add(nxt)
             last, tensor = nxt, bn.output[0]
             nxt = sole_consumer(tensor)
+        # Constant per-channel Mul and Add after it (a BatchNormalization exported as its four
+        # ops, or its scale and shift after a plain one: DenseNet's Caffe2 graph) fold in too.
+        while nxt is not None and (factors := _channel_factors(nodes[nxt], tensor, constants, weight.shape[0])):
+            multiply, add = factors
+            step.weight = step.weight * multiply[:, None, None, None]
+            step.bias = (step.bias if step.bias is not None else 0.0) * multiply + add
+            step.fused.append(nodes[nxt].op_type)
+            absorbed.add(nxt)
+            last, tensor = nxt, nodes[nxt].output[0]
+            nxt = sole_consumer(tensor)
         if nxt is not None and nodes[nxt].op_type in ("Add", "Sum") and len(nodes[nxt].input) == 2:
             other = next((i for i in nodes[nxt].input if i != tensor), None)
             out_shape = shapes.get(nodes[nxt].output[0])
@@ -303,15 +319,70 @@ def _fuse(onnx: Any, graph: Any, constants: dict[str, np.ndarray]) -> list[ConvS
         absorbed.add(index)
         placed[last] = step
 
+    # A BatchNormalization of constant statistics that follows no conv: a per-channel affine map,
+    # with the constant per-channel Mul/Add and the activation after it.
+    affines: dict[int, tuple[np.ndarray, np.ndarray, str | None, list[int]]] = {}
+    for index, node in enumerate(nodes):
+        shape = shapes.get(node.input[0], ()) if node.input else ()
+        if node.op_type != "BatchNormalization" or index in absorbed or len(node.output) != 1 \
+                or not all(name in constants for name in node.input[1:5]) or len(shape) != 4:
+            continue
+        scale, bias, mean, var = (constants[i].astype(np.float64).reshape(-1) for i in node.input[1:5])
+        factor = scale / np.sqrt(var + float(_attrs(onnx, node).get("epsilon", 1e-5)))
+        shift = bias - mean * factor
+        after: list[int] = []
+        tensor = node.output[0]
+        nxt = sole_consumer(tensor)
+        while nxt is not None and (factors := _channel_factors(nodes[nxt], tensor, constants, shape[1])):
+            factor, shift = factor * factors[0], shift * factors[0] + factors[1]
+            after.append(nxt)
+            tensor = nodes[nxt].output[0]
+            nxt = sole_consumer(tensor)
+        activation = None if nxt is None else _activation(onnx, nodes[nxt], constants)
+        if nxt is not None and activation is not None:
+            after.append(nxt)
+        affines[index] = (factor, shift, activation, after)
+        absorbed.update(after)
+
     steps: list[ConvStep | OpStep] = []
     for index, node in enumerate(nodes):
         if index in placed:
             steps.append(placed[index])
         if index in absorbed:
             continue
-        steps.append(OpStep(_node_label(node, index), node.op_type, list(node.input), list(node.output), _attrs(onnx, node),
-                            node, node.op_type in OPS or node.op_type == SPLIT))
+        op = OpStep(_node_label(node, index), node.op_type, list(node.input), list(node.output), _attrs(onnx, node),
+                    node, node.op_type in OPS or node.op_type == SPLIT)
+        if index in affines:
+            factor, shift, op.activation, after = affines[index]
+            op.affine = (factor, shift)
+            if after:
+                op.outputs = list(nodes[after[-1]].output[:1])
+                op.fused += [nodes[i].op_type for i in after]
+        steps.append(op)
     return steps
+
+
+def _channel_factors(node: Any, tensor: str, constants: dict[str, np.ndarray],
+                     channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(multiply, add) per channel (float64) for a Mul or Add of `tensor` (an NCHW tensor of
+    `channels` channels) by a constant that is one value per channel or one in all (shape (C, 1, 1),
+    (1, C, 1, 1), a scalar...); None for any other node."""
+    if node.op_type not in ("Mul", "Add") or len(node.input) != 2 or tensor not in node.input:
+        return None
+    other = node.input[1] if node.input[0] == tensor else node.input[0]
+    if other == tensor or other not in constants:
+        return None
+    value = np.asarray(constants[other])
+    if value.dtype.kind != "f" or value.ndim > 4:
+        return None
+    dims = (1,) * (4 - value.ndim) + tuple(value.shape)
+    if dims[0] != 1 or dims[2:] != (1, 1) or dims[1] not in (1, channels):
+        return None
+    full = value.reshape(dims)
+    per_channel = np.broadcast_to(full.reshape(-1).astype(np.float64), (channels,)).copy()
+    if node.op_type == "Mul":
+        return per_channel, np.zeros(channels)
+    return np.ones(channels), per_channel
 
 
 def _activation(onnx: Any, node: Any, constants: dict[str, np.ndarray]) -> str | None:

@@ -14,9 +14,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from autoconv.backends.affine import DeviceAffine
 from autoconv.backends.pool import DevicePool, PoolGeometry
 from autoconv.graph.dense import DeviceDense, dense_weights
-from autoconv.graph.ops import OPS, SPLIT, pool_geometry, split
+from autoconv.graph.ops import OPS, SPLIT, activate, affine_map, pool_geometry, split
 from autoconv.errors import InvalidSpecError
 from autoconv.layouts import LAYOUTS, NCHW
 from autoconv.spec import ConvSpec
@@ -126,6 +127,7 @@ class Model:
         self._runtime = device_runtime(default_session().backend(self._backend, device)) \
             if self._layers and self._backend != "numpy" else None
         self._pools: dict[int, tuple[tuple[Any, ...], DevicePool]] = {}
+        self._affines: dict[int, tuple[tuple[Any, ...], DeviceAffine]] = {}
         # Fully connected layers with constant weights run on the device as 1x1 convolutions.
         self._dense: dict[int, DeviceDense] = {}
         if self._runtime is not None:
@@ -205,8 +207,9 @@ class Model:
                     plan = "; ".join(p.describe() for p in plans.values()) if plans else "chosen at the first run"
                     rows.append(StepRow(step.name, step.op_type, "autoconv layer (1x1 conv)", plan))
                     continue
-                runs_on = "device kernel" if index in self._pools else "numpy" if native else "onnx.reference"
-                rows.append(StepRow(step.name, step.op_type, runs_on, ""))
+                on_device = index in self._pools or index in self._affines
+                runs_on = "device kernel" if on_device else "numpy" if native else "onnx.reference"
+                rows.append(StepRow(step.name, "+".join([step.op_type, *step.fused]), runs_on, ""))
         return rows
 
     # -----------------------------------------------------------------------------------------
@@ -286,30 +289,31 @@ class Model:
         return self._layers[index](x, residual=residual)
 
     def _on_device(self, index: int, step: OpStep, inputs: list[Any]) -> list[Any] | None:
-        """A 2-D pooling of a device array of the layers' device, run there in the array's layout (of
-        a float32 host array too, which goes to the device first), or a dense layer with constant
-        weights (DeviceDense); None for anything else (numpy runs it then)."""
+        """A 2-D pooling, or a BatchNormalization of constant statistics with what was folded into it
+        (a per-channel affine map), of a device array of the layers' device, run there in the
+        array's layout (of a float32 host array too, which goes to the device first), or a dense
+        layer with constant weights (DeviceDense); None for anything else (numpy runs it then)."""
         dense = self._dense.get(index)
         if dense is not None and inputs:
             result = dense(inputs[0])
             if result is not None:
                 return [result]
         runtime = self._runtime
-        if step.op_type not in DEVICE_POOLS or runtime is None or not inputs or len(step.outputs) != 1:
+        if runtime is None or not inputs or len(step.outputs) != 1 or \
+                not (step.op_type in DEVICE_POOLS or (step.op_type == "BatchNormalization" and step.affine is not None)):
             return None
-        x = inputs[0]
-        shape = tuple(getattr(x, "shape", ()))
-        if len(shape) != 4:
+        x = _on_the_device(inputs[0], runtime, step.name)
+        if x is None:
             return None
-        if runtime.device_buffer(x, step.name) is None:
-            if not (isinstance(x, np.ndarray) and x.dtype == np.float32):
-                return None
-            # A host result (a Concat's, say) goes to the device for its pooling and stays there for
-            # the convolutions after it: no copy where the device shares host memory (GoogLeNet's
-            # pooling of its modules' outputs in numpy took a quarter of its time on PoCL).
-            x = runtime.adopt(x if x.flags.writeable else x.copy())
+        shape = tuple(x.shape)
         layout = getattr(x, "layout", NCHW)
         key = (shape, layout)
+        if step.affine is not None:  # a BatchNormalization with what was folded into it
+            affine = self._affines.get(index)
+            if affine is None or affine[0] != key:
+                self._affines[index] = affine = (key, DeviceAffine(runtime, (shape[0], shape[1], shape[2], shape[3]),
+                                                                   layout, *step.affine, step.activation or "none"))
+            return [affine[1](x)]
         cached = self._pools.get(index)
         if cached is None or cached[0] != key:
             geometry = _device_pool_geometry(step.op_type, shape, step.attrs)
@@ -328,6 +332,8 @@ class Model:
         try:
             if step.op_type == SPLIT:
                 return split(host, step.attrs, self._prepared.opset, len(step.outputs))
+            if step.affine is not None and host[0] is not None:  # a BatchNormalization with what was folded in
+                return [activate(affine_map(host[0], *step.affine), step.activation)]
             return OPS[step.op_type](host, step.attrs, self._prepared.opset)
         except NotImplementedError as exc:
             warnings.warn(f"{step.name}: {step.op_type} with {exc} runs through onnx.reference (correct, slow)",
@@ -341,7 +347,23 @@ class Model:
         if evaluator is None:
             evaluator = self._reference[index] = reference_node(onnx, step.node, self._prepared.opset_imports)
         feed = {name: np.asarray(value) for name, value in zip(step.inputs, inputs) if name}
+        if step.affine is not None:  # onnx.reference runs the BatchNormalization node alone
+            return [activate(affine_map(feed[step.inputs[0]], *step.affine), step.activation)]
         return [np.asarray(v) for v in evaluator(feed)]
+
+
+def _on_the_device(x: Any, runtime: Any, name: str) -> Any | None:
+    """A 4-D device array of the runtime's device, or a float32 4-D host array put there (no copy
+    where the device shares host memory: a Concat's result, say, pooled or normalized there, stays
+    there for the convolutions after it; GoogLeNet's pooling of its modules' outputs in numpy took a
+    quarter of its time on PoCL); None for anything else."""
+    if len(tuple(getattr(x, "shape", ()))) != 4:
+        return None
+    if runtime.device_buffer(x, name) is not None:
+        return x
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float32):
+        return None
+    return runtime.adopt(x if x.flags.writeable else x.copy())
 
 
 def _device_pool_geometry(op_type: str, shape: tuple[int, ...], attrs: dict[str, Any]) -> PoolGeometry | None:
