@@ -91,7 +91,7 @@ RETIME_ROUNDS = 3
 RACE_REPEATS = 3
 RACE_NOISE = 0.10
 RETIME_FACTOR = 1.25
-# The cost model's predicted best configs each new study measures right after its default.
+# The cost model's predicted best configs a layer's search measures first (after the defaults).
 RANKED_FIRST = 4
 # The cost model is retrained once its training rows have grown by this fraction.
 REFIT_GROWTH = 0.10
@@ -289,7 +289,6 @@ class LayerTuning:
         self.pipeline: deque[tuple[str, Proposal, Any]] = deque()
         self.trials, self.deadline, self.progress, self.early_stop = trials, deadline, progress, early_stop
         self.racing = racing
-        self.racing_now = False  # only search trials race, never defaults or re-timing
         self.templates = template_hash()
         self.fingerprint = device.fingerprint()
         self.report = LayerReport(label or str(spec), spec)
@@ -379,7 +378,7 @@ class LayerTuning:
         self.pipeline.append((name, proposal, build))
         return True
 
-    def _finish_oldest(self) -> None:
+    def _finish_oldest(self, race: bool) -> None:
         """Measure the oldest trial in flight (or reuse its known outcome), tell its study, store
         a new best."""
         name, proposal, build = self.pipeline.popleft()
@@ -390,7 +389,7 @@ class LayerTuning:
             status, ms, error = proposal.known
         else:
             self.pool.ready(build)
-            outcome = self.evaluate(name, proposal.params, bound_ms=self.layer_best_ms() if self.racing_now else None)
+            outcome = self.evaluate(name, proposal.params, bound_ms=self.layer_best_ms() if race else None)
             self._record(name, proposal.params, outcome)
             self.report.raced += outcome.raced
             status, ms, error = outcome.status, outcome.median_ms, outcome.rel_error
@@ -405,10 +404,11 @@ class LayerTuning:
             self.report.trials = sum(s.completed for s in self.studies.values())
             self.progress(self.report, self.trials or 0)
 
-    def _run(self, choose: Callable[[set[str]], str | None], deadline: bool = True) -> None:
+    def _run(self, choose: Callable[[set[str]], str | None], deadline: bool = True, race: bool = False) -> None:
         """Keep the pipeline full with the trials `choose` names (None: no more), measuring the
         oldest in turn (on a CPU device a new batch starts only when the last one is measured);
-        at the deadline (unless `deadline` is off) the trials still waiting are abandoned, unmeasured."""
+        at the deadline (unless `deadline` is off) the trials still waiting are abandoned, unmeasured;
+        with `race`, each candidate races against the layer's best (DeviceEvaluator, raced_out)."""
         exhausted: set[str] = set()
         while True:
             if not (self.pool.batched and self.pipeline):
@@ -427,7 +427,7 @@ class LayerTuning:
                         build.cancel()
                     self.studies[name].abandon(proposal)
                 return
-            self._finish_oldest()
+            self._finish_oldest(race)
 
     def layer_best_ms(self) -> float | None:
         """The layer's best time so far over every algorithm (what a search candidate races against)."""
@@ -470,11 +470,7 @@ class LayerTuning:
                           and not (self.early_stop and self.studies[name].stalled(*self.early_stop))]
             return min(candidates, key=lambda n: (self.studies[n].completed + self._in_flight(n), n), default=None)
 
-        self.racing_now = self.racing
-        try:
-            self._run(choose)
-        finally:
-            self.racing_now = False
+        self._run(choose, race=self.racing)  # the search races: never the defaults, carried winners or re-timing
 
     def measure_carried(self) -> None:
         """The configs carried over from the same convolution with another epilogue (after each
@@ -569,8 +565,8 @@ def tune_layer(
     leaves each algorithm's best in the store. `defaults_only`: just each tunable algorithm's
     default (a resumed study has it already), no references, no search, no re-timing. `racing`:
     search candidates clearly slower than the layer's best after a short sample get no full
-    timing. `cost_model`: its predicted best configs are measured right after each new study's
-    default. `carried`: per algorithm, configs that won on the same convolution with another
+    timing. `cost_model`: its predicted best configs are the search's first trials, before the
+    warm-start seeds and the sampler's own. `carried`: per algorithm, configs that won on the same convolution with another
     epilogue: they are measured after the defaults instead of a search (then re-timed)."""
     if trials is None and deadline is None:
         raise InvalidParamsError("tuning needs a budget: a trial count or a time limit")
@@ -655,7 +651,7 @@ def tune_layers(
     With warm_start, each new study is seeded from this database's and the shipped databases'
     winners on similar layers (read again before each layer: earlier layers of the run count).
     With cost_model, a cost model trained on every verified measurement of those databases
-    (retrained before each layer) picks each new study's first configs after its default.
+    (retrained as they grow) picks each layer search's first configs.
     `storage` (an Optuna storage URL or journal path) holds the studies when several workers
     share them; each worker still writes its measurements and bests to its own `db`. With
     jobs > 1, `jobs` builder processes are started (spawned: a script calling this needs the
