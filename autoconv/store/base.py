@@ -24,9 +24,8 @@ UNSTEADY_SPREAD = 0.10
 
 
 @dataclass(frozen=True)
-class TunedResult:
-    """The best verified config of one algorithm for one layer on one device (one row per
-    (device, layer, dtype, algorithm, template hash)), with its spread and the default's time."""
+class TimedConfig:
+    """One verified measurement of a config on a layer: what a learned cost model trains on."""
 
     device: str
     spec: ConvSpec
@@ -34,6 +33,13 @@ class TunedResult:
     template_hash: str
     params: Params
     median_ms: float
+
+
+@dataclass(frozen=True)
+class TunedResult(TimedConfig):
+    """The best verified config of one algorithm for one layer on one device (one row per
+    (device, layer, dtype, algorithm, template hash)), with its spread and the default's time."""
+
     gflops: float
     rel_error: float
     default_ms: float | None
@@ -57,17 +63,6 @@ class TunedResult:
     def better_than(self, other: "TunedResult") -> bool:
         return self.median_ms < other.median_ms
 
-
-@dataclass(frozen=True)
-class TimedConfig:
-    """One verified measurement of a config on a layer: what a learned cost model trains on."""
-
-    device: str
-    spec: ConvSpec
-    algorithm: str
-    template_hash: str
-    params: Params
-    median_ms: float
 
 
 @runtime_checkable

@@ -177,8 +177,7 @@ def training_data(stores: Sequence[ResultStore], template_hash: str | None = Non
     for store in stores:
         devices.update({row["fingerprint"]: row for row in store.devices()})
         measured += store.timed_configs(template_hash)
-        measured += [TimedConfig(r.device, r.spec, r.algorithm, r.template_hash, r.params, r.median_ms)
-                     for r in store.results(template_hash=template_hash)]
+        measured += store.results(template_hash=template_hash)  # a TunedResult is a TimedConfig
     return measured, devices
 
 
