@@ -256,6 +256,19 @@ def _fuse(onnx: Any, graph: Any, constants: dict[str, np.ndarray]) -> list[ConvS
             return None  # (an absorbed reader already belongs to another conv's group)
         return readers[0]
 
+    def channel_chain(tensor: str, channels: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """The constant per-channel Mul and Add nodes after `tensor`, each the sole reader of the
+        last (a BatchNormalization exported as its four ops, or its scale and shift after a plain
+        one: DenseNet's Caffe2 graph): together x * multiply + add per channel, and their indices."""
+        multiply, add, chain = np.ones(channels), np.zeros(channels), []
+        nxt = sole_consumer(tensor)
+        while nxt is not None and (factors := _channel_factors(nodes[nxt], tensor, constants, channels)):
+            multiply, add = multiply * factors[0], add * factors[0] + factors[1]
+            chain.append(nxt)
+            tensor = nodes[nxt].output[0]
+            nxt = sole_consumer(tensor)
+        return multiply, add, chain
+
     for index, node in enumerate(nodes):
         if node.op_type != "Conv" or index in absorbed:
             continue
@@ -277,25 +290,20 @@ def _fuse(onnx: Any, graph: Any, constants: dict[str, np.ndarray]) -> list[ConvS
         nxt = sole_consumer(tensor)
         if nxt is not None and nodes[nxt].op_type == "BatchNormalization" and nodes[nxt].input[0] == tensor \
                 and all(i in constants for i in nodes[nxt].input[1:5]):
-            bn = nodes[nxt]
-            scale, shift, mean, var = (constants[i].astype(np.float64) for i in bn.input[1:5])
-            factor = scale / np.sqrt(var + float(_attrs(onnx, bn).get("epsilon", 1e-5)))
+            factor, shift = _batch_norm_factors(onnx, nodes[nxt], constants)
             step.weight = step.weight * factor[:, None, None, None]
-            step.bias = ((step.bias if step.bias is not None else 0.0) - mean) * factor + shift
+            step.bias = (step.bias if step.bias is not None else 0.0) * factor + shift
             step.fused.append("BatchNormalization")
             absorbed.add(nxt)
-            last, tensor = nxt, bn.output[0]
-            nxt = sole_consumer(tensor)
-        # Constant per-channel Mul and Add after it (a BatchNormalization exported as its four
-        # ops, or its scale and shift after a plain one: DenseNet's Caffe2 graph) fold in too.
-        while nxt is not None and (factors := _channel_factors(nodes[nxt], tensor, constants, weight.shape[0])):
-            multiply, add = factors
+            last, tensor = nxt, nodes[nxt].output[0]
+        multiply, add, chain = channel_chain(tensor, weight.shape[0])
+        if chain:
             step.weight = step.weight * multiply[:, None, None, None]
             step.bias = (step.bias if step.bias is not None else 0.0) * multiply + add
-            step.fused.append(nodes[nxt].op_type)
-            absorbed.add(nxt)
-            last, tensor = nxt, nodes[nxt].output[0]
-            nxt = sole_consumer(tensor)
+            step.fused += [nodes[i].op_type for i in chain]
+            absorbed.update(chain)
+            last, tensor = chain[-1], nodes[chain[-1]].output[0]
+        nxt = sole_consumer(tensor)
         if nxt is not None and nodes[nxt].op_type in ("Add", "Sum") and len(nodes[nxt].input) == 2:
             other = next((i for i in nodes[nxt].input if i != tensor), None)
             out_shape = shapes.get(nodes[nxt].output[0])
@@ -327,17 +335,10 @@ def _fuse(onnx: Any, graph: Any, constants: dict[str, np.ndarray]) -> list[ConvS
         if node.op_type != "BatchNormalization" or index in absorbed or len(node.output) != 1 \
                 or not all(name in constants for name in node.input[1:5]) or len(shape) != 4:
             continue
-        scale, bias, mean, var = (constants[i].astype(np.float64).reshape(-1) for i in node.input[1:5])
-        factor = scale / np.sqrt(var + float(_attrs(onnx, node).get("epsilon", 1e-5)))
-        shift = bias - mean * factor
-        after: list[int] = []
-        tensor = node.output[0]
-        nxt = sole_consumer(tensor)
-        while nxt is not None and (factors := _channel_factors(nodes[nxt], tensor, constants, shape[1])):
-            factor, shift = factor * factors[0], shift * factors[0] + factors[1]
-            after.append(nxt)
-            tensor = nodes[nxt].output[0]
-            nxt = sole_consumer(tensor)
+        factor, shift = _batch_norm_factors(onnx, node, constants)
+        multiply, add, after = channel_chain(node.output[0], shape[1])
+        factor, shift = factor * multiply, shift * multiply + add
+        nxt = sole_consumer(nodes[after[-1]].output[0] if after else node.output[0])
         activation = None if nxt is None else _activation(onnx, nodes[nxt], constants)
         if nxt is not None and activation is not None:
             after.append(nxt)
@@ -360,6 +361,13 @@ def _fuse(onnx: Any, graph: Any, constants: dict[str, np.ndarray]) -> list[ConvS
                 op.fused += [nodes[i].op_type for i in after]
         steps.append(op)
     return steps
+
+
+def _batch_norm_factors(onnx: Any, node: Any, constants: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A BatchNormalization of constant statistics as x * factor + shift per channel (float64)."""
+    scale, bias, mean, var = (constants[i].astype(np.float64).reshape(-1) for i in node.input[1:5])
+    factor = scale / np.sqrt(var + float(_attrs(onnx, node).get("epsilon", 1e-5)))
+    return factor, bias - mean * factor
 
 
 def _channel_factors(node: Any, tensor: str, constants: dict[str, np.ndarray],
