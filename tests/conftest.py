@@ -98,6 +98,15 @@ def assert_matches_reference(backend: Backend, spec: ConvSpec, plan: Plan, seed:
     assert error < TOLERANCE, f"{plan.describe()} on {spec}: relative error {error:.2e}"
 
 
+def assert_padding_channels_zero(runtime, array, channels: int) -> None:
+    """A blocked device array's padding channels (past `channels` in its last block) hold zeros."""
+    block = int(array.layout[4:-1])
+    stored = np.empty(array.storage_shape, np.float32)
+    array.wait()
+    runtime.download(stored, array.buffer)
+    assert not np.any(stored[:, -1, :, :, channels % block:])
+
+
 def record_launches(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The entry of every kernel the backend enqueues from now on, in order (convs prepared from
     now on: the default session's prepared convs are dropped)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from autoconv.backends.runtime import Runtime
+from autoconv.backends.runtime import Runtime, enqueue_into_new_array
 from autoconv.spec import ACTIVATIONS
 from autoconv.layouts import NCHW, array_shape, layout_block
 from autoconv.render import KernelArg, KernelSource, render_template
@@ -61,13 +61,7 @@ class DeviceAffine:
     def __call__(self, value: Any) -> Any:
         runtime = self.runtime
         buffer = runtime.device_buffer(value, "input")
-        array, out = runtime.new_array(array_shape(self.shape, self.layout))
-        if self.layout != NCHW:
-            array = array.viewed_as(self.layout, self.shape)
         scale, shift = self._factors
-        with runtime.lock:
-            event = self._enqueue({"input": buffer, "weight": scale, "bias": shift, "output": out})
-        runtime.set_ready(array, event)
-        if event is not None:
-            runtime.retain(event, (value, buffer, out))
-        return array
+        array, _ = enqueue_into_new_array(runtime, self._enqueue, {"input": buffer, "weight": scale, "bias": shift},
+                                          array_shape(self.shape, self.layout), (value, buffer))
+        return array.viewed_as(self.layout, self.shape) if self.layout != NCHW else array

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from autoconv.backends.runtime import Runtime
+from autoconv.backends.runtime import Runtime, enqueue_into_new_array
 from autoconv.layouts import NCHW, array_shape, layout_block
 from autoconv.render import KernelArg, KernelSource, render_template
 
@@ -77,12 +77,6 @@ class DevicePool:
     def __call__(self, value: Any) -> Any:
         runtime = self.runtime
         buffer = runtime.device_buffer(value, "input")
-        array, out = runtime.new_array(array_shape(self.output_shape, self.layout))
-        if self.layout != NCHW:
-            array = array.viewed_as(self.layout, self.output_shape)
-        with runtime.lock:
-            event = self._enqueue({"input": buffer, "output": out})
-        runtime.set_ready(array, event)
-        if event is not None:
-            runtime.retain(event, (value, buffer, out))
-        return array
+        array, _ = enqueue_into_new_array(runtime, self._enqueue, {"input": buffer},
+                                          array_shape(self.output_shape, self.layout), (value, buffer))
+        return array.viewed_as(self.layout, self.output_shape) if self.layout != NCHW else array

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from autoconv.backends.runtime import Runtime
+from autoconv.backends.runtime import Runtime, enqueue_into_new_array
 from autoconv.errors import InvalidSpecError
 from autoconv.layouts import NCHW, array_shape, layout_block
 from autoconv.render import Dialect, KernelArg, KernelSource, render_template
@@ -42,13 +42,7 @@ def reorder_on_device(runtime: Runtime, buffer: Any, shape: tuple[int, int, int,
         return reorder_on_device(runtime, planar, shape, NCHW, target)
     kernel_source = reorder_source(shape, source, target, runtime.dialect)
     enqueue = runtime.bind(runtime.kernel(kernel_source), kernel_source)
-    array, out = runtime.new_array(array_shape(shape, target))
-    with runtime.lock:
-        event = enqueue({"input": buffer, "output": out})
-    runtime.set_ready(array, event)
-    if event is not None:
-        runtime.retain(event, (buffer, out))
-    return array, out
+    return enqueue_into_new_array(runtime, enqueue, {"input": buffer}, array_shape(shape, target), (buffer,))
 
 
 def relayout(runtime: Runtime, value: Any, layout: str) -> Any:

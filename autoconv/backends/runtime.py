@@ -168,3 +168,17 @@ class DeviceBackend(Backend, Runtime, Protocol):
 def is_device_backend(backend: Backend) -> TypeGuard[DeviceBackend]:
     """Whether a backend runs on a device runtime whose device arrays layers accept."""
     return hasattr(backend, "device_buffer")
+
+
+def enqueue_into_new_array(runtime: Runtime, enqueue: Enqueue, buffers: Mapping[str, Any],
+                           storage_shape: tuple[int, ...], keep: tuple[Any, ...]) -> tuple[Any, Any]:
+    """A new device array (and its buffer) that the bound kernel `enqueue` writes as its "output"
+    buffer, after what is queued before it (later kernels read it in order); `keep` (the inputs)
+    and the output stay alive until the kernel is done."""
+    array, out = runtime.new_array(storage_shape)
+    with runtime.lock:
+        event = enqueue({**buffers, "output": out})
+    runtime.set_ready(array, event)
+    if event is not None:
+        runtime.retain(event, (*keep, out))
+    return array, out
